@@ -1,0 +1,1 @@
+"""promptcl: prompt-based continual learning on pretrained ViTs."""

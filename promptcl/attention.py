@@ -1,0 +1,139 @@
+"""The one prefix-attention core every prompt method goes through.
+
+A prompted layer receives a :class:`LayerPrompt`: given the layer's queries it returns a
+:class:`Prefix` (per-sample prefix keys/values, or token-shared prefix logits) and a gate. The
+prefix columns and the token columns are joined in ONE softmax. ``PrefixAttention`` and
+``PromptBlock`` subclass timm's ``Attention``/``Block`` so pretrained weights load unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """Prefix experts of one layer, gathered per sample.
+
+    values: ``[B, H, P, head_dim]``, in head-value space (not passed through W_V).
+    keys: ``[B, H, P, head_dim]``; every query token scores them as ``q · k / sqrt(d)``.
+    logits: ``[B, H, P]`` token-shared prefix logits (SMoPE), used instead of ``keys``.
+    gate: applied to the prefix logits only; ``None`` means the linear gate.
+    """
+
+    values: torch.Tensor
+    keys: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    gate: Optional[nn.Module] = None
+
+    def __post_init__(self) -> None:
+        if (self.keys is None) == (self.logits is None):
+            raise ValueError("a Prefix takes exactly one of keys or logits")
+        if self.values.dim() != 4:
+            raise ValueError(f"prefix values must be [B, H, P, head_dim], got {tuple(self.values.shape)}")
+        scores = self.keys if self.keys is not None else self.logits
+        if scores.shape[:3] != self.values.shape[:3]:
+            raise ValueError(
+                f"prefix keys/logits {tuple(scores.shape)} do not match values {tuple(self.values.shape)}"
+            )
+
+
+class LayerPrompt(Protocol):
+    """What a method hands to one prompted layer: the prefix, possibly computed from the queries."""
+
+    def __call__(self, q: torch.Tensor) -> Prefix: ...
+
+
+def prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix: Optional[Prefix],
+    *,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Attention of ``q`` over ``[prefix; tokens]`` in one softmax. Shapes ``[B, H, N, head_dim]``."""
+    if prefix is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    _check_prefix(prefix, q)
+    gate = prefix.gate
+    if prefix.keys is not None and (gate is None or getattr(gate, "is_linear", False)):
+        # Linear gate with per-token scores is exactly SDPA over the concatenated keys/values.
+        keys = torch.cat([prefix.keys, k], dim=2)
+        values = torch.cat([prefix.values, v], dim=2)
+        return F.scaled_dot_product_attention(q, keys, values, dropout_p=dropout_p)
+
+    scale = q.shape[-1] ** -0.5
+    if prefix.keys is not None:
+        prefix_scores = (q * scale) @ prefix.keys.transpose(-2, -1)  # [B, H, N, P]
+    else:
+        prefix_scores = prefix.logits.unsqueeze(2).expand(-1, -1, q.shape[2], -1)
+    if gate is not None:
+        prefix_scores = gate(prefix_scores)
+    token_scores = (q * scale) @ k.transpose(-2, -1)  # [B, H, N, N]
+    attn = torch.cat([prefix_scores, token_scores], dim=-1).softmax(dim=-1)
+    if dropout_p:
+        attn = F.dropout(attn, p=dropout_p)
+    return attn @ torch.cat([prefix.values, v], dim=2)
+
+
+def _check_prefix(prefix: Prefix, q: torch.Tensor) -> None:
+    B, H, _, D = q.shape
+    if prefix.values.shape[0] != B or prefix.values.shape[1] != H or prefix.values.shape[3] != D:
+        raise ValueError(
+            f"prefix values {tuple(prefix.values.shape)} do not fit queries [B={B}, H={H}, *, {D}]"
+        )
+
+
+class PrefixAttention(Attention):
+    """timm ``Attention`` that accepts a per-forward ``prompt`` for prefix tuning."""
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+        prompt: Optional[LayerPrompt] = None,
+    ) -> torch.Tensor:
+        if prompt is None:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        if attn_mask is not None or is_causal or self.gate is not None:
+            raise NotImplementedError("prefix prompts do not support attention masks or gated attention")
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        x = prefix_attention(q, k, v, prompt(q), dropout_p=dropout_p)
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        x = self.norm(x)
+        x = self.proj(x)
+        return self.proj_drop(x)
+
+
+class PromptBlock(Block):
+    """timm ``Block`` whose attention takes a per-forward ``prompt``."""
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+        prompt: Optional[LayerPrompt] = None,
+    ) -> torch.Tensor:
+        attn_out = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, prompt=prompt)
+        x = x + self.drop_path1(self.ls1(attn_out))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+def static_prompt(keys: torch.Tensor, values: torch.Tensor, gate: Optional[nn.Module] = None) -> LayerPrompt:
+    """A prompt whose per-sample prefix does not depend on the queries (prefix tuning, HiDe, NoRGa)."""
+    return lambda q: Prefix(values=values, keys=keys, gate=gate)

@@ -1,0 +1,132 @@
+"""Frozen timm ViT backbones built with the prefix-attention layers.
+
+Any timm Vision Transformer name (prefer the full ``arch.tag``) is accepted; ``vit_digits`` is a
+small random-init ViT sized for the embedded 8x8 digits benchmark. Pretrained weights come from
+timm (``pretrained=True``) or from a local checkpoint file, through timm's own loading path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Optional
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from promptcl.attention import LayerPrompt, PrefixAttention, PromptBlock
+
+# Small backbones defined here, for benchmarks that ship with the project. Their "pretrained"
+# weights are made offline by promptcl.pretrain (see there for why and how).
+LOCAL_BACKBONES: dict[str, dict] = {
+    "vit_digits": dict(img_size=8, patch_size=2, in_chans=1, embed_dim=64, depth=4, num_heads=4,
+                       mlp_ratio=2.0),
+}
+
+
+def _local_weights(name: str) -> Path:
+    from promptcl.pretrain import digits_backbone_checkpoint
+
+    makers = {"vit_digits": digits_backbone_checkpoint}
+    return makers[name]()
+
+
+def check_backbone_name(name: str) -> None:
+    """Raise a clear error unless ``name`` is a local backbone or a timm Vision Transformer."""
+    if name in LOCAL_BACKBONES:
+        return
+    arch, _, tag = name.partition(".")
+    if not timm.is_model(arch):
+        raise ValueError(f"unknown backbone {name!r}: not a timm model nor one of {sorted(LOCAL_BACKBONES)}")
+    if not _is_vision_transformer(arch):
+        raise ValueError(f"backbone {name!r} is not a timm VisionTransformer")
+    if tag and name not in timm.list_pretrained(f"{arch}.*"):
+        raise ValueError(f"unknown pretrained tag {tag!r} for backbone {arch!r}")
+
+
+def _is_vision_transformer(arch: str) -> bool:
+    return timm.models.model_entrypoint(arch).__module__ == "timm.models.vision_transformer"
+
+
+def build_backbone(
+    name: str,
+    *,
+    pretrained: bool = False,
+    checkpoint_file: Optional[Path] = None,
+    **overrides,
+) -> VisionTransformer:
+    """A frozen, headless ViT whose blocks accept prefix prompts.
+
+    ``pretrained`` loads timm's published weights (for local backbones: the offline-made ones).
+
+    ``checkpoint_file`` loads weights through timm's pretrained path from a local file instead of
+    the hub (``pretrained_cfg_overlay=dict(file=...)``).
+    """
+    check_backbone_name(name)
+    layers = dict(block_fn=PromptBlock, attn_layer=PrefixAttention, num_classes=0)
+    if name in LOCAL_BACKBONES:
+        if pretrained and checkpoint_file is None:
+            checkpoint_file = _local_weights(name)
+        model = VisionTransformer(**{**LOCAL_BACKBONES[name], **overrides, **layers})
+        if checkpoint_file is not None:
+            state = _read_checkpoint(checkpoint_file)
+            state = {k: v for k, v in state.items() if not k.startswith("head.")}
+            model.load_state_dict(state)
+    else:
+        kwargs = {**overrides, **layers}
+        if checkpoint_file is not None:
+            _read_checkpoint(checkpoint_file)  # fail early and clearly on a corrupt file
+            kwargs["pretrained_cfg_overlay"] = dict(file=str(checkpoint_file))
+            pretrained = True
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def _read_checkpoint(path: Path) -> Mapping[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint file {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch/safetensors raise many types for a damaged file
+        raise ValueError(f"checkpoint file {str(path)!r} is corrupt or unreadable: {err}") from err
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def encode(
+    vit: VisionTransformer,
+    images: torch.Tensor,
+    prompts: Optional[Mapping[int, LayerPrompt]] = None,
+) -> torch.Tensor:
+    """Pre-logits feature (the [CLS] token after the final norm), with per-layer prompts.
+
+    Mirrors ``VisionTransformer.forward_features`` + ``forward_head(pre_logits=True)``.
+    """
+    prompts = prompts or {}
+    if prompts and max(prompts) >= len(vit.blocks):
+        raise ValueError(f"prompt for layer {max(prompts)} but the backbone has {len(vit.blocks)} blocks")
+    x = vit.patch_embed(images)
+    x = vit._pos_embed(x)
+    x = vit.patch_drop(x)
+    x = vit.norm_pre(x)
+    for i, block in enumerate(vit.blocks):
+        x = block(x, prompt=prompts.get(i))
+    x = vit.norm(x)
+    return vit.forward_head(x, pre_logits=True)
+
+
+def attention_geometry(vit: VisionTransformer) -> tuple[int, int, int]:
+    """(depth, heads, head_dim) of a backbone."""
+    attn = vit.blocks[0].attn
+    return len(vit.blocks), attn.num_heads, attn.head_dim
+
+
+def frozen_parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,132 @@
+"""``promptcl`` command line: ``run`` a CL sequence, ``cost`` of a method without training."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+USAGE_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="promptcl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train and evaluate one continual-learning sequence")
+    run.add_argument("--method", required=True)
+    run.add_argument("--dataset", required=True)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--out", required=True, type=Path, help="output directory (must not exist)")
+    run.add_argument("--backbone", default=None, help="timm ViT name (full tag) or a local preset")
+    run.add_argument("--random-init", dest="pretrained", action="store_false",
+                     help="a random-init backbone instead of its pretrained weights (a control)")
+    run.add_argument("--checkpoint-file", default=None, help="backbone weights from a local file")
+    run.add_argument("--data-dir", default=None)
+    run.add_argument("--increment", type=int, default=None, help="classes per task")
+    run.add_argument("--eval-batch-size", type=int, default=256)
+    run.add_argument("--device", default="auto")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a method hyperparameter (repeatable)")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="progress bar per epoch (default: when stderr is a terminal)")
+
+    cost = sub.add_parser("cost", help="parameters and FLOPs of a method, without training")
+    cost.add_argument("--method", required=True)
+    cost.add_argument("--backbone", required=True)
+    cost.add_argument("--num-classes", type=int, required=True)
+    cost.add_argument("--dataset", default=None, help="pick the dataset's preset (default: the paper's)")
+    cost.add_argument("--img-size", type=int, default=None, help="default: the backbone's")
+    cost.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    cost.add_argument("--json", action="store_true")
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"promptcl: error: {message}", file=sys.stderr)
+    return USAGE_ERROR
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return _run(args)
+    return _cost(args)
+
+
+def _run(args) -> int:
+    from promptcl.config import parse_overrides
+    from promptcl.engine import RunSpec, resolve_run, run_sequence
+
+    try:
+        spec = RunSpec(method=args.method, dataset=args.dataset, seed=args.seed, backbone=args.backbone,
+                       pretrained=args.pretrained, checkpoint_file=args.checkpoint_file,
+                       data_dir=args.data_dir, eval_batch_size=args.eval_batch_size, device=args.device,
+                       increment=args.increment, overrides=parse_overrides(args.overrides))
+        run = resolve_run(spec)
+        if args.out.exists():
+            raise ValueError(f"output directory {str(args.out)!r} already exists")
+        if not args.out.parent.is_dir():
+            raise ValueError(f"parent of output directory {str(args.out)!r} does not exist")
+    except (ValueError, ImportError) as err:
+        return _fail(str(err))
+
+    # Work in a sibling temporary directory; only a finished run appears under --out.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
+    try:
+        progress = sys.stderr.isatty() if args.progress is None else args.progress
+        summary = run_sequence(run, tmp, progress=progress)
+        os.replace(tmp, args.out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"FA {summary['final_average_accuracy']:.2f}  CA {summary['cumulative_average_accuracy']:.2f}  "
+          f"FM {summary['forgetting']:.2f}  trainable {summary['trainable_params']:,}  "
+          f"test GFLOPs/img {summary['test_flops_per_image'] / 1e9:.4f}  -> {args.out}")
+    return 0
+
+
+def _cost(args) -> int:
+    from promptcl.backbone import check_backbone_name
+    from promptcl.config import apply_overrides, parse_overrides
+    from promptcl.cost import measure_cost
+    from promptcl.methods import get_method
+
+    try:
+        method_cls = get_method(args.method)
+        check_backbone_name(args.backbone)
+        if args.num_classes < 1:
+            raise ValueError(f"--num-classes must be >= 1, got {args.num_classes}")
+        preset = method_cls.preset_for(args.dataset) if args.dataset else method_cls.PRESETS["paper"]
+        config = apply_overrides(preset, parse_overrides(args.overrides))
+        image_shape = _image_shape(args.backbone, args.img_size)
+        result = measure_cost(method_cls, config, args.backbone, args.num_classes, image_shape)
+    except (ValueError, ImportError) as err:
+        return _fail(str(err))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>26}: {value:,}")
+    return 0
+
+
+def _image_shape(backbone: str, img_size: Optional[int]) -> tuple[int, int, int]:
+    from promptcl.backbone import LOCAL_BACKBONES
+
+    if backbone in LOCAL_BACKBONES:
+        cfg = LOCAL_BACKBONES[backbone]
+        return (cfg["in_chans"], cfg["img_size"], cfg["img_size"])
+    import timm
+
+    size = img_size or timm.get_pretrained_cfg(backbone.partition(".")[0]).input_size[-1]
+    return (3, size, size)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Cost accounting: trainable/total parameters and train/test FLOPs per image.
+
+FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode``. Its registry has no formula
+for the CPU SDPA kernel, which would count attention as zero, so one is registered here; every
+forward pass a method needs at test time is counted (``predict`` runs them all).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from promptcl.backbone import build_backbone, encode
+from promptcl.methods.base import TaskInfo
+
+aten = torch.ops.aten
+
+
+def _cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+CPU_SDPA_FORMULAS = {
+    aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward,
+}
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of everything ``fn`` runs (forward and, if it calls it, backward)."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FORMULAS) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def parameter_counts(method) -> dict[str, int]:
+    trainable = sum(p.numel() for p in method.trainable_parameters())
+    total = sum(p.numel() for p in method.parameters())
+    return {"trainable_params": trainable, "total_params": total}
+
+
+def measure_cost(method_cls, config, backbone: str, num_classes: int,
+                 image_shape: tuple[int, int, int]) -> dict[str, int]:
+    """Parameters and per-image FLOPs of a method, on a fresh random-init copy (no training)."""
+    vit = build_backbone(backbone)
+    method = method_cls(config, backbone=vit, num_classes=num_classes)
+    out = parameter_counts(method)
+    task = TaskInfo(index=0, classes=range(0, num_classes), num_tasks=1)
+    method.begin_task(task)
+    phase = method.phases(task)[-1]  # the method's main training phase
+    batch = 2
+    images = torch.randn(batch, *image_shape)
+    labels = torch.zeros(batch, dtype=torch.long)
+
+    def train_step() -> None:
+        method.train()
+        vit.eval()
+        loss, _ = method.training_loss(images, labels, task, phase)
+        loss.backward()
+
+    out["train_flops_per_image"] = count_flops(train_step) // batch
+    method.zero_grad(set_to_none=True)
+    method.eval()
+    with torch.no_grad():
+        out["test_flops_per_image"] = count_flops(lambda: method.predict(images[:1]))
+        out["backbone_flops_per_image"] = count_flops(lambda: encode(vit, images[:1]))
+    out["test_passes"] = method_cls.TEST_PASSES
+    return out

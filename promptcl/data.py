@@ -1,0 +1,221 @@
+"""Datasets and the class-incremental scenario builder.
+
+A dataset is registered by name; loading it yields a :class:`ClassificationData` (train and test
+splits with integer labels). :class:`ClassIncremental` splits it into tasks by a class order and
+increments; labels are remapped to positions in the class order so that task ``t`` owns the
+contiguous head outputs ``[offset_t, offset_t + increment_t)``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+
+@dataclass(frozen=True)
+class ClassificationData:
+    train: Dataset
+    test: Dataset
+    train_labels: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    default_increment: int
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    loader: Callable[[Optional[Path]], ClassificationData]
+    default_backbone: str
+    needs_data_dir: bool
+    num_classes: int
+
+
+DATASETS: dict[str, DatasetSpec] = {}
+
+
+def register_dataset(name: str, *, default_backbone: str, num_classes: int, needs_data_dir: bool = False):
+    def wrap(fn: Callable[[Optional[Path]], ClassificationData]):
+        if name in DATASETS:
+            raise ValueError(f"dataset {name!r} is registered twice")
+        DATASETS[name] = DatasetSpec(name, fn, default_backbone, needs_data_dir, num_classes)
+        return fn
+
+    return wrap
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    return DATASETS[name]
+
+
+def check_data_dir(name: str, data_dir: Optional[Path]) -> None:
+    """Raise before any work starts when a dataset's files are not where they must be."""
+    spec = dataset_spec(name)
+    if not spec.needs_data_dir:
+        return
+    if data_dir is None:
+        raise ValueError(f"dataset {name!r} needs --data-dir pointing at its files")
+    if not Path(data_dir).is_dir():
+        raise ValueError(f"data directory {str(data_dir)!r} for dataset {name!r} does not exist")
+
+
+def load_dataset(name: str, data_dir: Optional[Path] = None) -> ClassificationData:
+    check_data_dir(name, data_dir)
+    return dataset_spec(name).loader(None if data_dir is None else Path(data_dir))
+
+
+# The per-class train/test split of the embedded benchmark is fixed, independent of the run seed.
+DIGITS_SPLIT_SEED = 0
+DIGITS_TEST_FRACTION = 0.2
+
+
+@register_dataset("digits", default_backbone="vit_digits", num_classes=10)
+def load_digits(_data_dir: Optional[Path] = None) -> ClassificationData:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images), offline; pixels scaled to [-1, 1]."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    images, labels = sk_load_digits(return_X_y=True)
+    images = (images.reshape(-1, 1, 8, 8) / 16.0 - 0.5) / 0.5
+    rng = np.random.RandomState(DIGITS_SPLIT_SEED)
+    train_idx, test_idx = [], []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_test = int(round(len(idx) * DIGITS_TEST_FRACTION))
+        test_idx.extend(idx[:n_test])
+        train_idx.extend(idx[n_test:])
+    train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
+    x = torch.tensor(images, dtype=torch.float32)
+    y = torch.tensor(labels, dtype=torch.long)
+    return ClassificationData(
+        train=TensorDataset(x[train_idx], y[train_idx]),
+        test=TensorDataset(x[test_idx], y[test_idx]),
+        train_labels=labels[train_idx],
+        test_labels=labels[test_idx],
+        num_classes=10,
+        image_shape=(1, 8, 8),
+        default_increment=2,
+    )
+
+
+@register_dataset("cifar100", default_backbone="vit_base_patch16_224.augreg2_in21k_ft_in1k",
+                  num_classes=100, needs_data_dir=True)
+def load_cifar100(data_dir: Optional[Path]) -> ClassificationData:
+    """Split CIFAR-100 from torchvision's on-disk files (never downloaded here); 224 px, [0, 1]."""
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.Resize(224), transforms.ToTensor()])
+    try:
+        train = datasets.CIFAR100(str(data_dir), train=True, download=False, transform=tf)
+        test = datasets.CIFAR100(str(data_dir), train=False, download=False, transform=tf)
+    except RuntimeError as err:
+        raise ValueError(f"CIFAR-100 files not found under {data_dir}: {err}") from err
+    return ClassificationData(train, test, np.asarray(train.targets), np.asarray(test.targets),
+                              100, (3, 224, 224), 10)
+
+
+def seeded_class_order(num_classes: int, seed: int) -> list[int]:
+    """The reference repos' class order: ``random.seed(seed); random.shuffle(range(C))``."""
+    order = list(range(num_classes))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+class _Relabelled(Dataset):
+    """A subset whose labels are mapped to class-order positions."""
+
+    def __init__(self, base: Dataset, indices: np.ndarray, position: np.ndarray) -> None:
+        self.subset = Subset(base, indices.tolist())
+        self.position = position
+
+    def __len__(self) -> int:
+        return len(self.subset)
+
+    def __getitem__(self, i):
+        image, label = self.subset[i]
+        return image, int(self.position[int(label)])
+
+
+class ClassIncremental:
+    """Class-incremental tasks over a dataset: ``class_order`` (or ``seed``) and ``increments``."""
+
+    def __init__(
+        self,
+        data: ClassificationData,
+        *,
+        increments: Sequence[int] | int | None = None,
+        class_order: Sequence[int] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        C = data.num_classes
+        if (class_order is None) == (seed is None):
+            raise ValueError("give exactly one of class_order or seed")
+        order = list(class_order) if class_order is not None else seeded_class_order(C, seed)
+        if sorted(order) != list(range(C)):
+            raise ValueError(f"class_order must be a permutation of 0..{C - 1}")
+        if increments is None:
+            increments = data.default_increment
+        if isinstance(increments, int):
+            if increments <= 0 or C % increments:
+                raise ValueError(f"increment {increments} does not divide {C} classes")
+            increments = [increments] * (C // increments)
+        increments = list(increments)
+        if any(i <= 0 for i in increments) or sum(increments) != C:
+            raise ValueError(f"increments {increments} must be positive and sum to {C}")
+        self.data = data
+        self.class_order = order
+        self.increments = increments
+        self.offsets = list(np.cumsum([0] + increments[:-1]))
+        self.position = np.empty(C, dtype=np.int64)
+        self.position[order] = np.arange(C)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.increments)
+
+    @property
+    def num_classes(self) -> int:
+        return self.data.num_classes
+
+    def task_classes(self, task: int) -> range:
+        """Head outputs (class-order positions) owned by ``task``."""
+        self._check_task(task)
+        start = int(self.offsets[task])
+        return range(start, start + self.increments[task])
+
+    def task_of_class(self) -> np.ndarray:
+        """Task index of each head output."""
+        return np.repeat(np.arange(self.num_tasks), self.increments)
+
+    def _subset(self, split: str, task: int) -> _Relabelled:
+        base = self.data.train if split == "train" else self.data.test
+        labels = self.data.train_labels if split == "train" else self.data.test_labels
+        wanted = np.asarray(self.class_order)[list(self.task_classes(task))]
+        indices = np.flatnonzero(np.isin(labels, wanted))
+        return _Relabelled(base, indices, self.position)
+
+    def train_dataset(self, task: int) -> Dataset:
+        return self._subset("train", task)
+
+    def test_dataset(self, task: int) -> Dataset:
+        return self._subset("test", task)
+
+    def train_loader(self, task: int, *, batch_size: int, seed: int, shuffle: bool = True) -> DataLoader:
+        generator = torch.Generator().manual_seed(seed * 1000 + task)
+        return DataLoader(self.train_dataset(task), batch_size=batch_size, shuffle=shuffle,
+                          generator=generator)
+
+    def test_loader(self, task: int, *, batch_size: int) -> DataLoader:
+        return DataLoader(self.test_dataset(task), batch_size=batch_size, shuffle=False)
+
+    def _check_task(self, task: int) -> None:
+        if not 0 <= task < self.num_tasks:
+            raise IndexError(f"task {task} out of range 0..{self.num_tasks - 1}")

@@ -1,0 +1,137 @@
+"""The contract every CL method implements; the shared loop in :mod:`promptcl.engine` drives it.
+
+A method declares its prompts and head (``__init__``), what it trains in each phase of a task
+(``phases``), its loss (``training_loss``), its after-task work (``end_task``) and how it predicts
+(``logits``). The engine owns optimizers, schedules, evaluation, checkpoints and reporting.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Iterable, Optional
+
+import torch
+from torch import nn
+
+from promptcl.backbone import attention_geometry
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    index: int
+    classes: range  # head outputs owned by this task
+    num_tasks: int
+
+    @property
+    def num_seen(self) -> int:
+        """Head outputs seen up to and including this task."""
+        return self.classes.stop
+
+
+@dataclass
+class Phase:
+    """One optimisation phase of a task: a fresh optimizer over ``param_groups`` for ``epochs``."""
+
+    name: str
+    epochs: int
+    param_groups: list[dict]
+    weight_decay: float = 0.0
+    # iteration, total iterations -> multiplier of each group's base learning rate
+    lr_factor: Optional[Callable[[int, int], float]] = None
+    grad_clip: Optional[float] = None
+
+
+def hold_then_cosine(hold_iters: int, floor: float) -> Callable[[int, int], float]:
+    """Multiplier held at ``floor`` for ``hold_iters`` iterations, then cosine from 1 to ``floor``."""
+
+    def factor(it: int, total: int) -> float:
+        if it < hold_iters:
+            return floor
+        span = max(1, total - hold_iters)
+        progress = min(1.0, (it - hold_iters) / span)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def mask_logits(logits: torch.Tensor, allowed: range) -> torch.Tensor:
+    """Set every logit outside ``allowed`` to -inf."""
+    mask = torch.full_like(logits, float("-inf"))
+    mask[:, allowed.start:allowed.stop] = 0.0
+    return logits + mask
+
+
+class PromptMethod(nn.Module):
+    """Base class of CL methods on a frozen prompted ViT."""
+
+    NAME: ClassVar[str]
+    Config: ClassVar[type]
+    PRESETS: ClassVar[dict[str, object]]
+    # dataset name -> preset name; datasets not listed use the "paper" preset
+    DATASET_PRESETS: ClassVar[dict[str, str]] = {}
+    # full backbone passes per test image (two for methods with a task-identity pass)
+    TEST_PASSES: ClassVar[int] = 1
+
+    def __init__(self, config, *, backbone: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.depth, self.num_heads, self.head_dim = attention_geometry(backbone)
+        self.embed_dim = backbone.num_features
+        self.seen_classes = 0
+        self.validate_for_backbone()
+
+    @classmethod
+    def preset_for(cls, dataset: str):
+        return cls.PRESETS[cls.DATASET_PRESETS.get(dataset, "paper")]
+
+    def validate_for_backbone(self) -> None:
+        """Raise ConfigError when the config does not fit the backbone (e.g. layer indices)."""
+
+    # --- the per-task contract -------------------------------------------------------------
+    def begin_task(self, task: TaskInfo) -> None:
+        self.seen_classes = task.num_seen
+
+    def phases(self, task: TaskInfo) -> list[Phase]:
+        raise NotImplementedError
+
+    def training_loss(self, images: torch.Tensor, labels: torch.Tensor, task: TaskInfo,
+                      phase: Phase) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def end_task(self, task: TaskInfo, train_batches: Callable[[], Iterable]) -> None:
+        """After-task work; ``train_batches()`` yields the task's training batches afresh."""
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Class prediction among the classes seen so far."""
+        return mask_logits(self.logits(images), range(0, self.seen_classes)).argmax(dim=-1)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """Everything but the frozen backbone (rebuilt from its name and weights on resume)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor], seen_classes: int) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("backbone.")]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not fit {self.NAME}: missing {missing}, unexpected {unexpected}")
+        self.seen_classes = seen_classes
+
+    # --- helpers for subclasses --------------------------------------------------------------
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+
+@dataclass
+class MethodEntry:
+    cls: Optional[type] = None
+    import_error: Optional[BaseException] = field(default=None, repr=False)

@@ -1,0 +1,167 @@
+"""SMoPE: sparse mixture of prompt experts (Le et al., ICLR 2026), following the reference code.
+
+Per task: (task 0 only) a dense warm-up with all experts and CE; sparse top-k training with the
+adaptive noise, router and prototype losses; a usage-counting pass; per-class diagonal Gaussians
+on the prompted features; (task >= 1) classifier alignment by Gaussian replay. One forward pass
+at test time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from promptcl.alignment import ClassGaussians, align_head, collect_features
+from promptcl.backbone import encode
+from promptcl.config import require
+from promptcl.experts import Routing, SparsePromptExperts
+from promptcl.methods import register_method
+from promptcl.methods.base import Phase, PromptMethod, TaskInfo, hold_then_cosine, mask_logits
+
+
+@dataclass(frozen=True, kw_only=True)
+class SMoPEConfig:
+    """Defaults are the paper's Split CIFAR-100 (10 tasks) settings (reference scripts)."""
+
+    prompt_layers: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
+    num_experts: int = 25
+    top_k: int = 5
+    noise_scale: float = 0.4
+    router_weight: float = 1e-5
+    proto_weight: float = 1e-5
+    frequency_threshold: Literal["used", "all"] = "used"
+    dense_warmup_fraction: float = 0.5
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 0.005
+    prompt_lr_multiplier: float = 5.0
+    lr_hold_iters: int = 80
+    min_lr: float = 1e-6
+    classifier_alignment: bool = True
+    ca_epochs: int = 50
+    ca_samples_per_class: int = 128
+    ca_lr: float = 1e-5
+    ca_min_lr: float = 1e-6
+    ca_weight_decay: float = 5e-4
+
+    def __post_init__(self) -> None:
+        require(self.num_experts >= 1, f"num_experts must be >= 1, got {self.num_experts}")
+        require(1 <= self.top_k <= self.num_experts,
+                f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
+        require(0.0 <= self.noise_scale <= 1.0, f"noise_scale must be in [0, 1], got {self.noise_scale}")
+        require(self.router_weight >= 0 and self.proto_weight >= 0, "loss weights must be >= 0")
+        require(0.0 <= self.dense_warmup_fraction <= 1.0, "dense_warmup_fraction must be in [0, 1]")
+        require(len(self.prompt_layers) >= 1 and min(self.prompt_layers) >= 0
+                and len(set(self.prompt_layers)) == len(self.prompt_layers),
+                f"prompt_layers must be distinct non-negative indices, got {self.prompt_layers}")
+        require(self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1")
+        require(self.lr > 0 and self.ca_lr > 0 and self.prompt_lr_multiplier > 0, "learning rates must be > 0")
+        require(0 <= self.min_lr <= self.lr and 0 <= self.ca_min_lr <= self.ca_lr,
+                "min learning rates must be in [0, base lr]")
+        require(self.lr_hold_iters >= 0 and self.ca_epochs >= 0 and self.ca_samples_per_class >= 1,
+                "lr_hold_iters, ca_epochs must be >= 0 and ca_samples_per_class >= 1")
+
+
+PAPER = SMoPEConfig()
+# Scaled to the embedded 8x8 digits benchmark and its 4-block, 4-head micro ViT (head_dim 16).
+DIGITS = dataclasses.replace(
+    PAPER, prompt_layers=(0, 1, 2), num_experts=8, top_k=2, router_weight=1e-4, proto_weight=1e-4,
+    epochs=6, batch_size=32, lr=0.01, lr_hold_iters=0, ca_epochs=20, ca_samples_per_class=32,
+    ca_lr=1e-3, ca_min_lr=1e-5,
+)
+
+
+@register_method("smope")
+class SMoPE(PromptMethod):
+    Config = SMoPEConfig
+    PRESETS = {"paper": PAPER, "digits": DIGITS}
+    DATASET_PRESETS = {"digits": "digits"}
+    TEST_PASSES = 1
+
+    def __init__(self, config: SMoPEConfig, *, backbone: nn.Module, num_classes: int) -> None:
+        super().__init__(config, backbone=backbone, num_classes=num_classes)
+        self.experts = SparsePromptExperts(
+            layers=config.prompt_layers, num_heads=self.num_heads, head_dim=self.head_dim,
+            num_experts=config.num_experts, top_k=config.top_k, noise_scale=config.noise_scale,
+        )
+        self.head = nn.Linear(self.embed_dim, num_classes)
+        self.class_stats = ClassGaussians(num_classes, self.embed_dim, covariance="diag")
+
+    def validate_for_backbone(self) -> None:
+        require(max(self.config.prompt_layers) < self.depth,
+                f"prompt_layers {self.config.prompt_layers} exceed the backbone's {self.depth} blocks")
+
+    # --- forward -----------------------------------------------------------------------------
+    def features(self, images: torch.Tensor, *, mode: str = "sparse", noisy: bool = False,
+                 routing: Routing | None = None) -> torch.Tensor:
+        routing = Routing() if routing is None else routing
+        return encode(self.backbone, images, self.experts.prompts(mode, noisy=noisy, routing=routing))
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+    # --- training ----------------------------------------------------------------------------
+    def begin_task(self, task: TaskInfo) -> None:
+        super().begin_task(task)
+        if task.index > 0:
+            self.experts.begin_task(self.config.frequency_threshold)
+
+    def phases(self, task: TaskInfo) -> list[Phase]:
+        c = self.config
+        groups = [
+            {"params": [self.experts.keys, self.experts.values], "lr": c.lr * c.prompt_lr_multiplier},
+            {"params": list(self.head.parameters()), "lr": c.lr},
+        ]
+        schedule = hold_then_cosine(c.lr_hold_iters, c.min_lr / c.lr)
+        phases = []
+        warmup = int(c.dense_warmup_fraction * c.epochs)
+        if task.index == 0 and warmup > 0:
+            phases.append(Phase("dense_warmup", warmup, groups, lr_factor=schedule))
+        phases.append(Phase("sparse", c.epochs, groups, lr_factor=schedule))
+        return phases
+
+    def training_loss(self, images, labels, task: TaskInfo, phase: Phase):
+        dense = phase.name == "dense_warmup"
+        routing = Routing()
+        feats = self.features(images, mode="dense" if dense else "sparse", noisy=not dense, routing=routing)
+        # Only the current task's classes compete during training (old-class logits masked).
+        ce = F.cross_entropy(mask_logits(self.head(feats), task.classes), labels)
+        logs = {"ce": ce.detach().item()}
+        loss = ce
+        if not dense and self.config.router_weight > 0:
+            router = self.experts.router_loss(routing)
+            loss = loss + self.config.router_weight * router
+            logs["router"] = router.detach().item()
+        if not dense and task.index > 0 and self.config.proto_weight > 0:
+            proto = self.experts.prototype_loss()
+            loss = loss + self.config.proto_weight * proto
+            logs["proto"] = proto.detach().item()
+        return loss, logs
+
+    @torch.no_grad()
+    def end_task(self, task: TaskInfo, train_batches: Callable[[], Iterable]) -> None:
+        device = self.device()
+        self.eval()
+        # Usage counts: clean top-k over the task's training set.
+        for images, _ in train_batches():
+            routing = Routing()
+            self.features(images.to(device), routing=routing)
+            self.experts.count_usage(routing)
+        feats, labels = collect_features(self.features, train_batches(), device)
+        self.class_stats.fit(feats, labels)
+        c = self.config
+        if task.index > 0 and c.classifier_alignment and c.ca_epochs > 0:
+            generator = torch.Generator().manual_seed(torch.initial_seed() + task.index)
+            with torch.enable_grad():
+                align_head(
+                    self.head, self.class_stats, seen=range(0, task.num_seen),
+                    iterations=task.classes.start, epochs=c.ca_epochs,
+                    samples_per_class=c.ca_samples_per_class, lr=c.ca_lr, min_lr=c.ca_min_lr,
+                    weight_decay=c.ca_weight_decay, generator=generator,
+                )
+            self.eval()

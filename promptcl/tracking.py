@@ -1,0 +1,94 @@
+"""MLflow tracking: one parent run per study, one child run per trial, per-task metrics.
+
+All calls go through ``MlflowClient`` with an explicit tracking URI, so nothing depends on
+process-global MLflow state (Ray workers and the driver log to the same store).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def default_tracking_uri(runs_dir: Path) -> str:
+    return f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
+
+
+def client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def ensure_experiment(tracking_uri: str, name: str, artifact_dir: Optional[Path] = None) -> str:
+    """Experiment id, creating it (in the driver, before trials race to) if needed."""
+    c = client(tracking_uri)
+    found = c.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if artifact_dir is not None and tracking_uri.startswith("sqlite:"):
+        location = Path(artifact_dir).resolve().as_uri()
+    return c.create_experiment(name, artifact_location=location)
+
+
+def start_run(tracking_uri: str, experiment_id: str, name: str, *, parent_run_id: Optional[str] = None,
+              tags: Optional[dict[str, str]] = None) -> str:
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags[PARENT_TAG] = parent_run_id
+    return client(tracking_uri).create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
+
+
+def log_params(tracking_uri: str, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    c = client(tracking_uri)
+    items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i:i + 100])
+
+
+def log_metrics(tracking_uri: str, run_id: str, values: dict[str, float], step: int = 0) -> None:
+    from mlflow.entities import Metric
+    import time
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, step) for k, v in values.items()]
+    if metrics:
+        client(tracking_uri).log_batch(run_id, metrics=metrics)
+
+
+def log_task(tracking_uri: str, run_id: str, task: int, accuracy: np.ndarray) -> None:
+    """Per-task metrics with step = task: accuracy on each seen task and their average."""
+    row = accuracy[task, : task + 1]
+    values = {f"acc/task_{i}": float(a) for i, a in enumerate(row)}
+    values["average_accuracy"] = float(row.mean())
+    log_metrics(tracking_uri, run_id, values, step=task)
+
+
+def log_run_outputs(tracking_uri: str, run_id: str, summary: dict[str, Any], out_dir: Path) -> None:
+    """Final metrics, the accuracy matrix and resolved config as artifacts."""
+    c = client(tracking_uri)
+    final = {k: summary[k] for k in ("final_average_accuracy", "cumulative_average_accuracy", "forgetting",
+                                      "backward_transfer", "trainable_params", "total_params",
+                                      "train_flops_per_image", "test_flops_per_image",
+                                      "backbone_flops_per_image", "wall_seconds")}
+    log_metrics(tracking_uri, run_id, final, step=len(summary["accuracy_matrix"]) - 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "accuracy_matrix.json").write_text(json.dumps(summary["accuracy_matrix"]))
+        (Path(tmp) / "config.json").write_text(json.dumps(summary["config"], indent=2))
+        c.log_artifacts(run_id, tmp)
+    for name in ("results.parquet", "summary.json"):
+        if (Path(out_dir) / name).is_file():
+            c.log_artifact(run_id, str(Path(out_dir) / name))
+
+
+def finish(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    client(tracking_uri).set_terminated(run_id, status=status)

@@ -1,0 +1,60 @@
+"""Parameter and FLOP accounting."""
+
+import json
+
+import torch
+
+from promptcl.backbone import LOCAL_BACKBONES, build_backbone, encode
+from promptcl.cli import main
+from promptcl.cost import count_flops, measure_cost
+from promptcl.methods import get_method
+
+
+def analytic_vit_flops(img, patch, chans, dim, depth, heads, mlp_ratio):
+    """2 x MACs of patch embedding, qkv, attention matmuls, projection and MLP."""
+    n = (img // patch) ** 2 + 1
+    hidden = int(dim * mlp_ratio)
+    per_block = 2 * n * dim * 3 * dim + 2 * 2 * n * n * dim + 2 * n * dim * dim + 2 * 2 * n * dim * hidden
+    return 2 * (n - 1) * dim * chans * patch * patch + depth * per_block
+
+
+def test_backbone_flops_match_the_analytic_count_with_fused_and_plain_attention():
+    cfg = LOCAL_BACKBONES["vit_digits"]
+    expected = analytic_vit_flops(cfg["img_size"], cfg["patch_size"], cfg["in_chans"], cfg["embed_dim"],
+                                  cfg["depth"], cfg["num_heads"], cfg["mlp_ratio"])
+    vit = build_backbone("vit_digits", pretrained=False)
+    x = torch.randn(1, 1, 8, 8)
+    with torch.no_grad():
+        assert count_flops(lambda: encode(vit, x)) == expected  # CPU SDPA counted via our formula
+        for block in vit.blocks:
+            block.attn.fused_attn = False
+        assert count_flops(lambda: encode(vit, x)) == expected
+
+
+def test_smope_costs_on_the_digits_preset():
+    smope = get_method("smope")
+    config = smope.PRESETS["digits"]
+    cost = measure_cost(smope, config, "vit_digits", 10, (1, 8, 8))
+    vit = build_backbone("vit_digits", pretrained=False)
+    backbone_params = sum(p.numel() for p in vit.parameters())
+    prompts = len(config.prompt_layers) * 4 * config.num_experts * 2 * 16
+    assert cost["trainable_params"] == prompts + 64 * 10 + 10
+    assert cost["total_params"] == backbone_params + cost["trainable_params"]
+    # one pass: the backbone, plus the selected experts' attention columns, the routing and the head
+    assert cost["backbone_flops_per_image"] < cost["test_flops_per_image"] < 1.05 * cost["backbone_flops_per_image"]
+    assert cost["train_flops_per_image"] > 1.5 * cost["test_flops_per_image"]
+    more = measure_cost(smope, config.__class__(**{**config.__dict__, "top_k": 6}), "vit_digits", 10, (1, 8, 8))
+    assert more["test_flops_per_image"] > cost["test_flops_per_image"]
+
+
+def test_cost_command_for_vit_base_with_json(capsys):
+    assert main(["cost", "--method", "smope", "--backbone", "vit_base_patch16_224", "--num-classes", "100",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    # the paper's CIFAR-100 count: 6 layers x 12 heads x 25 experts x (64 + 64) + 768 x 100 + 100
+    assert out["trainable_params"] == 230_400 + 76_900
+    assert set(out) >= {"trainable_params", "total_params", "train_flops_per_image", "test_flops_per_image",
+                        "backbone_flops_per_image"}
+    # ViT-B/16 at 224 px: 35.13 GFLOPs analytic
+    assert out["backbone_flops_per_image"] == analytic_vit_flops(224, 16, 3, 768, 12, 12, 4.0)
+    assert out["test_flops_per_image"] / out["backbone_flops_per_image"] < 1.01

@@ -1,0 +1,83 @@
+"""The class-incremental scenario builder and the embedded digits benchmark."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from promptcl.data import ClassIncremental, load_dataset, load_digits, seeded_class_order
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+def test_digits_split_is_fixed_and_disjoint(digits):
+    again = load_digits()
+    assert len(digits.train) + len(digits.test) == 1797
+    assert np.array_equal(digits.train_labels, again.train_labels)
+    assert torch.equal(digits.test.tensors[0], again.test.tensors[0])
+    # about 20% of every class is held out
+    for c in range(10):
+        n_test = (digits.test_labels == c).sum()
+        n_all = n_test + (digits.train_labels == c).sum()
+        assert abs(n_test - 0.2 * n_all) <= 1
+
+
+def test_class_order_follows_the_reference_rule():
+    expected = list(range(100))
+    random.seed(42)
+    random.shuffle(expected)
+    assert seeded_class_order(100, 42) == expected
+    # published CIFAR-100 seed-42 order starts 42 41 91 9 65 (norga.md 5.2)
+    assert expected[:5] == [42, 41, 91, 9, 65]
+
+
+def test_tasks_cover_classes_in_order_with_remapped_labels(digits):
+    s = ClassIncremental(digits, increments=2, seed=3)
+    order = seeded_class_order(10, 3)
+    assert s.num_tasks == 5
+    for t in range(5):
+        assert list(s.task_classes(t)) == [2 * t, 2 * t + 1]
+        labels = [y for _, y in s.train_dataset(t)]
+        assert set(labels) == {2 * t, 2 * t + 1}
+        originals = set(order[2 * t: 2 * t + 2])
+        assert len(s.test_dataset(t)) == int(np.isin(digits.test_labels, list(originals)).sum())
+
+
+def test_uneven_increments_and_explicit_order(digits):
+    s = ClassIncremental(digits, increments=[4, 3, 3], class_order=list(range(9, -1, -1)))
+    assert [list(s.task_classes(t)) for t in range(3)] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert s.task_of_class().tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(increments=3, seed=0), "does not divide"),
+    (dict(increments=[5, 4], seed=0), "sum to 10"),
+    (dict(increments=2), "exactly one of"),
+    (dict(increments=2, seed=0, class_order=list(range(10))), "exactly one of"),
+    (dict(increments=2, class_order=[0] * 10), "permutation"),
+])
+def test_ambiguous_or_bad_arguments_are_rejected(digits, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ClassIncremental(digits, **kwargs)
+
+
+def test_training_loader_is_reproducible(digits):
+    s = ClassIncremental(digits, seed=0)
+    a = [y.tolist() for _, y in s.train_loader(1, batch_size=16, seed=7)]
+    b = [y.tolist() for _, y in s.train_loader(1, batch_size=16, seed=7)]
+    assert a == b
+
+
+def test_unknown_dataset_and_missing_data_dir(tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_dataset("cifar1000")
+    with pytest.raises(ValueError, match="needs --data-dir"):
+        load_dataset("cifar100")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_dataset("cifar100", tmp_path / "nope")
+    with pytest.raises(ValueError, match="CIFAR-100 files not found"):
+        load_dataset("cifar100", tmp_path)

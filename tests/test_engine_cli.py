@@ -1,0 +1,117 @@
+"""Whole CL sequences through the CLI: outputs, determinism, batch invariance, bad input."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from promptcl.cli import main
+from promptcl.data import load_digits
+from promptcl.engine import RunSpec, resolve_run
+
+FAST = ["--set", "epochs=2", "--set", "ca_epochs=3"]
+
+
+def run_cli(out, *extra):
+    return main(["run", "--method", "smope", "--dataset", "digits", "--seed", "0", "--out", str(out),
+                 "--no-progress", *FAST, *extra])
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "a"
+    assert run_cli(out) == 0
+    return out
+
+
+def test_run_writes_results_summary_and_checkpoints(reference_run):
+    table = pq.read_table(reference_run / "results.parquet")
+    assert table.column_names == ["train_task", "eval_task", "accuracy", "n_samples"]
+    assert table.num_rows == 15  # 5 tasks, lower triangle
+    rows = table.to_pylist()
+    assert all(r["eval_task"] <= r["train_task"] for r in rows)
+    assert sum(r["n_samples"] for r in rows if r["train_task"] == 4) == len(load_digits().test)
+    summary = json.loads((reference_run / "summary.json").read_text())
+    for key in ("final_average_accuracy", "cumulative_average_accuracy", "forgetting", "backward_transfer",
+                "trainable_params", "total_params", "train_flops_per_image", "test_flops_per_image",
+                "wall_seconds", "config"):
+        assert key in summary
+    assert summary["config"]["method_config"]["epochs"] == 2
+    acc = np.asarray(summary["accuracy_matrix"])
+    final = [r["accuracy"] for r in rows if r["train_task"] == 4]
+    assert summary["final_average_accuracy"] == pytest.approx(np.mean(final))
+    assert acc[0, 0] > 90  # two digit classes from a pretrained backbone
+    checkpoints = sorted((reference_run / "checkpoints").glob("task_*.pt"))
+    assert [c.name for c in checkpoints] == [f"task_{t:02d}.pt" for t in range(5)]
+    state = torch.load(checkpoints[-1], weights_only=False)
+    assert "experts.usage" in state["state"] and state["state"]["experts.usage"].sum() > 0
+    assert not any(k.startswith("backbone.") for k in state["state"])
+
+
+def test_same_seed_gives_identical_results(reference_run, tmp_path):
+    assert run_cli(tmp_path / "b") == 0
+    assert pq.read_table(tmp_path / "b" / "results.parquet").equals(pq.read_table(reference_run / "results.parquet"))
+
+
+def test_eval_batch_size_does_not_change_any_accuracy(reference_run, tmp_path):
+    assert run_cli(tmp_path / "c", "--eval-batch-size", "1") == 0
+    a = pq.read_table(tmp_path / "c" / "results.parquet").to_pylist()
+    b = pq.read_table(reference_run / "results.parquet").to_pylist()
+    assert a == b
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "nope"], "unknown method 'nope'"),
+    (["--dataset", "cifar1000"], "unknown dataset 'cifar1000'"),
+    (["--backbone", "resnet50"], "not a timm VisionTransformer"),
+    (["--set", "top_k=9"], "top_k=9 must be between 1 and num_experts=8"),
+    (["--set", "noise_scale=-0.1"], "noise_scale must be in [0, 1]"),
+    (["--set", "warp=9"], "unknown setting(s) warp"),
+    (["--set", "top_k=two"], "invalid value 'two' for top_k"),
+    (["--set", "prompt_layers=0,9"], "exceed the backbone's 4 blocks"),
+    (["--dataset", "cifar100"], "needs --data-dir"),
+    (["--checkpoint-file", "/nonexistent/w.pt"], "does not exist"),
+])
+def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    base = {"--method": "smope", "--dataset": "digits"}
+    flags = dict(zip(args[::2], args[1::2]))
+    argv = ["run", "--out", str(out)]
+    for key in ("--method", "--dataset"):
+        argv += [key, flags.pop(key, base[key])]
+    for key, value in flags.items():
+        argv += [key, value]
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_directory_is_refused(tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    assert run_cli(tmp_path / "taken") == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_failed_run_leaves_nothing_behind(tmp_path, monkeypatch):
+    import promptcl.engine as engine
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(engine, "write_results", boom)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        run_cli(tmp_path / "d")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resolve_run_applies_dataset_preset_and_overrides():
+    run = resolve_run(RunSpec(method="smope", dataset="digits", overrides={"top_k": "3", "noise_scale": 0.2}))
+    assert run.config.top_k == 3 and run.config.noise_scale == 0.2
+    assert run.config.num_experts == 8  # the digits preset
+    assert run.backbone == "vit_digits"
+    paper = resolve_run(RunSpec(method="smope", dataset="cifar100", data_dir="/tmp"))
+    assert (paper.config.num_experts, paper.config.top_k, paper.config.prompt_layers) == (25, 5, (0, 1, 2, 3, 4, 5))
