@@ -44,6 +44,7 @@ class StudySpec:
     search_seed: int = 0
     scheduler: Literal["fifo", "asha"] = "fifo"
     metric: str = "average_accuracy"
+    progress: bool = False  # per-epoch progress bars in the Train workers' logs
 
     def resolved_tracking_uri(self) -> str:
         return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri(self.runs_dir)
@@ -57,7 +58,6 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
@@ -141,7 +141,7 @@ def _trial_driver(config: dict, *, context: dict) -> None:
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={**context["worker"], "spec": spec, "trial_id": trial_id,
-                           "trial_name": trial.get_trial_name()},
+                           "trial_name": f"trial_{trial_id}"},
         torch_config=TorchConfig(backend="nccl" if context["use_gpu"] else "gloo"),
         scaling_config=ScalingConfig(num_workers=context["num_workers"], use_gpu=context["use_gpu"],
                                      resources_per_worker={"CPU": context["cpus_per_worker"]}),
@@ -156,6 +156,9 @@ def validate_study(spec: StudySpec) -> RunSpec:
     """Raise ValueError on a bad study before Ray or MLflow start."""
     if spec.num_samples < 1 or spec.max_concurrent < 1:
         raise ValueError("num_samples and max_concurrent must be >= 1")
+    if spec.num_workers != 1:
+        # Each worker would run the whole sequence on its own: data-parallel training is not wired yet.
+        raise ValueError("num_workers must be 1 until multi-worker DDP training lands")
     run_spec = RunSpec(method=spec.method, dataset=spec.dataset, seed=spec.seed, overrides=dict(spec.fixed_overrides))
     resolve_run(run_spec)
     return run_spec
@@ -186,7 +189,8 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
     ensure_ray()
     context = {
         "spec": {**dataclasses.asdict(run_spec)},
-        "worker": {"tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent},
+        "worker": {"tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent,
+                   "progress": spec.progress},
         "storage_path": spec.resolved_storage_path(),
         "num_workers": spec.num_workers, "use_gpu": spec.use_gpu, "cpus_per_worker": spec.cpus_per_worker,
     }

@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs-dir", type=Path, default=Path(os.environ.get("PROMPTCL_RUNS_DIR", "runs")))
     p.add_argument("--mlflow-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite in --runs-dir")
     p.add_argument("--storage-path", default=None, help="Ray results; shared storage on a cluster")
+    p.add_argument("--progress", action="store_true", help="per-epoch progress bars in worker logs")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per trial's Train worker")
     p.add_argument("--asha", action="store_true", help="stop weak trials early at task boundaries")
     p.add_argument("--name", default="smope_topk")
     p.add_argument("--smoke", action="store_true", help="2 short trials (about a minute on 2 cores)")
@@ -45,7 +47,8 @@ def main(argv=None) -> int:
         search_space=search_space, num_samples=2 if args.smoke else args.num_samples,
         max_concurrent=args.max_concurrent, seed=args.seed, search_seed=args.search_seed,
         fixed_overrides=fixed, runs_dir=args.runs_dir, tracking_uri=args.mlflow_uri,
-        storage_path=args.storage_path, scheduler="asha" if args.asha else "fifo",
+        storage_path=args.storage_path, use_gpu=args.use_gpu, progress=args.progress,
+        scheduler="asha" if args.asha else "fifo",
     )
     try:
         validate_study(spec)

@@ -1,0 +1,65 @@
+"""Accuracy vs trainable parameters and test FLOPs for every finished trial of a study.
+
+    python dashboards/tradeoff.py --experiment smope_topk [--mlflow-uri URI] [--out runs/tradeoff.png]
+
+Prints the trials with their Pareto status and saves a two-panel scatter plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from promptcl.tracking import default_tracking_uri
+from promptcl.tradeoff import ACCURACY_KEY, load_trials, pareto_front
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experiment", default="smope_topk")
+    p.add_argument("--mlflow-uri", default=default_tracking_uri(Path("runs")))
+    p.add_argument("--out", type=Path, default=Path("runs/tradeoff.png"))
+    args = p.parse_args(argv)
+    try:
+        rows = load_trials(args.mlflow_uri, args.experiment)
+    except ValueError as err:
+        print(f"tradeoff: error: {err}", file=sys.stderr)
+        return 2
+    if not rows:
+        print(f"tradeoff: error: no finished trials in {args.experiment!r}", file=sys.stderr)
+        return 2
+    front = pareto_front(rows)
+    print("pareto | FA | trainable params | test MFLOPs/img | top_k | num_experts | run")
+    for row, on_front in sorted(zip(rows, front), key=lambda rf: -rf[0][ACCURACY_KEY]):
+        print(f"{'*' if on_front else ' '} | {row[ACCURACY_KEY]:.2f} | {int(row['trainable_params']):,} | "
+              f"{row['test_flops_per_image'] / 1e6:.3f} | {row.get('top_k', '-')} | {row.get('num_experts', '-')} | "
+              f"{row['run_id'][:8]}")
+    _plot(rows, front, args.out)
+    print(f"saved {args.out}")
+    return 0
+
+
+def _plot(rows, front, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, key, label in ((axes[0], "trainable_params", "trainable parameters"),
+                           (axes[1], "test_flops_per_image", "test FLOPs per image")):
+        for on_front, marker in ((False, "o"), (True, "*")):
+            pts = [r for r, f in zip(rows, front) if f == on_front]
+            ax.scatter([r[key] for r in pts], [r[ACCURACY_KEY] for r in pts], marker=marker,
+                       s=120 if on_front else 30, label="Pareto front" if on_front else "trial")
+        ax.set_xlabel(label)
+    axes[0].set_ylabel("final average accuracy (%)")
+    axes[0].legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up .venv (first call) and run the test suite. Extra arguments go to pytest.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$root/scripts/bootstrap.sh"
+cd "$root"
+export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1
+unset RAY_ADDRESS MLFLOW_TRACKING_URI
+exec .venv/bin/python -m pytest "$@"
