@@ -85,23 +85,26 @@ def align_head(
     weight_decay: float,
     generator: torch.Generator,
     optimizer: Literal["adamw", "sgd"] = "adamw",
-    head_input: Callable[[torch.Tensor], torch.Tensor] = lambda f: f,
+    cosine_per: Literal["iteration", "epoch"] = "iteration",
 ) -> None:
     """Retrain ``head`` on Gaussian replays of the ``seen`` classes.
 
     Each epoch draws ``samples_per_class`` features per seen class, shuffles them and runs
     ``iterations`` mini-batches of ``samples_per_class`` features (the references use the number
     of classes before the current task), with cross-entropy over the seen classes. The learning
-    rate follows a per-iteration cosine from ``lr`` to ``min_lr``.
+    rate follows a cosine from ``lr`` to ``min_lr``, stepped per iteration (SMoPE) or per epoch
+    (HiDe/NoRGa).
     """
     params = [p for p in head.parameters() if p.requires_grad]
     if optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    total = epochs * iterations
     factor = hold_then_cosine(0, min_lr / lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: factor(it, total))
+    if cosine_per == "iteration":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: factor(it, epochs * iterations))
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: factor(it // iterations, epochs))
     head.train()
     for _ in range(epochs):
         feats, labels = gaussians.sample(seen, samples_per_class, generator)
@@ -111,7 +114,7 @@ def align_head(
             chunk = slice(i * samples_per_class, (i + 1) * samples_per_class)
             if chunk.start >= len(labels):
                 break
-            logits = mask_logits(head(head_input(feats[chunk])), seen)
+            logits = mask_logits(head(feats[chunk]), seen)
             loss = nn.functional.cross_entropy(logits, labels[chunk])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-file", default=None, help="backbone weights from a local file")
     run.add_argument("--data-dir", default=None)
     run.add_argument("--increment", type=int, default=None, help="classes per task")
+    run.add_argument("--preset", default=None, help="a named hyperparameter preset of the method")
     run.add_argument("--eval-batch-size", type=int, default=256)
     run.add_argument("--device", default="auto")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -40,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     cost.add_argument("--method", required=True)
     cost.add_argument("--backbone", required=True)
     cost.add_argument("--num-classes", type=int, required=True)
+    cost.add_argument("--num-tasks", type=int, default=10, help="tasks in the sequence (per-task prompts)")
     cost.add_argument("--dataset", default=None, help="pick the dataset's preset (default: the paper's)")
+    cost.add_argument("--preset", default=None, help="a named hyperparameter preset of the method")
     cost.add_argument("--img-size", type=int, default=None, help="default: the backbone's")
     cost.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     cost.add_argument("--json", action="store_true")
@@ -67,7 +70,8 @@ def _run(args) -> int:
         spec = RunSpec(method=args.method, dataset=args.dataset, seed=args.seed, backbone=args.backbone,
                        pretrained=args.pretrained, checkpoint_file=args.checkpoint_file,
                        data_dir=args.data_dir, eval_batch_size=args.eval_batch_size, device=args.device,
-                       increment=args.increment, overrides=parse_overrides(args.overrides))
+                       increment=args.increment, preset=args.preset,
+                       overrides=parse_overrides(args.overrides))
         run = resolve_run(spec)
         if args.out.exists():
             raise ValueError(f"output directory {str(args.out)!r} already exists")
@@ -100,12 +104,13 @@ def _cost(args) -> int:
     try:
         method_cls = get_method(args.method)
         check_backbone_name(args.backbone)
-        if args.num_classes < 1:
-            raise ValueError(f"--num-classes must be >= 1, got {args.num_classes}")
-        preset = method_cls.preset_for(args.dataset) if args.dataset else method_cls.PRESETS["paper"]
+        if args.num_classes < 1 or args.num_tasks < 1:
+            raise ValueError("--num-classes and --num-tasks must be >= 1")
+        preset = method_cls.preset_for(args.dataset, args.backbone, args.preset)
         config = apply_overrides(preset, parse_overrides(args.overrides))
         image_shape = _image_shape(args.backbone, args.img_size)
-        result = measure_cost(method_cls, config, args.backbone, args.num_classes, image_shape)
+        result = measure_cost(method_cls, config, args.backbone, args.num_classes, image_shape,
+                              num_tasks=args.num_tasks)
     except (ValueError, ImportError) as err:
         return _fail(str(err))
     if args.json:

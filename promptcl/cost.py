@@ -46,10 +46,13 @@ def parameter_counts(method) -> dict[str, int]:
 
 
 def measure_cost(method_cls, config, backbone: str, num_classes: int,
-                 image_shape: tuple[int, int, int]) -> dict[str, int]:
-    """Parameters and per-image FLOPs of a method, on a fresh random-init copy (no training)."""
+                 image_shape: tuple[int, int, int], *, num_tasks: int = 10) -> dict[str, int]:
+    """Parameters and per-image FLOPs of a method, on a fresh random-init copy (no training).
+
+    Parameters count everything the method trains over a whole sequence of ``num_tasks`` tasks.
+    """
     vit = build_backbone(backbone)
-    method = method_cls(config, backbone=vit, num_classes=num_classes)
+    method = method_cls(config, backbone=vit, num_classes=num_classes, num_tasks=num_tasks)
     out = parameter_counts(method)
     task = TaskInfo(index=0, classes=range(0, num_classes), num_tasks=1)
     method.begin_task(task)

@@ -26,7 +26,6 @@ class ClassificationData:
     test_labels: np.ndarray
     num_classes: int
     image_shape: tuple[int, int, int]
-    default_increment: int
 
 
 @dataclass(frozen=True)
@@ -36,16 +35,18 @@ class DatasetSpec:
     default_backbone: str
     needs_data_dir: bool
     num_classes: int
+    default_increment: int  # classes per task of the benchmark's standard split
 
 
 DATASETS: dict[str, DatasetSpec] = {}
 
 
-def register_dataset(name: str, *, default_backbone: str, num_classes: int, needs_data_dir: bool = False):
+def register_dataset(name: str, *, default_backbone: str, num_classes: int, default_increment: int,
+                     needs_data_dir: bool = False):
     def wrap(fn: Callable[[Optional[Path]], ClassificationData]):
         if name in DATASETS:
             raise ValueError(f"dataset {name!r} is registered twice")
-        DATASETS[name] = DatasetSpec(name, fn, default_backbone, needs_data_dir, num_classes)
+        DATASETS[name] = DatasetSpec(name, fn, default_backbone, needs_data_dir, num_classes, default_increment)
         return fn
 
     return wrap
@@ -78,7 +79,7 @@ DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
 
 
-@register_dataset("digits", default_backbone="vit_digits", num_classes=10)
+@register_dataset("digits", default_backbone="vit_digits", num_classes=10, default_increment=2)
 def load_digits(_data_dir: Optional[Path] = None) -> ClassificationData:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images), offline; pixels scaled to [-1, 1]."""
     from sklearn.datasets import load_digits as sk_load_digits
@@ -102,12 +103,11 @@ def load_digits(_data_dir: Optional[Path] = None) -> ClassificationData:
         test_labels=labels[test_idx],
         num_classes=10,
         image_shape=(1, 8, 8),
-        default_increment=2,
     )
 
 
 @register_dataset("cifar100", default_backbone="vit_base_patch16_224.augreg2_in21k_ft_in1k",
-                  num_classes=100, needs_data_dir=True)
+                  num_classes=100, default_increment=10, needs_data_dir=True)
 def load_cifar100(data_dir: Optional[Path]) -> ClassificationData:
     """Split CIFAR-100 from torchvision's on-disk files (never downloaded here); 224 px, [0, 1]."""
     from torchvision import datasets, transforms
@@ -119,7 +119,7 @@ def load_cifar100(data_dir: Optional[Path]) -> ClassificationData:
     except RuntimeError as err:
         raise ValueError(f"CIFAR-100 files not found under {data_dir}: {err}") from err
     return ClassificationData(train, test, np.asarray(train.targets), np.asarray(test.targets),
-                              100, (3, 224, 224), 10)
+                              100, (3, 224, 224))
 
 
 def seeded_class_order(num_classes: int, seed: int) -> list[int]:
@@ -151,7 +151,7 @@ class ClassIncremental:
         self,
         data: ClassificationData,
         *,
-        increments: Sequence[int] | int | None = None,
+        increments: Sequence[int] | int,
         class_order: Sequence[int] | None = None,
         seed: int | None = None,
     ) -> None:
@@ -161,8 +161,6 @@ class ClassIncremental:
         order = list(class_order) if class_order is not None else seeded_class_order(C, seed)
         if sorted(order) != list(range(C)):
             raise ValueError(f"class_order must be a permutation of 0..{C - 1}")
-        if increments is None:
-            increments = data.default_increment
         if isinstance(increments, int):
             if increments <= 0 or C % increments:
                 raise ValueError(f"increment {increments} does not divide {C} classes")

@@ -10,6 +10,7 @@ trial starts), a child run per trial (made by the rank-0 worker).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -22,6 +23,7 @@ import numpy as np
 from promptcl import tracking
 from promptcl.engine import RunSpec, resolve_run
 
+MLFLOW_RUN_FILE = "mlflow_run.json"
 SearchSpace = Callable[[Any], Optional[dict]]  # optuna.Trial -> constants (define-by-run)
 
 
@@ -45,6 +47,7 @@ class StudySpec:
     scheduler: Literal["fifo", "asha"] = "fifo"
     metric: str = "average_accuracy"
     progress: bool = False  # per-epoch progress bars in the Train workers' logs
+    baseline_points: tuple[dict[str, Any], ...] = ()  # configurations the search evaluates first
 
     def resolved_tracking_uri(self) -> str:
         return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri(self.runs_dir)
@@ -82,11 +85,20 @@ def _train_worker(cfg: dict) -> None:
     ctx = ray.train.get_context()
     rank0 = ctx.get_world_rank() == 0
     uri = cfg["tracking_uri"]
-    child = None
-    if rank0:
+    # After a restart (preemption, node loss) continue from the last task boundary, in the same
+    # MLflow run, instead of starting over.
+    restored = ray.train.get_checkpoint()
+    resume_from = child = None
+    if restored is not None:
+        with restored.as_directory() as d:
+            resume_dir = Path(tempfile.mkdtemp(prefix="promptcl-resume-"))
+            shutil.copytree(d, resume_dir, dirs_exist_ok=True)
+        resume_from = sorted(resume_dir.glob("task_*.pt"))[-1]
+        child = json.loads((resume_dir / MLFLOW_RUN_FILE).read_text())["run_id"] if rank0 else None
+    elif rank0:
         child = tracking.start_run(uri, cfg["experiment_id"], cfg["trial_name"], parent_run_id=cfg["parent_run_id"],
                                    tags={"trial_id": cfg["trial_id"], "method": run.spec.method,
-                                         "dataset": run.spec.dataset})
+                                         "dataset": run.spec.dataset, **run.protocol_tags()})
         tracking.log_params(uri, child, run.flat_params())
 
     def task_metrics(acc: np.ndarray) -> dict[str, float]:
@@ -98,6 +110,7 @@ def _train_worker(cfg: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for f in files:
                 shutil.copy2(f, tmp)
+            (Path(tmp) / MLFLOW_RUN_FILE).write_text(json.dumps({"run_id": child}))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if rank0 else None)
 
     def on_task_end(r) -> None:
@@ -108,7 +121,8 @@ def _train_worker(cfg: dict) -> None:
 
     out_dir = Path(tempfile.mkdtemp(prefix="promptcl-trial-"))
     try:
-        summary = run_sequence(run, out_dir, on_task_end=on_task_end, progress=cfg.get("progress", False))
+        summary = run_sequence(run, out_dir, on_task_end=on_task_end, progress=cfg.get("progress", False),
+                               resume_from=resume_from)
         acc = np.asarray(summary["accuracy_matrix"])
         final = {k: summary[k] for k in ("final_average_accuracy", "cumulative_average_accuracy", "forgetting",
                                           "backward_transfer", "trainable_params", "total_params",
@@ -137,7 +151,9 @@ def _trial_driver(config: dict, *, context: dict) -> None:
 
     trial = tune.get_context()
     trial_id = trial.get_trial_id()
-    spec = {**context["spec"], "overrides": {**context["spec"]["overrides"], **config}}
+    overrides = dict(config)
+    method = overrides.pop("method", context["spec"]["method"])  # a study may compare methods
+    spec = {**context["spec"], "method": method, "overrides": {**context["spec"]["overrides"], **overrides}}
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={**context["worker"], "spec": spec, "trial_id": trial_id,
@@ -203,7 +219,8 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
             metric=spec.metric, mode="max", num_samples=spec.num_samples,
             max_concurrent_trials=spec.max_concurrent, scheduler=scheduler,
             search_alg=OptunaSearch(space=spec.search_space, metric=spec.metric, mode="max",
-                                    seed=spec.search_seed),
+                                    seed=spec.search_seed,
+                                    points_to_evaluate=[dict(p) for p in spec.baseline_points] or None),
         ),
         run_config=tune.RunConfig(name=spec.name, storage_path=spec.resolved_storage_path()),
     )
@@ -258,9 +275,62 @@ def format_table(rows: list[dict[str, Any]], params: list[str]) -> str:
     head = [*params, "FA", "CA", "FM", "trainable", "test MFLOPs/img"]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
-        cells = [str(r.get(p)) if not isinstance(r.get(p), float) else f"{r[p]:.3g}" for p in params]
+        cells = ["-" if r.get(p) is None else f"{r[p]:.3g}" if isinstance(r[p], float) else str(r[p])
+                 for p in params]
         cells += [f"{r['final_average_accuracy']:.2f}", f"{r['cumulative_average_accuracy']:.2f}",
                   f"{r['forgetting']:.2f}", f"{int(r['trainable_params']):,}",
                   f"{r['test_flops_per_image'] / 1e6:.2f}"]
         lines.append(" | ".join(cells))
     return "\n".join(lines)
+
+
+def study_parser(description: str, *, name: str, num_samples: int):
+    """The flags every study script shares."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--num-samples", type=int, default=num_samples)
+    p.add_argument("--max-concurrent", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="CL run seed (class order, init)")
+    p.add_argument("--search-seed", type=int, default=0)
+    p.add_argument("--runs-dir", type=Path, default=Path(os.environ.get("PROMPTCL_RUNS_DIR", "runs")))
+    p.add_argument("--mlflow-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite in --runs-dir")
+    p.add_argument("--storage-path", default=None, help="Ray results; shared storage on a cluster")
+    p.add_argument("--progress", action="store_true", help="per-epoch progress bars in worker logs")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per trial's Train worker")
+    p.add_argument("--asha", action="store_true", help="stop weak trials early at task boundaries")
+    p.add_argument("--name", default=name)
+    p.add_argument("--smoke", action="store_true", help="2 short trials (about a minute on 2 cores)")
+    return p
+
+
+def spec_from_args(args, *, method: str, search_space: SearchSpace, smoke_overrides: dict[str, Any],
+                   baseline_points: tuple[dict[str, Any], ...] = ()) -> StudySpec:
+    return StudySpec(
+        baseline_points=baseline_points,
+        name=args.name + ("_smoke" if args.smoke else ""), method=method, dataset=args.dataset,
+        search_space=search_space, num_samples=2 if args.smoke else args.num_samples,
+        max_concurrent=args.max_concurrent, seed=args.seed, search_seed=args.search_seed,
+        fixed_overrides=smoke_overrides if args.smoke else {}, runs_dir=args.runs_dir,
+        tracking_uri=args.mlflow_uri, storage_path=args.storage_path, use_gpu=args.use_gpu,
+        progress=args.progress, scheduler="asha" if args.asha else "fifo",
+    )
+
+
+def run_study_script(spec: StudySpec, *, table_params: list[str], best_by: str, prog: str) -> int:
+    """Validate, run, and print the best trials and the accuracy-vs-cost table of a study."""
+    import sys
+
+    try:
+        validate_study(spec)
+    except ValueError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    rows = run_study(spec)
+    ranked = sorted(rows, key=lambda r: -r["final_average_accuracy"])
+    print("\nBest trials:\n" + format_table(ranked[:5], table_params))
+    print(f"\nBest trial per {best_by} (accuracy vs parameters and test FLOPs):\n"
+          + format_table(best_per(rows, best_by), table_params))
+    print(f"\nMLflow: {spec.resolved_tracking_uri()} (experiment {spec.name!r})")
+    return 0 if rows else 1

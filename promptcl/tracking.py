@@ -80,6 +80,8 @@ def log_run_outputs(tracking_uri: str, run_id: str, summary: dict[str, Any], out
                                       "backward_transfer", "trainable_params", "total_params",
                                       "train_flops_per_image", "test_flops_per_image",
                                       "backbone_flops_per_image", "wall_seconds")}
+    if "task_identity_accuracy" in summary:
+        final["task_identity_accuracy"] = summary["task_identity_accuracy"]
     log_metrics(tracking_uri, run_id, final, step=len(summary["accuracy_matrix"]) - 1)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "accuracy_matrix.json").write_text(json.dumps(summary["accuracy_matrix"]))

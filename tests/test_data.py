@@ -66,7 +66,7 @@ def test_ambiguous_or_bad_arguments_are_rejected(digits, kwargs, match):
 
 
 def test_training_loader_is_reproducible(digits):
-    s = ClassIncremental(digits, seed=0)
+    s = ClassIncremental(digits, increments=2, seed=0)
     a = [y.tolist() for _, y in s.train_loader(1, batch_size=16, seed=7)]
     b = [y.tolist() for _, y in s.train_loader(1, batch_size=16, seed=7)]
     assert a == b

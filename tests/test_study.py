@@ -30,7 +30,7 @@ def test_smoke_study_logs_parent_and_child_runs(local_ray, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     assert smope_topk.main(["--smoke", "--runs-dir", str(tmp_path), "--mlflow-uri", uri]) == 0
     out = capsys.readouterr().out
-    assert "Best trial per top-k" in out and "test MFLOPs/img" in out
+    assert "Best trial per top_k" in out and "test MFLOPs/img" in out
 
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("smope_topk_smoke")
@@ -60,6 +60,23 @@ def test_smoke_study_logs_parent_and_child_runs(local_ray, tmp_path, capsys):
                           "--out", str(tmp_path / "map.png")]) == 0
     assert (tmp_path / "map.png").stat().st_size > 0
     assert "pareto" in capsys.readouterr().out
+
+
+def test_gate_study_compares_hide_and_norga(local_ray, tmp_path, capsys):
+    import norga_gate
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert norga_gate.main(["--smoke", "--runs-dir", str(tmp_path), "--mlflow-uri", uri]) == 0
+    assert "Best trial per method" in capsys.readouterr().out
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("norga_gate_smoke").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(r.data.tags["method"] for r in children) == ["hide", "norga"]
+    norga = next(r for r in children if r.data.tags["method"] == "norga")
+    assert norga.data.params["method_config/gate_activation"] == "sigmoid"
+    assert all("task_identity_accuracy" in r.data.metrics for r in children)
+    assert all("unfair_protocol" not in r.data.tags for r in children)
 
 
 def test_bad_study_input_fails_before_ray_starts(tmp_path, capsys, monkeypatch):

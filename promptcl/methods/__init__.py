@@ -10,7 +10,7 @@ import importlib
 
 from promptcl.methods.base import MethodEntry, PromptMethod
 
-BUILTIN_MODULES = ("promptcl.methods.smope",)
+BUILTIN_MODULES = ("promptcl.methods.smope", "promptcl.methods.hide", "promptcl.methods.norga")
 
 METHODS: dict[str, MethodEntry] = {}
 _loaded = False

@@ -37,8 +37,9 @@ class Phase:
     epochs: int
     param_groups: list[dict]
     weight_decay: float = 0.0
-    # iteration, total iterations -> multiplier of each group's base learning rate
-    lr_factor: Optional[Callable[[int, int], float]] = None
+    # (iteration, total iterations) -> multiplier of the base learning rate: one for all groups,
+    # or a list with one per group
+    lr_factor: Optional[Callable[[int, int], float] | list[Callable[[int, int], float]]] = None
     grad_clip: Optional[float] = None
 
 
@@ -53,6 +54,11 @@ def hold_then_cosine(hold_iters: int, floor: float) -> Callable[[int, int], floa
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
+
+
+def per_epoch(factor: Callable[[int, int], float], epochs: int) -> Callable[[int, int], float]:
+    """Turn an (epoch, epochs) schedule into an (iteration, total) one, constant within an epoch."""
+    return lambda it, total: factor(it * epochs // max(total, 1), epochs)
 
 
 def mask_logits(logits: torch.Tensor, allowed: range) -> torch.Tensor:
@@ -70,22 +76,30 @@ class PromptMethod(nn.Module):
     PRESETS: ClassVar[dict[str, object]]
     # dataset name -> preset name; datasets not listed use the "paper" preset
     DATASET_PRESETS: ClassVar[dict[str, str]] = {}
+    DEFAULT_PRESET: ClassVar[str] = "paper"
+    # dataset name -> backbone the reference uses for it (else the dataset's default)
+    DEFAULT_BACKBONES: ClassVar[dict[str, str]] = {}
     # full backbone passes per test image (two for methods with a task-identity pass)
     TEST_PASSES: ClassVar[int] = 1
 
-    def __init__(self, config, *, backbone: nn.Module, num_classes: int) -> None:
+    def __init__(self, config, *, backbone: nn.Module, num_classes: int, num_tasks: int) -> None:
         super().__init__()
         self.config = config
         self.backbone = backbone
         self.num_classes = num_classes
+        self.num_tasks = num_tasks
         self.depth, self.num_heads, self.head_dim = attention_geometry(backbone)
         self.embed_dim = backbone.num_features
         self.seen_classes = 0
         self.validate_for_backbone()
 
     @classmethod
-    def preset_for(cls, dataset: str):
-        return cls.PRESETS[cls.DATASET_PRESETS.get(dataset, "paper")]
+    def preset_for(cls, dataset: Optional[str], backbone: Optional[str] = None, preset: Optional[str] = None):
+        """The config a run starts from (before --set): an explicit preset, else the dataset's."""
+        name = preset or cls.DATASET_PRESETS.get(dataset or "", cls.DEFAULT_PRESET)
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown preset {name!r} for {cls.NAME}; choose one of {sorted(cls.PRESETS)}")
+        return cls.PRESETS[name]
 
     def validate_for_backbone(self) -> None:
         """Raise ConfigError when the config does not fit the backbone (e.g. layer indices)."""
@@ -101,8 +115,11 @@ class PromptMethod(nn.Module):
                       phase: Phase) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
-    def end_task(self, task: TaskInfo, train_batches: Callable[[], Iterable]) -> None:
-        """After-task work; ``train_batches()`` yields the task's training batches afresh."""
+    def end_task(self, task: TaskInfo, train_batches: Callable[[], Iterable],
+                 snapshot: Callable[[str], None]) -> None:
+        """After-task work; ``train_batches()`` yields the task's training batches afresh (no
+        shuffling); ``snapshot(name)`` records an intermediate evaluation of all seen tasks
+        (e.g. before classifier alignment) as row ``task`` of the accuracy matrix ``name``."""
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -110,7 +127,13 @@ class PromptMethod(nn.Module):
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """Class prediction among the classes seen so far."""
-        return mask_logits(self.logits(images), range(0, self.seen_classes)).argmax(dim=-1)
+        return self.predict_with_details(images)[0]
+
+    @torch.no_grad()
+    def predict_with_details(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Predictions plus per-sample diagnostics; ``task`` (the inferred task id) is scored as
+        task-identity accuracy by the engine."""
+        return mask_logits(self.logits(images), range(0, self.seen_classes)).argmax(dim=-1), {}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]

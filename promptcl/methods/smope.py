@@ -83,8 +83,8 @@ class SMoPE(PromptMethod):
     DATASET_PRESETS = {"digits": "digits"}
     TEST_PASSES = 1
 
-    def __init__(self, config: SMoPEConfig, *, backbone: nn.Module, num_classes: int) -> None:
-        super().__init__(config, backbone=backbone, num_classes=num_classes)
+    def __init__(self, config: SMoPEConfig, *, backbone: nn.Module, num_classes: int, num_tasks: int) -> None:
+        super().__init__(config, backbone=backbone, num_classes=num_classes, num_tasks=num_tasks)
         self.experts = SparsePromptExperts(
             layers=config.prompt_layers, num_heads=self.num_heads, head_dim=self.head_dim,
             num_experts=config.num_experts, top_k=config.top_k, noise_scale=config.noise_scale,
@@ -144,7 +144,8 @@ class SMoPE(PromptMethod):
         return loss, logs
 
     @torch.no_grad()
-    def end_task(self, task: TaskInfo, train_batches: Callable[[], Iterable]) -> None:
+    def end_task(self, task: TaskInfo, train_batches: Callable[[], Iterable],
+                 snapshot: Callable[[str], None]) -> None:
         device = self.device()
         self.eval()
         # Usage counts: clean top-k over the task's training set.
@@ -156,6 +157,7 @@ class SMoPE(PromptMethod):
         self.class_stats.fit(feats, labels)
         c = self.config
         if task.index > 0 and c.classifier_alignment and c.ca_epochs > 0:
+            snapshot("before_alignment")
             generator = torch.Generator().manual_seed(torch.initial_seed() + task.index)
             with torch.enable_grad():
                 align_head(

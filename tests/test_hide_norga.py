@@ -1,0 +1,207 @@
+"""HiDe-Prompt and NoRGa: prompt gather (correct and reference-compatible), gate, TII/TAP
+mechanics, batch invariance, presets, costs."""
+
+import json
+
+import pytest
+import torch
+
+from promptcl.backbone import build_backbone, encode
+from promptcl.cli import main
+from promptcl.engine import RunSpec, resolve_run
+from promptcl.methods import get_method
+from promptcl.methods.base import TaskInfo
+from promptcl.tii import ResidualMLP, TaskIdentifier
+
+T = 5
+
+
+def make(name="hide", **overrides):
+    torch.manual_seed(0)
+    cls = get_method(name)
+    config = cls.PRESETS["digits"].__class__(**{**cls.PRESETS["digits"].__dict__, **overrides})
+    method = cls(config, backbone=build_backbone("vit_digits", pretrained=False), num_classes=10, num_tasks=T)
+    return method.eval()
+
+
+def see_all_tasks(method):
+    for t in range(T):
+        method.begin_task(TaskInfo(t, range(2 * t, 2 * t + 2), T))
+    with torch.no_grad():  # distinct prompts per task, so a wrong gather shows
+        method.prompts.uniform_(-1, 1)
+    return method
+
+
+def prefixes(method, ids):
+    """(keys, values) each sample gets in the first prompted layer, [B, H, length, d]."""
+    prompt = method.layer_prompts(method.gathered_prompts(ids))[0]
+    prefix = prompt(None)
+    return prefix.keys, prefix.values
+
+
+def test_default_gather_gives_each_sample_its_own_task_prompt():
+    m = see_all_tasks(make())
+    ids = torch.tensor([3, 0, 4, 1])
+    keys, values = prefixes(m, ids)
+    for b, t in enumerate(ids.tolist()):
+        assert torch.equal(keys[b], m.prompts[0, 0, t].transpose(0, 1))
+        assert torch.equal(values[b], m.prompts[0, 1, t].transpose(0, 1))
+
+
+def test_compat_gather_matches_a_hand_built_reference_gather():
+    """Reference: [L, 2, B, ...] reshaped (not permuted) to [L, B, 2, ...]; flattening (kv, sample)
+    row-major, sample b takes item 2b as its key and item 2b + 1 as its value."""
+    m = see_all_tasks(make(compat_reference_gather=True))
+    ids = torch.tensor([3, 0, 4, 1])
+    B = len(ids)
+    keys, values = prefixes(m, ids)
+    item = lambda j: m.prompts[0, j // B, ids[j % B]].transpose(0, 1)  # noqa: E731
+    for b in range(B):
+        assert torch.equal(keys[b], item(2 * b))
+        assert torch.equal(values[b], item(2 * b + 1))
+    # with a single sample the reference pairing is the correct one
+    one = torch.tensor([2])
+    assert all(torch.equal(a, b) for a, b in zip(prefixes(m, one), prefixes(see_all_tasks(make()), one)))
+
+
+def test_predictions_do_not_depend_on_the_batch_but_compat_ones_do():
+    x = torch.randn(16, 1, 8, 8)
+    m = see_all_tasks(make())
+    batch, details = m.predict_with_details(x)
+    assert len(set(details["task"].tolist())) > 1  # a mixed batch (untrained TII)
+    single = torch.cat([m.predict(x[i:i + 1]) for i in range(16)])
+    assert torch.equal(batch, single)
+    with torch.no_grad():
+        feats = m.features(x, details["task"])
+        feats_single = torch.cat([m.features(x[i:i + 1], details["task"][i:i + 1]) for i in range(16)])
+    torch.testing.assert_close(feats, feats_single, atol=1e-5, rtol=0)
+
+    compat = see_all_tasks(make(compat_reference_gather=True))
+    with torch.no_grad():
+        mixed = compat.features(x, details["task"])
+    assert not torch.allclose(mixed, feats, atol=1e-3)
+
+
+def test_compat_batchwise_prompt_takes_the_majority_task():
+    m = see_all_tasks(make(compat_reference_gather=True, batchwise_prompt=True))
+    x = torch.randn(16, 1, 8, 8)
+    votes = m.infer_tasks(x)
+    _, details = m.predict_with_details(x)
+    assert details["task"].unique().tolist() == [int(torch.bincount(votes).argmax())]
+    # without the compat switch the batchwise setting has no effect
+    plain = see_all_tasks(make(batchwise_prompt=True))
+    assert torch.equal(plain.predict_with_details(x)[1]["task"], plain.infer_tasks(x))
+
+
+def test_new_prompt_starts_from_the_previous_one_and_momentum_follows_the_formula():
+    m = make(prompt_momentum=0.25)
+    m.begin_task(TaskInfo(0, range(0, 2), T))
+    with torch.no_grad():
+        m.prompts[:, :, 0] += 1.0
+    m.begin_task(TaskInfo(1, range(2, 4), T))
+    assert torch.equal(m.prompts[:, :, 1], m.prompts[:, :, 0])
+    with torch.no_grad():
+        m.prompts[:, :, 1] *= 3.0
+    m.begin_task(TaskInfo(2, range(4, 6), T))
+    used = m.gathered_prompts(torch.tensor([2, 2]), momentum_task=2)[:, :, 0]
+    expected = 0.75 * m.prompts[:, :, 2] + 0.25 * m.prompts[:, :, :2].mean(2)
+    torch.testing.assert_close(used, expected)
+
+
+def test_norga_gate_is_applied_and_learnable_on_the_first_task_only():
+    m = see_all_tasks(make("norga"))
+    assert len(m.gates) == 3 and all(g.activation == "tanh" for g in m.gates)
+    assert not any(p.requires_grad for p in m.gates.parameters())  # frozen from task 2 on
+    fresh = make("norga")
+    fresh.begin_task(TaskInfo(0, range(0, 2), T))
+    groups = fresh.phases(TaskInfo(0, range(0, 2), T))[0].param_groups
+    assert sum(p.numel() for p in groups[0]["params"]) == fresh.prompts.numel() + 6
+    fresh.begin_task(TaskInfo(1, range(2, 4), T))
+    assert sum(p.numel() for p in fresh.phases(TaskInfo(1, range(2, 4), T))[0].param_groups[0]["params"]) \
+        == fresh.prompts.numel()
+    keep = make("norga", gate_learnable_after_first_task=True)
+    see_all_tasks(keep)
+    assert all(p.requires_grad for p in keep.gates.parameters())
+    # the gate changes the prompted features
+    x, ids = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    hide = see_all_tasks(make())
+    with torch.no_grad():
+        m.prompts.copy_(hide.prompts)
+        assert not torch.allclose(m.features(x, ids), hide.features(x, ids), atol=1e-4)
+
+
+def test_contrastive_loss_by_hand():
+    m = make()
+    m.class_stats.mean[0] = torch.ones(64)
+    feats = torch.zeros(2, 64)
+    feats[0, 0] = 1.0
+    rows = torch.stack([torch.ones(64), feats[0], feats[1]])
+    sims = rows @ rows.T / 0.8
+    expected = torch.nn.functional.cross_entropy(sims, torch.arange(3))
+    torch.testing.assert_close(m.contrastive_loss(feats, old_classes=1), expected)
+
+
+def test_residual_mlp_structures():
+    two = ResidualMLP(768, (2,))
+    assert sum(p.numel() for p in two.parameters()) == 768 * 1536 + 1536 + 1536 * 768 + 768 + 2 * 768
+    four = ResidualMLP(768, (4, 4))
+    assert [type(l).__name__ for l in four.mlp] == ["Linear", "GELU", "Linear", "LayerNorm", "Linear"]
+    x = torch.randn(3, 768)
+    assert four(x).shape == (3, 768)
+
+
+def test_tii_learns_tasks_and_realigns_on_gaussian_replays():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    tii = TaskIdentifier(8, 4, (2,))
+    centers = torch.eye(8)[:4] * 6
+    feats = torch.cat([centers[c] + 0.3 * torch.randn(40, 8, generator=g) for c in range(4)])
+    labels = torch.arange(4).repeat_interleave(40)
+    for t in range(2):
+        sel = (labels // 2) == t
+        tii.fit_task(feats[sel], labels[sel], range(2 * t, 2 * t + 2), epochs=30, batch_size=16, lr=1e-2,
+                     grad_clip=1.0, generator=g)
+        tii.stats.fit(feats[sel], labels[sel])
+    # trained task by task, the classifier is biased to the last task; realignment fixes it
+    tii.realign(seen=range(0, 4), iterations=2, epochs=30, samples_per_class=32, lr=0.05, generator=g)
+    with torch.no_grad():
+        assert (tii(feats).argmax(1) == labels).float().mean() > 0.95
+    assert torch.allclose(tii.stats.cov[0], tii.stats.cov[0].T) and tii.stats.cov.shape == (4, 8, 8)
+
+
+def test_presets_and_backbone_defaults():
+    norga = get_method("norga")
+    assert norga.preset_for("cifar100", "vit_base_patch16_224.orig_in21k").gate_activation == "sigmoid"
+    assert norga.preset_for("cifar100", "vit_base_patch16_224.dino").gate_activation == "tanh"
+    assert norga.PRESETS["imagenet-r"].prompt_length == 20 and norga.PRESETS["imagenet-r"].epochs == 150
+    assert (norga.PRESETS["paper"].tap_lr, norga.PRESETS["paper"].tap_epochs) == (0.05, 80)
+    hide = get_method("hide")
+    assert (hide.PRESETS["paper"].tap_lr, hide.PRESETS["paper"].tap_epochs) == (0.005, 30)
+    assert hide.PRESETS["5datasets"].tii_structure == (4, 4)
+    run = resolve_run(RunSpec(method="hide", dataset="cifar100", data_dir="/tmp"))
+    assert run.backbone == "vit_base_patch16_224.orig_in21k"
+    run = resolve_run(RunSpec(method="norga", dataset="digits", preset="imagenet-r",
+                              overrides={"epochs": "2", "prompt_layers": "0,1"}))
+    assert run.config.prompt_length == 20 and run.config.epochs == 2
+    with pytest.raises(ValueError, match="unknown preset"):
+        resolve_run(RunSpec(method="norga", dataset="digits", preset="cifar1000"))
+    with pytest.raises(ValueError, match="gate_activation"):
+        resolve_run(RunSpec(method="norga", dataset="digits", overrides={"gate_activation": "relu"}))
+
+
+def test_two_pass_cost_on_vit_base(capsys):
+    assert main(["cost", "--method", "hide", "--backbone", "vit_base_patch16_224", "--num-classes", "100",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    prompts = 5 * 2 * 10 * 5 * 768
+    tii = 768 * 1536 + 1536 + 1536 * 768 + 768 + 2 * 768 + 76_900
+    assert out["trainable_params"] == prompts + 76_900 + tii
+    assert out["test_passes"] == 2
+    assert 2.0 < out["test_flops_per_image"] / out["backbone_flops_per_image"] < 2.02
+
+
+def test_compat_switch_is_tagged_as_an_unfair_protocol():
+    fair = resolve_run(RunSpec(method="norga", dataset="digits"))
+    assert fair.protocol_tags() == {}
+    compat = resolve_run(RunSpec(method="norga", dataset="digits", overrides={"compat_reference_gather": "true"}))
+    assert compat.protocol_tags() == {"compat/compat_reference_gather": "true", "unfair_protocol": "true"}

@@ -1,0 +1,61 @@
+"""Checkpoint at a task boundary and resume: the result equals an uninterrupted run."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from promptcl.engine import RunSpec, load_task_checkpoint, resolve_run, run_sequence
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["hide", "norga", "smope"])
+def test_resume_after_task_2_equals_an_uninterrupted_run(tmp_path, method):
+    overrides = {"epochs": "2"}
+    run = resolve_run(RunSpec(method=method, dataset="digits", seed=1, overrides=overrides))
+    full = run_sequence(run, tmp_path / "full")
+
+    def stop_after_task_2(report):
+        if report.task == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_sequence(run, tmp_path / "cut", on_task_end=stop_after_task_2)
+    resumed = run_sequence(run, tmp_path / "resumed", resume_from=tmp_path / "cut" / "checkpoints" / "task_02.pt")
+    assert pq.read_table(tmp_path / "resumed" / "results.parquet").equals(
+        pq.read_table(tmp_path / "full" / "results.parquet"))
+    for key in ("accuracy_matrix", "before_alignment_matrix", "before_tap_matrix", "task_identity_matrix"):
+        assert resumed.get(key) == full.get(key)
+
+
+def test_hide_summary_reports_task_identity_and_before_tap_accuracy(tmp_path):
+    run = resolve_run(RunSpec(method="hide", dataset="digits", overrides={"epochs": "2"}))
+    summary = run_sequence(run, tmp_path)
+    tii = summary["task_identity_matrix"]
+    assert summary["task_identity_accuracy"] == pytest.approx(sum(tii[-1]) / 5)
+    assert tii[0][0] == 100.0  # one task seen: every sample is assigned to it
+    before = summary["before_tap_matrix"]
+    assert before[0] == [0.0] * 5  # no TAP on the first task
+    assert any(v > 0 for v in before[4])
+    assert summary["test_passes"] == 2
+    assert json.loads((tmp_path / "summary.json").read_text())["task_identity_accuracy"] == summary["task_identity_accuracy"]
+
+
+def test_checkpoint_errors(tmp_path):
+    run = resolve_run(RunSpec(method="smope", dataset="digits", overrides={"epochs": "1", "ca_epochs": "1"}))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="corrupt or not a promptcl task checkpoint"):
+        run_sequence(run, tmp_path / "a", resume_from=bad)
+    assert not (tmp_path / "a").exists()
+    torch.save({"task": 0}, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match="corrupt or not a promptcl task checkpoint"):
+        load_task_checkpoint(tmp_path / "partial.pt")
+    run_sequence(run, tmp_path / "ok")
+    other = resolve_run(RunSpec(method="smope", dataset="digits", overrides={"epochs": "1", "ca_epochs": "2"}))
+    with pytest.raises(ValueError, match="different run configuration"):
+        run_sequence(other, tmp_path / "b", resume_from=tmp_path / "ok" / "checkpoints" / "task_01.pt")
