@@ -13,7 +13,6 @@ from typing import Mapping, Optional
 import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
-from torch import nn
 
 from promptcl.attention import LayerPrompt, PrefixAttention, PromptBlock
 
@@ -127,6 +126,3 @@ def attention_geometry(vit: VisionTransformer) -> tuple[int, int, int]:
     attn = vit.blocks[0].attn
     return len(vit.blocks), attn.num_heads, attn.head_dim
 
-
-def frozen_parameter_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -33,8 +33,14 @@ CPU_SDPA_FORMULAS = {
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of everything ``fn`` runs (forward and, if it calls it, backward)."""
-    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FORMULAS) as counter:
+    """FLOPs of everything ``fn`` runs (forward and, if it calls it, backward).
+
+    SDPA runs as its math decomposition here, so fused and explicit attention (the gated prefix
+    path) are counted by the same matmul rules, backward included; the CPU formulas cover any
+    kernel that is dispatched anyway."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FORMULAS) as counter:
         fn()
     return int(counter.get_total_flops())
 

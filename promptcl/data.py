@@ -179,10 +179,6 @@ class ClassIncremental:
     def num_tasks(self) -> int:
         return len(self.increments)
 
-    @property
-    def num_classes(self) -> int:
-        return self.data.num_classes
-
     def task_classes(self, task: int) -> range:
         """Head outputs (class-order positions) owned by ``task``."""
         self._check_task(task)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from promptcl.backbone import build_backbone, encode
+from promptcl.backbone import build_backbone
 from promptcl.cli import main
 from promptcl.engine import RunSpec, resolve_run
 from promptcl.methods import get_method

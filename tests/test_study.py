@@ -1,6 +1,5 @@
 """The Ray Tune + Optuna study on a real local Ray cluster, logged to a real MLflow store."""
 
-import os
 import sys
 from pathlib import Path
 
