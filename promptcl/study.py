@@ -229,21 +229,19 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
     except BaseException:
         tracking.finish(uri, parent, status="FAILED")
         raise
-    rows = []
-    for result in grid:
-        if result.error is not None or not result.metrics:
-            continue
-        row = {**result.config, **{k: v for k, v in result.metrics.items()
-                                   if k in TRIAL_METRICS}, "trial_id": result.metrics.get("trial_id")}
-        rows.append(row)
+    # Completed trials only: one stopped early by a scheduler has no final metrics.
+    rows = [{**result.config, **{k: v for k, v in result.metrics.items() if k in TRIAL_METRICS}}
+            for result in grid
+            if result.error is None and "final_average_accuracy" in (result.metrics or {})]
+    errors = sum(result.error is not None for result in grid)
     _log_study_summary(uri, parent, rows)
-    tracking.finish(uri, parent, status="FINISHED" if len(rows) == len(grid) else "FAILED")
+    tracking.finish(uri, parent, status="FAILED" if errors else "FINISHED")
     return rows
 
 
 TRIAL_METRICS = ("final_average_accuracy", "cumulative_average_accuracy", "forgetting", "backward_transfer",
                  "trainable_params", "total_params", "train_flops_per_image", "test_flops_per_image",
-                 "mlflow_run_id", "task")
+                 "mlflow_run_id", "task", "trial_id")
 
 
 def _log_study_summary(uri: str, parent: str, rows: list[dict[str, Any]]) -> None:

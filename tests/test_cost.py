@@ -58,3 +58,11 @@ def test_cost_command_for_vit_base_with_json(capsys):
     # ViT-B/16 at 224 px: 35.13 GFLOPs analytic
     assert out["backbone_flops_per_image"] == analytic_vit_flops(224, 16, 3, 768, 12, 12, 4.0)
     assert out["test_flops_per_image"] / out["backbone_flops_per_image"] < 1.01
+
+
+def test_cost_command_rejects_bad_input(capsys):
+    assert main(["cost", "--method", "smope", "--backbone", "resnet50", "--num-classes", "10"]) == 2
+    assert main(["cost", "--method", "smope", "--backbone", "vit_digits", "--num-classes", "10",
+                 "--set", "top_k=99"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "not a timm VisionTransformer" in err[0] and "top_k=99" in err[1]

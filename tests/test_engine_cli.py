@@ -115,3 +115,14 @@ def test_resolve_run_applies_dataset_preset_and_overrides():
     assert run.backbone == "vit_digits"
     paper = resolve_run(RunSpec(method="smope", dataset="cifar100", data_dir="/tmp"))
     assert (paper.config.num_experts, paper.config.top_k, paper.config.prompt_layers) == (25, 5, (0, 1, 2, 3, 4, 5))
+
+
+@pytest.mark.parametrize("method", ["hide", "norga"])
+def test_cli_runs_the_two_stage_methods(tmp_path, method):
+    out = tmp_path / method
+    assert main(["run", "--method", method, "--dataset", "digits", "--out", str(out), "--no-progress",
+                 "--set", "epochs=1", "--set", "tii_epochs=2", "--set", "tap_epochs=2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_passes"] == 2 and 0 < summary["task_identity_accuracy"] <= 100
+    assert summary["config"]["run"]["method"] == method
+    assert len(summary["before_tap_matrix"]) == 5
