@@ -205,3 +205,17 @@ def test_compat_switch_is_tagged_as_an_unfair_protocol():
     assert fair.protocol_tags() == {}
     compat = resolve_run(RunSpec(method="norga", dataset="digits", overrides={"compat_reference_gather": "true"}))
     assert compat.protocol_tags() == {"compat/compat_reference_gather": "true", "unfair_protocol": "true"}
+
+
+def test_compat_unmasked_test_logits_lets_unseen_classes_win():
+    m = make(compat_unmasked_test_logits=True)
+    m.begin_task(TaskInfo(0, range(0, 2), T))
+    with torch.no_grad():
+        m.head.bias[7] = 1e6  # an untrained, unseen class row
+    x = torch.randn(4, 1, 8, 8)
+    assert m.predict(x).tolist() == [7] * 4
+    masked = make()
+    masked.begin_task(TaskInfo(0, range(0, 2), T))
+    with torch.no_grad():
+        masked.head.bias[7] = 1e6
+    assert set(masked.predict(x).tolist()) <= {0, 1}

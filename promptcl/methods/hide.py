@@ -53,10 +53,13 @@ class HiDeConfig:
     tii_ca_lr: float = 2.5e-3
     tii_ca_epochs: int = 30
     tii_ca_samples_per_class: int = 128
+    tii_grad_clip: float = 1.0
     # Reproduce the reference's reshape-instead-of-permute prompt gather (samples get other
     # samples' key/value halves) and, with batchwise_prompt, its per-batch majority-vote task.
     compat_reference_gather: bool = False
     batchwise_prompt: bool = False  # the reference's 5-datasets setting; only with the compat gather
+    # The reference takes the argmax over all classes at test time, untrained rows included.
+    compat_unmasked_test_logits: bool = False
 
     def __post_init__(self) -> None:
         require(len(self.prompt_layers) >= 1 and min(self.prompt_layers) >= 0
@@ -71,7 +74,7 @@ class HiDeConfig:
         require(self.tap_epochs >= 0 and self.tii_ca_epochs >= 0, "tap_epochs and tii_ca_epochs must be >= 0")
         require(self.tap_samples_per_class >= 1 and self.tii_ca_samples_per_class >= 1,
                 "samples per class must be >= 1")
-        require(self.grad_clip >= 0, "grad_clip must be >= 0")
+        require(self.grad_clip >= 0 and self.tii_grad_clip >= 0, "grad_clip and tii_grad_clip must be >= 0")
         require(self.schedule in ("step", "cosine", "constant"), f"unknown schedule {self.schedule!r}")
         require(len(self.tii_structure) >= 1 and min(self.tii_structure) >= 1,
                 f"tii_structure must be positive width multiples, got {self.tii_structure}")
@@ -220,7 +223,7 @@ class HiDePrompt(PromptMethod):
         frozen, labels = collect_features(lambda x: encode(self.backbone, x), train_batches(), device)
         with torch.enable_grad():
             self.tii.fit_task(frozen, labels, task.classes, epochs=c.tii_epochs, batch_size=c.batch_size,
-                              lr=c.tii_lr, grad_clip=c.grad_clip, generator=generator)
+                              lr=c.tii_lr, grad_clip=c.tii_grad_clip, generator=generator)
         self.tii.stats.fit(frozen, labels)
         if t > 0 and c.tii_ca_epochs > 0:
             with torch.enable_grad():
@@ -254,7 +257,9 @@ class HiDePrompt(PromptMethod):
             # The reference's 5-datasets protocol: the whole batch takes its most voted task.
             used = torch.full_like(tasks, int(torch.bincount(tasks).argmax()))
         logits = self.head(self.features(images, used))
-        return mask_logits(logits, range(0, self.seen_classes)).argmax(-1), {"task": used}
+        if not self.config.compat_unmasked_test_logits:
+            logits = mask_logits(logits, range(0, self.seen_classes))
+        return logits.argmax(-1), {"task": used}
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images, self.infer_tasks(images)))

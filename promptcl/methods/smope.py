@@ -117,7 +117,8 @@ class SMoPE(PromptMethod):
             {"params": [self.experts.keys, self.experts.values], "lr": c.lr * c.prompt_lr_multiplier},
             {"params": list(self.head.parameters()), "lr": c.lr},
         ]
-        schedule = hold_then_cosine(c.lr_hold_iters, c.min_lr / c.lr)
+        # Each group is held at, then decays to, the absolute min_lr (as the reference's scheduler).
+        schedule = [hold_then_cosine(c.lr_hold_iters, c.min_lr / g["lr"]) for g in groups]
         phases = []
         warmup = int(c.dense_warmup_fraction * c.epochs)
         if task.index == 0 and warmup > 0:
