@@ -25,6 +25,12 @@ from promptcl.methods.base import Phase, PromptMethod, TaskInfo
 
 
 
+# The scalar results of a run that trackers and studies report (summary.json has them all).
+FINAL_METRICS = ("final_average_accuracy", "cumulative_average_accuracy", "forgetting", "backward_transfer",
+                 "trainable_params", "total_params", "train_flops_per_image", "test_flops_per_image",
+                 "backbone_flops_per_image", "wall_seconds")
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunSpec:
     """Everything that defines one CL run; ``resolve_run`` validates it before any work starts."""

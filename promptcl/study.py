@@ -21,7 +21,7 @@ from typing import Any, Callable, Literal, Optional
 import numpy as np
 
 from promptcl import tracking
-from promptcl.engine import RunSpec, resolve_run
+from promptcl.engine import FINAL_METRICS, RunSpec, resolve_run
 
 MLFLOW_RUN_FILE = "mlflow_run.json"
 SearchSpace = Callable[[Any], Optional[dict]]  # optuna.Trial -> constants (define-by-run)
@@ -124,9 +124,7 @@ def _train_worker(cfg: dict) -> None:
         summary = run_sequence(run, out_dir, on_task_end=on_task_end, progress=cfg.get("progress", False),
                                resume_from=resume_from)
         acc = np.asarray(summary["accuracy_matrix"])
-        final = {k: summary[k] for k in ("final_average_accuracy", "cumulative_average_accuracy", "forgetting",
-                                          "backward_transfer", "trainable_params", "total_params",
-                                          "train_flops_per_image", "test_flops_per_image")}
+        final = {k: summary[k] for k in (*FINAL_METRICS, "task_identity_accuracy") if k in summary}
         if rank0:
             tracking.log_run_outputs(uri, child, summary, out_dir)
             tracking.finish(uri, child)
@@ -239,9 +237,7 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
     return rows
 
 
-TRIAL_METRICS = ("final_average_accuracy", "cumulative_average_accuracy", "forgetting", "backward_transfer",
-                 "trainable_params", "total_params", "train_flops_per_image", "test_flops_per_image",
-                 "mlflow_run_id", "task", "trial_id")
+TRIAL_METRICS = (*FINAL_METRICS, "task_identity_accuracy", "mlflow_run_id", "task", "trial_id")
 
 
 def _log_study_summary(uri: str, parent: str, rows: list[dict[str, Any]]) -> None:

@@ -76,12 +76,9 @@ def log_task(tracking_uri: str, run_id: str, task: int, accuracy: np.ndarray) ->
 def log_run_outputs(tracking_uri: str, run_id: str, summary: dict[str, Any], out_dir: Path) -> None:
     """Final metrics, the accuracy matrix and resolved config as artifacts."""
     c = client(tracking_uri)
-    final = {k: summary[k] for k in ("final_average_accuracy", "cumulative_average_accuracy", "forgetting",
-                                      "backward_transfer", "trainable_params", "total_params",
-                                      "train_flops_per_image", "test_flops_per_image",
-                                      "backbone_flops_per_image", "wall_seconds")}
-    if "task_identity_accuracy" in summary:
-        final["task_identity_accuracy"] = summary["task_identity_accuracy"]
+    from promptcl.engine import FINAL_METRICS
+
+    final = {k: summary[k] for k in (*FINAL_METRICS, "task_identity_accuracy") if k in summary}
     log_metrics(tracking_uri, run_id, final, step=len(summary["accuracy_matrix"]) - 1)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "accuracy_matrix.json").write_text(json.dumps(summary["accuracy_matrix"]))
