@@ -15,16 +15,9 @@ import time
 
 import torch
 
-from promptcl.backbone import LOCAL_BACKBONES, build_backbone, encode
+from promptcl.backbone import build_backbone, encode, input_shape
 from promptcl.experts import Routing
 from promptcl.methods import get_method
-
-
-def image_shape(name: str) -> tuple[int, int, int]:
-    if name in LOCAL_BACKBONES:
-        cfg = LOCAL_BACKBONES[name]
-        return cfg["in_chans"], cfg["img_size"], cfg["img_size"]
-    return 3, 224, 224
 
 
 def main(argv=None) -> None:
@@ -40,8 +33,8 @@ def main(argv=None) -> None:
         torch.manual_seed(0)
         vit = build_backbone(name)
         preset = smope.PRESETS["digits" if name == "vit_digits" else "paper"]
-        method = smope(preset, backbone=vit, num_classes=10).eval()
-        x = torch.randn(batch, *image_shape(name))
+        method = smope(preset, backbone=vit, num_classes=10, num_tasks=5).eval()
+        x = torch.randn(batch, *input_shape(name))
         runs = {
             "plain": lambda: encode(vit, x),
             "sparse": lambda: method.features(x, mode="sparse", routing=Routing()),

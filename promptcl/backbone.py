@@ -121,6 +121,15 @@ def encode(
     return vit.forward_head(x, pre_logits=True)
 
 
+def input_shape(name: str, img_size: Optional[int] = None) -> tuple[int, int, int]:
+    """(channels, height, width) a backbone takes; ``img_size`` overrides a timm model's default."""
+    if name in LOCAL_BACKBONES:
+        cfg = LOCAL_BACKBONES[name]
+        return (cfg["in_chans"], cfg["img_size"], cfg["img_size"])
+    size = img_size or timm.get_pretrained_cfg(name.partition(".")[0]).input_size[-1]
+    return (3, size, size)
+
+
 def attention_geometry(vit: VisionTransformer) -> tuple[int, int, int]:
     """(depth, heads, head_dim) of a backbone."""
     attn = vit.blocks[0].attn

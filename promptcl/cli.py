@@ -96,7 +96,7 @@ def _run(args) -> int:
 
 
 def _cost(args) -> int:
-    from promptcl.backbone import check_backbone_name
+    from promptcl.backbone import check_backbone_name, input_shape
     from promptcl.config import apply_overrides, parse_overrides
     from promptcl.cost import measure_cost
     from promptcl.methods import get_method
@@ -108,7 +108,7 @@ def _cost(args) -> int:
             raise ValueError("--num-classes and --num-tasks must be >= 1")
         preset = method_cls.preset_for(args.dataset, args.backbone, args.preset)
         config = apply_overrides(preset, parse_overrides(args.overrides))
-        image_shape = _image_shape(args.backbone, args.img_size)
+        image_shape = input_shape(args.backbone, args.img_size)
         result = measure_cost(method_cls, config, args.backbone, args.num_classes, image_shape,
                               num_tasks=args.num_tasks)
     except (ValueError, ImportError) as err:
@@ -119,18 +119,6 @@ def _cost(args) -> int:
         for key, value in result.items():
             print(f"{key:>26}: {value:,}")
     return 0
-
-
-def _image_shape(backbone: str, img_size: Optional[int]) -> tuple[int, int, int]:
-    from promptcl.backbone import LOCAL_BACKBONES
-
-    if backbone in LOCAL_BACKBONES:
-        cfg = LOCAL_BACKBONES[backbone]
-        return (cfg["in_chans"], cfg["img_size"], cfg["img_size"])
-    import timm
-
-    size = img_size or timm.get_pretrained_cfg(backbone.partition(".")[0]).input_size[-1]
-    return (3, size, size)
 
 
 if __name__ == "__main__":

@@ -201,7 +201,7 @@ def load_task_checkpoint(path: Path) -> dict[str, Any]:
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if not {"task", "state", "accuracy", "config", "rng"} <= set(ckpt):
+        if not {"task", "state", "matrices", "config", "rng"} <= set(ckpt):
             raise KeyError("missing entries")
     except Exception as err:
         raise ValueError(f"checkpoint {str(path)!r} is corrupt or not a promptcl task checkpoint: {err}") from err
@@ -269,7 +269,6 @@ def run_sequence(
         evaluate_seen(t, "accuracy")
         ckpt = out_dir / "checkpoints" / f"task_{t:02d}.pt"
         torch.save({"task": t, "seen_classes": method.seen_classes, "state": method.checkpoint_state(),
-                    "accuracy": matrices["accuracy"][: t + 1, : t + 1].copy(),
                     "matrices": {k: m[: t + 1, : t + 1].copy() for k, m in matrices.items()},
                     "rng": _rng_state(), "config": run.to_dict()}, ckpt)
         if on_task_end:

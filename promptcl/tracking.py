@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -57,7 +58,6 @@ def log_params(tracking_uri: str, run_id: str, params: dict[str, Any]) -> None:
 
 def log_metrics(tracking_uri: str, run_id: str, values: dict[str, float], step: int = 0) -> None:
     from mlflow.entities import Metric
-    import time
 
     now = int(time.time() * 1000)
     metrics = [Metric(k, float(v), now, step) for k, v in values.items()]

@@ -149,13 +149,14 @@ class SMoPE(PromptMethod):
                  snapshot: Callable[[str], None]) -> None:
         device = self.device()
         self.eval()
-        # Usage counts: clean top-k over the task's training set.
-        for images, _ in train_batches():
+        # One pass over the task's training set: clean top-k usage counts and the features.
+        def features_counting_usage(images: torch.Tensor) -> torch.Tensor:
             routing = Routing()
-            self.features(images.to(device), routing=routing)
+            feats = self.features(images, routing=routing)
             self.experts.count_usage(routing)
-        feats, labels = collect_features(self.features, train_batches(), device)
-        self.class_stats.fit(feats, labels)
+            return feats
+
+        self.class_stats.fit(*collect_features(features_counting_usage, train_batches(), device))
         c = self.config
         if task.index > 0 and c.classifier_alignment and c.ca_epochs > 0:
             snapshot("before_alignment")
