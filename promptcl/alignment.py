@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Literal
 import torch
 from torch import nn
 
+from promptcl.distributed import all_reduce_sum
 from promptcl.methods.base import hold_then_cosine, mask_logits
 
 Covariance = Literal["diag", "full"]
@@ -33,17 +34,38 @@ class ClassGaussians(nn.Module):
 
     @torch.no_grad()
     def fit(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        """Store the Gaussian of every class present in ``labels`` (+ eps·I, as the references do)."""
-        for c in labels.unique().tolist():
-            f = features[labels == c].double()
-            self.mean[c] = f.mean(0).float()
-            if self.covariance == "diag":
-                var = f.var(0, unbiased=True) if len(f) > 1 else torch.zeros_like(f[0])
-                self.cov[c] = (var + COV_EPS).float()
-            else:
-                cov = torch.cov(f.T) if len(f) > 1 else torch.zeros(f.shape[1], f.shape[1], dtype=f.dtype)
-                self.cov[c] = (cov + COV_EPS * torch.eye(f.shape[1], dtype=f.dtype)).float()
-            self.fitted[c] = True
+        """Store the Gaussian of every class present in ``labels`` (+ eps·I, as the references do).
+
+        In a process group ``features``/``labels`` are this rank's shard: counts, sums and centred
+        sums of squares (outer products for full covariance) are summed over ranks in float64, so
+        every rank stores the statistics of the whole data, as one process would."""
+        counts = all_reduce_sum(torch.bincount(labels, minlength=len(self.mean)).double())
+        classes = counts.nonzero().flatten()
+        if len(classes) == 0:
+            return
+        position = torch.full_like(counts, -1, dtype=torch.long)
+        position[classes] = torch.arange(len(classes), device=classes.device)
+        slot = position[labels]
+        n = counts[classes]
+        f = features.double()
+        sums = all_reduce_sum(f.new_zeros(len(classes), f.shape[1]).index_add_(0, slot, f))
+        means = sums / n[:, None]
+        centred = f - means[slot]
+        denominator = (n - 1).clamp(min=1)  # unbiased; a single sample gives zero spread
+        if self.covariance == "diag":
+            squares = all_reduce_sum(f.new_zeros(len(classes), f.shape[1]).index_add_(0, slot, centred ** 2))
+            spread = squares / denominator[:, None] + COV_EPS
+        else:
+            outer = f.new_zeros(len(classes), f.shape[1], f.shape[1])
+            for j in range(len(classes)):
+                rows = centred[slot == j]
+                outer[j] = rows.T @ rows
+            all_reduce_sum(outer)
+            eye = torch.eye(f.shape[1], dtype=f.dtype, device=f.device)
+            spread = outer / denominator[:, None, None] + COV_EPS * eye
+        self.mean[classes] = means.to(self.mean.dtype)
+        self.cov[classes] = spread.to(self.cov.dtype)
+        self.fitted[classes] = True
 
     @torch.no_grad()
     def sample(self, classes: range, per_class: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

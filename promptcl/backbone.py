@@ -69,13 +69,17 @@ def build_backbone(
             checkpoint_file = _local_weights(name)
         model = VisionTransformer(**{**LOCAL_BACKBONES[name], **overrides, **layers})
         if checkpoint_file is not None:
-            state = _read_checkpoint(checkpoint_file)
+            state = read_checkpoint(checkpoint_file)
             state = {k: v for k, v in state.items() if not k.startswith("head.")}
-            model.load_state_dict(state)
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as err:
+                raise ValueError(f"checkpoint file {str(checkpoint_file)!r} does not fit backbone {name!r}: "
+                                 f"{str(err).splitlines()[0]}") from err
     else:
         kwargs = {**overrides, **layers}
         if checkpoint_file is not None:
-            _read_checkpoint(checkpoint_file)  # fail early and clearly on a corrupt file
+            read_checkpoint(checkpoint_file)  # fail early and clearly on a corrupt file
             kwargs["pretrained_cfg_overlay"] = dict(file=str(checkpoint_file))
             pretrained = True
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
@@ -84,7 +88,7 @@ def build_backbone(
     return model
 
 
-def _read_checkpoint(path: Path) -> Mapping[str, torch.Tensor]:
+def read_checkpoint(path: Path) -> Mapping[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint file {str(path)!r} does not exist")
@@ -95,8 +99,12 @@ def _read_checkpoint(path: Path) -> Mapping[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch/safetensors raise many types for a damaged file
-        raise ValueError(f"checkpoint file {str(path)!r} is corrupt or unreadable: {err}") from err
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"checkpoint file {str(path)!r} is corrupt or unreadable: {first_line}") from err
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint file {str(path)!r} is not a state dict of tensors")
+    return state
 
 
 def encode(

@@ -32,6 +32,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", default=None, help="a named hyperparameter preset of the method")
     run.add_argument("--eval-batch-size", type=int, default=256)
     run.add_argument("--device", default="auto")
+    run.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                     help="bf16: autocast on the run's device (CUDA or CPU)")
+    dist = run.add_argument_group("Ray Train (data-parallel across workers; starts or joins a local Ray)")
+    dist.add_argument("--num-workers", type=int, default=None,
+                      help="run on N Ray Train workers; the method's batch size is the global one")
+    dist.add_argument("--use-gpu", action="store_true", help="GPUs for the workers (NCCL between them)")
+    dist.add_argument("--gpus-per-worker", type=float, default=1.0)
+    dist.add_argument("--cpus-per-worker", type=float, default=None)
+    dist.add_argument("--max-failures", type=int, default=0,
+                      help="restart the workers from the last task checkpoint up to K times (-1: no limit)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a method hyperparameter (repeatable)")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -65,14 +75,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _run(args) -> int:
     from promptcl.config import parse_overrides
     from promptcl.engine import RunSpec, resolve_run, run_sequence
+    from promptcl.trainer import Scaling, fault_from_env
 
     try:
         spec = RunSpec(method=args.method, dataset=args.dataset, seed=args.seed, backbone=args.backbone,
                        pretrained=args.pretrained, checkpoint_file=args.checkpoint_file,
                        data_dir=args.data_dir, eval_batch_size=args.eval_batch_size, device=args.device,
-                       increment=args.increment, preset=args.preset,
+                       precision=args.precision, increment=args.increment, preset=args.preset,
                        overrides=parse_overrides(args.overrides))
         run = resolve_run(spec)
+        scaling = None
+        if args.num_workers is not None:
+            scaling = Scaling(num_workers=args.num_workers, use_gpu=args.use_gpu,
+                              cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                              max_failures=args.max_failures)
+            scaling.check(run)
+            fault_from_env()
+        elif args.use_gpu or args.max_failures or args.cpus_per_worker is not None:
+            raise ValueError("--use-gpu, --cpus-per-worker and --max-failures need --num-workers")
         if args.out.exists():
             raise ValueError(f"output directory {str(args.out)!r} already exists")
         if not args.out.parent.is_dir():
@@ -84,7 +104,10 @@ def _run(args) -> int:
     tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
     try:
         progress = sys.stderr.isatty() if args.progress is None else args.progress
-        summary = run_sequence(run, tmp, progress=progress)
+        if scaling is None:
+            summary = run_sequence(run, tmp, progress=progress)
+        else:
+            summary = _run_on_ray(spec, scaling, tmp, progress=progress)
         os.replace(tmp, args.out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -93,6 +116,24 @@ def _run(args) -> int:
           f"FM {summary['forgetting']:.2f}  trainable {summary['trainable_params']:,}  "
           f"test GFLOPs/img {summary['test_flops_per_image'] / 1e9:.4f}  -> {args.out}")
     return 0
+
+
+def _run_on_ray(spec, scaling, out: Path, *, progress: bool) -> dict:
+    """The run on Ray Train workers; the reported checkpoints become ``out``'s files."""
+    from promptcl.study import ensure_ray
+    from promptcl.trainer import fault_from_env, make_trainer
+
+    ensure_ray()
+    storage = out / "ray_storage"
+    result = make_trainer(spec, scaling, name="run", storage_path=str(storage), progress=progress,
+                          fault=fault_from_env()).fit()
+    (out / "checkpoints").mkdir()
+    for checkpoint, _metrics in result.best_checkpoints:
+        with checkpoint.as_directory() as d:
+            for f in Path(d).iterdir():
+                shutil.copy2(f, out / ("checkpoints" if f.name.startswith("task_") else "") / f.name)
+    shutil.rmtree(storage)
+    return json.loads((out / "summary.json").read_text())
 
 
 def _cost(args) -> int:

@@ -15,7 +15,9 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, Subset, TensorDataset
+
+from promptcl.distributed import ShardedBatchSampler, world
 
 
 @dataclass(frozen=True)
@@ -203,12 +205,18 @@ class ClassIncremental:
         return self._subset("test", task)
 
     def train_loader(self, task: int, *, batch_size: int, seed: int, shuffle: bool = True) -> DataLoader:
+        """Global batches of ``batch_size`` in a seeded order; in a process group each rank loads
+        its strided share of every batch (see :class:`~promptcl.distributed.ShardedBatchSampler`)."""
+        dataset = self.train_dataset(task)
         generator = torch.Generator().manual_seed(seed * 1000 + task)
-        return DataLoader(self.train_dataset(task), batch_size=batch_size, shuffle=shuffle,
+        order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        return DataLoader(dataset, batch_sampler=ShardedBatchSampler(order, batch_size, *world()),
                           generator=generator)
 
     def test_loader(self, task: int, *, batch_size: int) -> DataLoader:
-        return DataLoader(self.test_dataset(task), batch_size=batch_size, shuffle=False)
+        dataset = self.test_dataset(task)
+        return DataLoader(dataset, batch_sampler=ShardedBatchSampler(SequentialSampler(dataset), batch_size,
+                                                                     *world()))
 
     def _check_task(self, task: int) -> None:
         if not 0 <= task < self.num_tasks:

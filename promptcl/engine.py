@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
@@ -17,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from promptcl import metrics
-from promptcl.backbone import build_backbone, check_backbone_name
+from promptcl.distributed import all_reduce_sum, broadcast_from_main, is_main, sync_gradients, world
+from promptcl.backbone import LOCAL_BACKBONES, build_backbone, check_backbone_name, read_checkpoint
 from promptcl.config import apply_overrides, as_flat_dict
 from promptcl.data import ClassIncremental, check_data_dir, dataset_spec, load_dataset
 from promptcl.methods import get_method
@@ -28,7 +30,7 @@ from promptcl.methods.base import Phase, PromptMethod, TaskInfo
 # The scalar results of a run that trackers and studies report (summary.json has them all).
 FINAL_METRICS = ("final_average_accuracy", "cumulative_average_accuracy", "forgetting", "backward_transfer",
                  "trainable_params", "total_params", "train_flops_per_image", "test_flops_per_image",
-                 "backbone_flops_per_image", "wall_seconds")
+                 "backbone_flops_per_image", "wall_seconds", "num_workers")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +46,7 @@ class RunSpec:
     data_dir: Optional[str] = None
     eval_batch_size: int = 256
     device: str = "auto"
+    precision: str = "fp32"  # "bf16": autocast on the run's device for every forward pass
     increment: Optional[int] = None  # None: the dataset's default
     preset: Optional[str] = None  # None: the method's preset for the dataset (and backbone)
     overrides: dict[str, Any] = field(default_factory=dict)  # method hyperparameters
@@ -55,6 +58,7 @@ class ResolvedRun:
     method_cls: type[PromptMethod]
     config: Any
     backbone: str
+    num_tasks: int
 
     def to_dict(self) -> dict[str, Any]:
         spec = dataclasses.asdict(self.spec)
@@ -88,12 +92,20 @@ def resolve_run(spec: RunSpec) -> ResolvedRun:
         raise ValueError(f"eval_batch_size must be >= 1, got {spec.eval_batch_size}")
     if spec.device not in ("auto", "cpu") and not spec.device.startswith("cuda"):
         raise ValueError(f"device must be auto, cpu or cuda[:N], got {spec.device!r}")
+    if spec.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {spec.precision!r}")
+    checkpoint_file = Path(spec.checkpoint_file) if spec.checkpoint_file else None
+    if checkpoint_file is not None:
+        read_checkpoint(checkpoint_file)  # a corrupt or foreign file fails now, not mid-run
     config = apply_overrides(method_cls.preset_for(spec.dataset, backbone, spec.preset), spec.overrides)
     num_tasks = _num_tasks(ds.num_classes, spec.increment, ds.default_increment)
     # Build the method on a meta-device backbone: config/backbone mismatches surface now, for free.
     with torch.device("meta"):
-        method_cls(config, backbone=build_backbone(backbone), num_classes=ds.num_classes, num_tasks=num_tasks)
-    return ResolvedRun(spec, method_cls, config, backbone)
+        # A local backbone's weights are also checked against its architecture (keys, shapes).
+        local_file = checkpoint_file if backbone in LOCAL_BACKBONES else None
+        vit = build_backbone(backbone, checkpoint_file=local_file)
+        method_cls(config, backbone=vit, num_classes=ds.num_classes, num_tasks=num_tasks)
+    return ResolvedRun(spec, method_cls, config, backbone, num_tasks)
 
 
 def _num_tasks(num_classes: int, increment: Optional[int], default: int) -> int:
@@ -101,6 +113,16 @@ def _num_tasks(num_classes: int, increment: Optional[int], default: int) -> int:
     if increment < 1 or num_classes % increment:
         raise ValueError(f"increment {increment} does not divide {num_classes} classes")
     return num_classes // increment
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def precision_context(device: torch.device, precision: str):
+    """bf16 autocast on the run's device (CUDA or CPU), nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def pick_device(name: str) -> torch.device:
@@ -129,35 +151,49 @@ class TaskReport:
     task: int
     num_tasks: int
     accuracy: np.ndarray  # accuracy matrix so far, [task + 1, task + 1]
-    checkpoint: Path
+    checkpoint: Optional[Path]  # None on ranks other than 0
 
 
 def train_phase(method: PromptMethod, phase: Phase, task: TaskInfo, loader, device, *,
-                progress: bool) -> dict[str, float]:
+                progress: bool, precision: str = "fp32") -> dict[str, float]:
+    """``phase.epochs`` passes over ``loader``; in a process group each step's gradients are those
+    of the whole global batch, so every rank takes the same optimizer steps."""
     optimizer = torch.optim.AdamW(phase.param_groups, weight_decay=phase.weight_decay)
-    total = phase.epochs * len(loader)
+    params = [p for g in phase.param_groups for p in g["params"]]
+    steps_per_epoch = loader.batch_sampler.global_steps()
+    total = phase.epochs * steps_per_epoch
     scheduler = None
     if phase.lr_factor is not None:
         factors = phase.lr_factor if isinstance(phase.lr_factor, list) else [phase.lr_factor] * len(phase.param_groups)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, [lambda it, f=f: f(it, total) for f in factors])
+
+    def step(local_count: int) -> None:
+        sync_gradients(params, local_count)
+        if phase.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, phase.grad_clip)
+        optimizer.step()
+        if scheduler:
+            scheduler.step()
+
     logs: dict[str, float] = {}
     for epoch in range(phase.epochs):
         method.train()
         method.backbone.eval()  # frozen: no dropout or drop-path noise from the backbone
         bar = tqdm(loader, disable=not progress, leave=False,
                    desc=f"task {task.index} {phase.name} epoch {epoch + 1}/{phase.epochs}")
+        steps = 0
         for images, labels in bar:
-            loss, logs = method.training_loss(images.to(device), labels.to(device), task, phase)
+            with precision_context(device, precision):
+                loss, logs = method.training_loss(images.to(device), labels.to(device), task, phase)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if phase.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for g in phase.param_groups for p in g["params"]],
-                                               phase.grad_clip)
-            optimizer.step()
-            if scheduler:
-                scheduler.step()
+            step(len(labels))
+            steps += 1
             bar.set_postfix(loss=f"{loss.item():.4f}")
+        for _ in range(steps_per_epoch - steps):  # this rank's share of the last batch was empty
+            optimizer.zero_grad(set_to_none=True)
+            step(0)
     return logs
 
 
@@ -169,43 +205,112 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(method: PromptMethod, loader, device, task_index: int) -> Evaluation:
+def evaluate(method: PromptMethod, loader, device, task_index: int, precision: str = "fp32") -> Evaluation:
+    """Accuracy over ``loader``; in a process group the ranks' counts are summed, so N ranks on
+    their shards give exactly the single-process accuracy (predictions are per sample)."""
     method.eval()
     correct = total = task_hits = 0
     has_task = False
     for images, labels in loader:
-        pred, details = method.predict_with_details(images.to(device))
+        with precision_context(device, precision):
+            pred, details = method.predict_with_details(images.to(device))
         correct += int((pred.cpu() == labels).sum())
         total += len(labels)
         if "task" in details:
             has_task = True
             task_hits += int((details["task"].cpu() == task_index).sum())
+    counts = all_reduce_sum(torch.tensor([correct, total, task_hits], dtype=torch.int64, device=device))
+    correct, total, task_hits = counts.tolist()
     n = max(total, 1)
     return Evaluation(100.0 * correct / n, total, 100.0 * task_hits / n if has_task else None)
 
 
+# Task checkpoints hold tensors, numbers, strings, lists and dicts only, so they load with
+# torch.load(weights_only=True): a checkpoint is data and cannot run code.
+CHECKPOINT_KEYS = {"task", "seen_classes", "state", "matrices", "config", "rng"}
+
+
 def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, keys, position, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": [version, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached]}
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((version, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
 
 
+def _config_key(run: ResolvedRun) -> str:
+    return json.dumps(run.to_dict(), sort_keys=True)
+
+
+def save_task_checkpoint(path: Path, *, task: int, method: PromptMethod, run: ResolvedRun,
+                         matrices: dict[str, np.ndarray]) -> None:
+    torch.save({"task": task, "seen_classes": method.seen_classes, "state": method.checkpoint_state(),
+                "matrices": {k: torch.from_numpy(m[: task + 1, : task + 1].copy()) for k, m in matrices.items()},
+                "rng": _rng_state(), "config": _config_key(run)}, path)
+
+
 def load_task_checkpoint(path: Path) -> dict[str, Any]:
-    """A per-task checkpoint written by :func:`run_sequence`; a clear error if it is damaged."""
+    """A per-task checkpoint written by :func:`run_sequence`; a clear error if it is damaged,
+    foreign or holds anything but data."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if not {"task", "state", "matrices", "config", "rng"} <= set(ckpt):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
             raise KeyError("missing entries")
     except Exception as err:
-        raise ValueError(f"checkpoint {str(path)!r} is corrupt or not a promptcl task checkpoint: {err}") from err
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"checkpoint {str(path)!r} is corrupt or not a promptcl task checkpoint: "
+                         f"{first_line}") from err
+    ckpt["matrices"] = {k: m.numpy() for k, m in ckpt["matrices"].items()}
     return ckpt
+
+
+@dataclass
+class _Setup:
+    device: torch.device
+    scenario: ClassIncremental
+    method: PromptMethod
+    num_classes: int
+    image_shape: tuple[int, int, int]
+
+
+def _set_up(run: ResolvedRun) -> _Setup:
+    """Device, tasks and a freshly initialised method for ``run`` (seeded)."""
+    spec = run.spec
+    device = pick_device(spec.device)
+    data = load_dataset(spec.dataset, Path(spec.data_dir) if spec.data_dir else None)
+    increment = spec.increment or dataset_spec(spec.dataset).default_increment
+    scenario = ClassIncremental(data, increments=increment, seed=spec.seed)
+    seed_everything(spec.seed)
+    method = build_method(run, data.num_classes, scenario.num_tasks, device)
+    return _Setup(device, scenario, method, data.num_classes, data.image_shape)
+
+
+def _load_for(run: ResolvedRun, path: Path) -> dict[str, Any]:
+    ckpt = load_task_checkpoint(path)
+    if ckpt["config"] != _config_key(run):
+        raise ValueError(f"checkpoint {str(path)!r} belongs to a different run configuration")
+    return ckpt
+
+
+def evaluate_checkpoint(run: ResolvedRun, checkpoint: Path) -> np.ndarray:
+    """Accuracy (%) on every task the model in ``checkpoint`` has seen. In a process group the
+    test sets are sharded across ranks and the counts summed: the result is exactly the
+    single-process one."""
+    ckpt = _load_for(run, checkpoint)
+    setup = _set_up(run)
+    setup.method.load_checkpoint_state(ckpt["state"], ckpt["seen_classes"])
+    return np.array([
+        evaluate(setup.method, setup.scenario.test_loader(i, batch_size=run.spec.eval_batch_size),
+                 setup.device, i, run.spec.precision).accuracy
+        for i in range(ckpt["task"] + 1)])
 
 
 def run_sequence(
@@ -220,25 +325,24 @@ def run_sequence(
 
     ``resume_from`` (a ``task_XX.pt`` of the same run config) continues after that task with the
     model, statistics, accuracy matrices and RNG state it holds, so the result equals an
-    uninterrupted run.
+    uninterrupted run. In a process group (Ray Train workers) every rank trains on its shard of
+    each global batch and holds the same state; rank 0 alone writes files and checkpoints
+    (``TaskReport.checkpoint`` is None on the other ranks).
     """
     from promptcl.cost import measure_cost
 
     spec = run.spec
     started = time.perf_counter()
-    resumed = load_task_checkpoint(resume_from) if resume_from is not None else None
-    if resumed is not None and resumed["config"] != run.to_dict():
-        raise ValueError(f"checkpoint {str(resume_from)!r} belongs to a different run configuration")
+    resumed = _load_for(run, resume_from) if resume_from is not None else None
+    main_rank = is_main()
     out_dir = Path(out_dir)
-    (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    device = pick_device(spec.device)
-    data = load_dataset(spec.dataset, Path(spec.data_dir) if spec.data_dir else None)
-    increment = spec.increment or dataset_spec(spec.dataset).default_increment
-    scenario = ClassIncremental(data, increments=increment, seed=spec.seed)
-    seed_everything(spec.seed)
+    if main_rank:
+        (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    setup = _set_up(run)
+    device, scenario, method = setup.device, setup.scenario, setup.method
     T = scenario.num_tasks
-    method = build_method(run, data.num_classes, T, device)
     batch_size = run.config.batch_size
+    autocast = lambda: precision_context(device, spec.precision)  # noqa: E731
 
     matrices: dict[str, np.ndarray] = {"accuracy": np.zeros((T, T))}
     first_task = 0
@@ -252,7 +356,8 @@ def run_sequence(
 
     def evaluate_seen(t: int, name: str) -> None:
         for i in range(t + 1):
-            result = evaluate(method, scenario.test_loader(i, batch_size=spec.eval_batch_size), device, i)
+            result = evaluate(method, scenario.test_loader(i, batch_size=spec.eval_batch_size), device, i,
+                              spec.precision)
             matrices.setdefault(name, np.zeros((T, T)))[t, i] = result.accuracy
             if name == "accuracy" and result.task_identity is not None:
                 matrices.setdefault("task_identity", np.zeros((T, T)))[t, i] = result.task_identity
@@ -262,28 +367,27 @@ def run_sequence(
         method.begin_task(task)
         loader = scenario.train_loader(t, batch_size=batch_size, seed=spec.seed)
         for phase in method.phases(task):
-            train_phase(method, phase, task, loader, device, progress=progress)
-        method.end_task(task, lambda: scenario.train_loader(t, batch_size=batch_size, seed=spec.seed,
-                                                            shuffle=False),
-                        lambda name: evaluate_seen(t, name))
+            train_phase(method, phase, task, loader, device, progress=progress, precision=spec.precision)
+        with autocast():
+            method.end_task(task, lambda: scenario.train_loader(t, batch_size=batch_size, seed=spec.seed,
+                                                                shuffle=False),
+                            lambda name: evaluate_seen(t, name))
+        broadcast_from_main(method.checkpoint_state().values())
         evaluate_seen(t, "accuracy")
-        ckpt = out_dir / "checkpoints" / f"task_{t:02d}.pt"
-        torch.save({"task": t, "seen_classes": method.seen_classes, "state": method.checkpoint_state(),
-                    "matrices": {k: m[: t + 1, : t + 1].copy() for k, m in matrices.items()},
-                    "rng": _rng_state(), "config": run.to_dict()}, ckpt)
+        ckpt = out_dir / "checkpoints" / f"task_{t:02d}.pt" if main_rank else None
+        if ckpt is not None:
+            save_task_checkpoint(ckpt, task=t, method=method, run=run, matrices=matrices)
         if on_task_end:
             on_task_end(TaskReport(t, T, matrices["accuracy"][: t + 1, : t + 1].copy(), ckpt))
 
     acc = matrices["accuracy"]
-    rows = [{"train_task": t, "eval_task": i, "accuracy": acc[t, i],
-             "n_samples": len(scenario.test_dataset(i))} for t in range(T) for i in range(t + 1)]
-    write_results(out_dir / "results.parquet", rows)
-    cost = measure_cost(run.method_cls, run.config, run.backbone, data.num_classes, data.image_shape,
+    cost = measure_cost(run.method_cls, run.config, run.backbone, setup.num_classes, setup.image_shape,
                         num_tasks=T)
     summary = {
         **metrics.summarize(acc),
         **cost,
         "wall_seconds": time.perf_counter() - started,
+        "num_workers": world()[1],
         "accuracy_matrix": acc.tolist(),
         "class_order": scenario.class_order,
         "config": run.to_dict(),
@@ -293,7 +397,11 @@ def run_sequence(
     for name, m in matrices.items():
         if name != "accuracy":
             summary[f"{name}_matrix"] = m.tolist()
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if main_rank:
+        rows = [{"train_task": t, "eval_task": i, "accuracy": acc[t, i],
+                 "n_samples": len(scenario.test_dataset(i))} for t in range(T) for i in range(t + 1)]
+        write_results(out_dir / "results.parquet", rows)
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from promptcl.attention import LayerPrompt, Prefix
+from promptcl.distributed import all_reduce_sum
 
 RoutingMode = Literal["sparse", "dense"]
 
@@ -111,6 +112,13 @@ class SparsePromptExperts(nn.Module):
                 torch.ones(selected.shape[1], selected.shape[0] * selected.shape[2], device=selected.device),
             )
             self.usage[i] += counts
+
+    @torch.no_grad()
+    def sum_usage_over_ranks(self, before: torch.Tensor) -> None:
+        """Usage counted since ``before`` (a copy of ``usage``) on each rank's shard, summed over
+        ranks in float64: every rank then holds the counts of the whole pass."""
+        added = all_reduce_sum((self.usage - before).double())
+        self.usage.copy_(before + added.to(self.usage.dtype))
 
     @torch.no_grad()
     def begin_task(self, threshold: Literal["used", "all"]) -> None:

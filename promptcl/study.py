@@ -1,10 +1,12 @@
 """Ray Tune + Optuna studies whose trials each run a whole CL sequence through Ray Train.
 
-Three layers (the Ray Train V2 pattern): ``_train_worker`` runs on each Train worker and drives
-:func:`promptcl.engine.run_sequence`, reporting after every task; ``_trial_driver`` is the Tune
-trial, which builds and fits a ``TorchTrainer``; :func:`run_study` builds the ``Tuner`` with an
+Three layers (the Ray Train V2 pattern): :func:`promptcl.trainer.train_worker` runs on each of a
+trial's Train workers and drives :func:`promptcl.engine.run_sequence`, reporting after every task;
+``_trial_driver`` is the Tune trial, which builds and fits a ``TorchTrainer`` named after the
+trial; :func:`run_study` builds (or, with ``resume``, restores) the ``Tuner`` with an
 ``OptunaSearch`` over a define-by-run space. MLflow: a parent run per study (made here, before any
-trial starts), a child run per trial (made by the rank-0 worker).
+trial starts, and found again on resume), a child run per trial (made or re-attached by the rank-0
+worker, keyed by the trial id).
 """
 
 from __future__ import annotations
@@ -12,18 +14,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
-import numpy as np
+from ray.tune import Callback
 
 from promptcl import tracking
 from promptcl.engine import FINAL_METRICS, RunSpec, resolve_run
+from promptcl.trainer import Scaling, fault_from_env, make_trainer
 
-MLFLOW_RUN_FILE = "mlflow_run.json"
 SearchSpace = Callable[[Any], Optional[dict]]  # optuna.Trial -> constants (define-by-run)
 
 
@@ -40,12 +41,12 @@ class StudySpec:
     runs_dir: Path = Path("runs")
     tracking_uri: Optional[str] = None  # default: sqlite under runs_dir (or $MLFLOW_TRACKING_URI)
     storage_path: Optional[str] = None  # default: runs_dir/ray_results; use shared storage on clusters
-    cpus_per_worker: float = 0.99
-    num_workers: int = 1
-    use_gpu: bool = False
+    scaling: Scaling = Scaling()  # Train workers per trial, their resources, restarts
+    precision: str = "fp32"
     search_seed: int = 0
     scheduler: Literal["fifo", "asha"] = "fifo"
-    metric: str = "average_accuracy"
+    resume: bool = False  # continue the study stored under storage_path/name, if any
+    driver_resource: Optional[str] = None  # custom resource the trial drivers request instead of CPU
     progress: bool = False  # per-epoch progress bars in the Train workers' logs
     baseline_points: tuple[dict[str, Any], ...] = ()  # configurations the search evaluates first
 
@@ -54,6 +55,9 @@ class StudySpec:
 
     def resolved_storage_path(self) -> str:
         return self.storage_path or str((Path(self.runs_dir) / "ray_results").resolve())
+
+    def experiment_path(self) -> str:
+        return f"{self.resolved_storage_path().rstrip('/')}/{self.name}"
 
 
 def ensure_ray(num_cpus: Optional[int] = None) -> None:
@@ -70,99 +74,20 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=256 * 2**20)
 
 
-def _train_worker(cfg: dict) -> None:
-    """One trial's CL sequence on a Ray Train worker; reports after every task."""
-    import ray
-    import ray.train
-    import torch
-    from ray.train import Checkpoint
-
-    from promptcl.engine import run_sequence
-
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-    torch.set_num_threads(max(1, int(round(cpus))))  # a reused worker keeps its first thread count
-    run = resolve_run(RunSpec(**cfg["spec"]))
-    ctx = ray.train.get_context()
-    rank0 = ctx.get_world_rank() == 0
-    uri = cfg["tracking_uri"]
-    # After a restart (preemption, node loss) continue from the last task boundary, in the same
-    # MLflow run, instead of starting over.
-    restored = ray.train.get_checkpoint()
-    resume_from = child = None
-    if restored is not None:
-        with restored.as_directory() as d:
-            resume_dir = Path(tempfile.mkdtemp(prefix="promptcl-resume-"))
-            shutil.copytree(d, resume_dir, dirs_exist_ok=True)
-        resume_from = sorted(resume_dir.glob("task_*.pt"))[-1]
-        child = json.loads((resume_dir / MLFLOW_RUN_FILE).read_text())["run_id"] if rank0 else None
-    elif rank0:
-        child = tracking.start_run(uri, cfg["experiment_id"], cfg["trial_name"], parent_run_id=cfg["parent_run_id"],
-                                   tags={"trial_id": cfg["trial_id"], "method": run.spec.method,
-                                         "dataset": run.spec.dataset, **run.protocol_tags()})
-        tracking.log_params(uri, child, run.flat_params())
-
-    def task_metrics(acc: np.ndarray) -> dict[str, float]:
-        t = acc.shape[0] - 1
-        return {"task": t + 1, "average_accuracy": float(acc[t].mean()),
-                **{f"acc/task_{i}": float(a) for i, a in enumerate(acc[t])}}
-
-    def report(metrics: dict[str, Any], files: list[Path]) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            for f in files:
-                shutil.copy2(f, tmp)
-            (Path(tmp) / MLFLOW_RUN_FILE).write_text(json.dumps({"run_id": child}))
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if rank0 else None)
-
-    def on_task_end(r) -> None:
-        if rank0:
-            tracking.log_task(uri, child, r.task, r.accuracy)
-        if r.task < r.num_tasks - 1:  # the last task is reported with the final metrics below
-            report(task_metrics(r.accuracy), [r.checkpoint])
-
-    out_dir = Path(tempfile.mkdtemp(prefix="promptcl-trial-"))
-    try:
-        summary = run_sequence(run, out_dir, on_task_end=on_task_end, progress=cfg.get("progress", False),
-                               resume_from=resume_from)
-        acc = np.asarray(summary["accuracy_matrix"])
-        final = {k: summary[k] for k in (*FINAL_METRICS, "task_identity_accuracy") if k in summary}
-        if rank0:
-            tracking.log_run_outputs(uri, child, summary, out_dir)
-            tracking.finish(uri, child)
-        last_ckpt = sorted((out_dir / "checkpoints").glob("task_*.pt"))[-1]
-        report({**task_metrics(acc), **final, "mlflow_run_id": child or ""},
-               [out_dir / "results.parquet", out_dir / "summary.json", last_ckpt])
-    except BaseException:
-        if rank0 and child:
-            tracking.finish(uri, child, status="FAILED")
-        raise
-    finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
-
-
 def _trial_driver(config: dict, *, context: dict) -> None:
-    """A Tune trial: one ``TorchTrainer`` fit whose results reach Tune through TuneReportCallback."""
-    import ray.train
+    """A Tune trial: one ``TorchTrainer`` fit whose results reach Tune through TuneReportCallback.
+    The Train run is named after the trial id, so a restarted or resumed trial continues it."""
     from ray import tune
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    trial = tune.get_context()
-    trial_id = trial.get_trial_id()
+    trial_id = tune.get_context().get_trial_id()
     overrides = dict(config)
     method = overrides.pop("method", context["spec"]["method"])  # a study may compare methods
-    spec = {**context["spec"], "method": method, "overrides": {**context["spec"]["overrides"], **overrides}}
-    trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config={**context["worker"], "spec": spec, "trial_id": trial_id,
-                           "trial_name": f"trial_{trial_id}"},
-        torch_config=TorchConfig(backend="nccl" if context["use_gpu"] else "gloo"),
-        scaling_config=ScalingConfig(num_workers=context["num_workers"], use_gpu=context["use_gpu"],
-                                     resources_per_worker={"CPU": context["cpus_per_worker"]}),
-        # A deterministic name (the trial id) lets Train restore itself when a trial restarts.
-        run_config=ray.train.RunConfig(name=f"train-{trial_id}", storage_path=context["storage_path"],
-                                       callbacks=[TuneReportCallback()]),
-    )
+    spec = RunSpec(**{**context["spec"], "method": method,
+                      "overrides": {**context["spec"]["overrides"], **overrides}})
+    trainer = make_trainer(spec, context["scaling"], name=f"train-{trial_id}", storage_path=context["storage_path"],
+                           callbacks=[TuneReportCallback()], progress=context["progress"], fault=context["fault"],
+                           tracking_info={**context["tracking"], "key": trial_id, "name": f"trial_{trial_id}"})
     trainer.fit()
 
 
@@ -170,58 +95,124 @@ def validate_study(spec: StudySpec) -> RunSpec:
     """Raise ValueError on a bad study before Ray or MLflow start."""
     if spec.num_samples < 1 or spec.max_concurrent < 1:
         raise ValueError("num_samples and max_concurrent must be >= 1")
-    if spec.num_workers != 1:
-        # Each worker would run the whole sequence on its own: data-parallel training is not wired yet.
-        raise ValueError("num_workers must be 1 until multi-worker DDP training lands")
-    run_spec = RunSpec(method=spec.method, dataset=spec.dataset, seed=spec.seed, overrides=dict(spec.fixed_overrides))
-    resolve_run(run_spec)
+    run_spec = RunSpec(method=spec.method, dataset=spec.dataset, seed=spec.seed, precision=spec.precision,
+                       overrides=dict(spec.fixed_overrides))
+    spec.scaling.check(resolve_run(run_spec))
     return run_spec
 
 
+class TrialRunStatus(Callback):
+    """Driver-side MLflow bookkeeping for what the Train workers cannot do themselves: a trial a
+    scheduler stopped ends KILLED (tagged with the task it stopped at), a trial whose worker died
+    hard ends FAILED, and child runs of trials a resumed study lost (created after Tune's last
+    state save) are deleted, so the study holds one child run per trial. Pickled with the
+    Tuner's state, so a resumed study gets it back."""
+
+    def __init__(self, uri: str, experiment_id: str, parent: str) -> None:
+        self.uri, self.experiment_id, self.parent = uri, experiment_id, parent
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        if "final_average_accuracy" not in last:
+            self._close(trial.trial_id, "KILLED", {"stopped_at_task": str(last.get("task", 0))})
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._close(trial.trial_id, "FAILED")
+
+    def on_experiment_end(self, trials, **info):
+        known = {t.trial_id for t in trials}
+        c = tracking.client(self.uri)
+        for run in tracking.children(self.uri, self.experiment_id, self.parent):
+            if run.data.tags.get(tracking.RUN_KEY_TAG) not in known:
+                c.set_tag(run.info.run_id, "orphaned", "trial lost by an interrupted study driver")
+                c.delete_run(run.info.run_id)
+
+    def _close(self, trial_id: str, status: str, tags: Optional[dict[str, str]] = None) -> None:
+        run_id = tracking.find_run(self.uri, self.experiment_id, trial_id)
+        if run_id is not None and tracking.client(self.uri).get_run(run_id).info.status == "RUNNING":
+            tracking.finish(self.uri, run_id, status=status, tags=tags)
+
+
+STUDY_STATE_FILE = "promptcl_study.json"  # beside Tune's experiment state: the MLflow parent run
+
+
+def _parent_run(spec: StudySpec, uri: str, experiment_id: str, resuming: bool) -> str:
+    """The study's MLflow parent run: the one a resumed study started with, else a new one. Its
+    id is kept beside Tune's experiment state (any storage pyarrow reaches: a path, s3://, gs://)."""
+    import pyarrow.fs
+
+    fs, base = pyarrow.fs.FileSystem.from_uri(_as_uri(spec.experiment_path()))
+    state = f"{base}/{STUDY_STATE_FILE}"
+    if resuming and fs.get_file_info(state).type == pyarrow.fs.FileType.File:
+        with fs.open_input_stream(state) as f:
+            parent = json.loads(f.read().decode())["parent_run_id"]
+        tracking.client(uri).update_run(parent, status="RUNNING")
+        return parent
+    parent = tracking.start_run(uri, experiment_id, f"{spec.name}-study",
+                                tags={"study": spec.name, "method": spec.method, "dataset": spec.dataset})
+    tracking.log_params(uri, parent, {"num_samples": spec.num_samples, "max_concurrent": spec.max_concurrent,
+                                      "seed": spec.seed, "search_seed": spec.search_seed,
+                                      "scheduler": spec.scheduler, "workers_per_trial": spec.scaling.num_workers,
+                                      **{f"fixed/{k}": v for k, v in spec.fixed_overrides.items()}})
+    fs.create_dir(base, recursive=True)
+    with fs.open_output_stream(state) as f:
+        f.write(json.dumps({"parent_run_id": parent}).encode())
+    return parent
+
+
+def _as_uri(path: str) -> str:
+    return path if "://" in path else Path(path).resolve().as_uri()
+
+
 def run_study(spec: StudySpec) -> list[dict[str, Any]]:
-    """Run the study; return one row per trial (its searched params and final metrics)."""
+    """Run (or with ``resume``, continue) the study; return one row per completed trial."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     run_spec = validate_study(spec)
+    num_tasks = resolve_run(run_spec).num_tasks
     runs_dir = Path(spec.runs_dir).resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
     uri = spec.resolved_tracking_uri()
     experiment_id = tracking.ensure_experiment(uri, spec.name, artifact_dir=runs_dir / "mlartifacts")
-    parent = tracking.start_run(uri, experiment_id, f"{spec.name}-study",
-                                tags={"study": spec.name, "method": spec.method, "dataset": spec.dataset})
-    tracking.log_params(uri, parent, {"num_samples": spec.num_samples, "max_concurrent": spec.max_concurrent,
-                                      "seed": spec.seed, "search_seed": spec.search_seed,
-                                      "scheduler": spec.scheduler,
-                                      **{f"fixed/{k}": v for k, v in spec.fixed_overrides.items()}})
     if spec.dataset == "digits":
         from promptcl.pretrain import digits_backbone_checkpoint
 
         digits_backbone_checkpoint()  # made once here, not raced for by concurrent trials
 
     ensure_ray()
+    resuming = spec.resume and tune.Tuner.can_restore(spec.experiment_path())
+    parent = _parent_run(spec, uri, experiment_id, resuming)
     context = {
         "spec": {**dataclasses.asdict(run_spec)},
-        "worker": {"tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent,
-                   "progress": spec.progress},
-        "storage_path": spec.resolved_storage_path(),
-        "num_workers": spec.num_workers, "use_gpu": spec.use_gpu, "cpus_per_worker": spec.cpus_per_worker,
+        "tracking": {"uri": uri, "experiment_id": experiment_id, "parent_run_id": parent},
+        "storage_path": spec.resolved_storage_path(), "scaling": spec.scaling, "progress": spec.progress,
+        "fault": fault_from_env(),
     }
-    scheduler = (ASHAScheduler(time_attr="task", grace_period=1, reduction_factor=2)
-                 if spec.scheduler == "asha" else FIFOScheduler())
-    tuner = tune.Tuner(
-        # The trial is only a driver; its Train worker holds the CPU (or GPU).
-        tune.with_resources(tune.with_parameters(_trial_driver, context=context), {"CPU": 0.01}),
-        tune_config=tune.TuneConfig(
-            metric=spec.metric, mode="max", num_samples=spec.num_samples,
-            max_concurrent_trials=spec.max_concurrent, scheduler=scheduler,
-            search_alg=OptunaSearch(space=spec.search_space, metric=spec.metric, mode="max",
-                                    seed=spec.search_seed,
-                                    points_to_evaluate=[dict(p) for p in spec.baseline_points] or None),
-        ),
-        run_config=tune.RunConfig(name=spec.name, storage_path=spec.resolved_storage_path()),
-    )
+    # The trial is only a driver; its Train workers hold the CPUs (or GPUs).
+    driver = {spec.driver_resource: 0.01} if spec.driver_resource else {"CPU": 0.01}
+    trainable = tune.with_resources(tune.with_parameters(_trial_driver, context=context), driver)
+    if resuming:
+        tuner = tune.Tuner.restore(spec.experiment_path(), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False)
+    else:
+        # ASHA compares trials at the same task on the average accuracy so far; the searcher sees a
+        # score that ranks a stopped trial below every trial that got further (see task_metrics).
+        scheduler = (ASHAScheduler(time_attr="task", metric="average_accuracy", mode="max", max_t=num_tasks,
+                                   grace_period=1, reduction_factor=2)
+                     if spec.scheduler == "asha" else FIFOScheduler())
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent, scheduler=scheduler,
+                search_alg=OptunaSearch(space=spec.search_space, metric="search_score", mode="max",
+                                        seed=spec.search_seed,
+                                        points_to_evaluate=[dict(p) for p in spec.baseline_points] or None),
+            ),
+            run_config=tune.RunConfig(name=spec.name, storage_path=spec.resolved_storage_path(),
+                                      callbacks=[TrialRunStatus(uri, experiment_id, parent)]),
+        )
     try:
         grid = tuner.fit()
     except BaseException:
@@ -284,7 +275,8 @@ def study_parser(description: str, *, name: str, num_samples: int):
 
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="digits")
-    p.add_argument("--num-samples", type=int, default=num_samples)
+    p.add_argument("--num-samples", type=int, default=None, help=f"trials (default {num_samples}; 2 with --smoke)")
+    p.set_defaults(default_num_samples=num_samples)
     p.add_argument("--max-concurrent", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="CL run seed (class order, init)")
     p.add_argument("--search-seed", type=int, default=0)
@@ -292,7 +284,19 @@ def study_parser(description: str, *, name: str, num_samples: int):
     p.add_argument("--mlflow-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite in --runs-dir")
     p.add_argument("--storage-path", default=None, help="Ray results; shared storage on a cluster")
     p.add_argument("--progress", action="store_true", help="per-epoch progress bars in worker logs")
-    p.add_argument("--use-gpu", action="store_true", help="one GPU per trial's Train worker")
+    p.add_argument("--workers-per-trial", type=int, default=1,
+                   help="Ray Train workers per trial (data-parallel; the method's batch size is the global one)")
+    p.add_argument("--use-gpu", action="store_true", help="give each Train worker GPUs (NCCL between them)")
+    p.add_argument("--gpus-per-worker", type=float, default=1.0, help="with --use-gpu")
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="default: 0.99 on CPU workers (two trials share a 2-core box), 1 with --use-gpu")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast on the worker's device")
+    p.add_argument("--max-failures", type=int, default=0,
+                   help="restarts of a trial's Train run after a worker dies (from the last task checkpoint)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the study stored under --storage-path/--name if there is one (driver loss)")
+    p.add_argument("--driver-resource", default=None, metavar="NAME",
+                   help="custom resource the trial drivers request instead of CPU (a cluster's head node)")
     p.add_argument("--asha", action="store_true", help="stop weak trials early at task boundaries")
     p.add_argument("--name", default=name)
     p.add_argument("--smoke", action="store_true", help="2 short trials (about a minute on 2 cores)")
@@ -304,10 +308,15 @@ def spec_from_args(args, *, method: str, search_space: SearchSpace, smoke_overri
     return StudySpec(
         baseline_points=baseline_points,
         name=args.name + ("_smoke" if args.smoke else ""), method=method, dataset=args.dataset,
-        search_space=search_space, num_samples=2 if args.smoke else args.num_samples,
+        search_space=search_space,
+        num_samples=args.num_samples or (2 if args.smoke else args.default_num_samples),
         max_concurrent=args.max_concurrent, seed=args.seed, search_seed=args.search_seed,
         fixed_overrides=smoke_overrides if args.smoke else {}, runs_dir=args.runs_dir,
-        tracking_uri=args.mlflow_uri, storage_path=args.storage_path, use_gpu=args.use_gpu,
+        tracking_uri=args.mlflow_uri, storage_path=args.storage_path,
+        scaling=Scaling(num_workers=args.workers_per_trial, use_gpu=args.use_gpu,
+                        cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                        max_failures=args.max_failures),
+        precision=args.precision, resume=args.resume, driver_resource=args.driver_resource,
         progress=args.progress, scheduler="asha" if args.asha else "fifo",
     )
 
@@ -318,6 +327,7 @@ def run_study_script(spec: StudySpec, *, table_params: list[str], best_by: str, 
 
     try:
         validate_study(spec)
+        fault_from_env()
     except ValueError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2

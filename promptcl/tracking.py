@@ -15,6 +15,9 @@ from typing import Any, Optional
 import numpy as np
 
 PARENT_TAG = "mlflow.parentRunId"
+# A run's identity across restarts (a trial id): a restarted worker or a resumed study attaches
+# to the run that carries it instead of making a duplicate.
+RUN_KEY_TAG = "promptcl.run_key"
 
 
 def default_tracking_uri(runs_dir: Path) -> str:
@@ -47,6 +50,34 @@ def start_run(tracking_uri: str, experiment_id: str, name: str, *, parent_run_id
     return client(tracking_uri).create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
 
 
+def find_run(tracking_uri: str, experiment_id: str, key: str) -> Optional[str]:
+    """The (non-deleted) run tagged with ``key``, if any."""
+    found = client(tracking_uri).search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'",
+                                             max_results=2)
+    if len(found) > 1:
+        raise RuntimeError(f"two MLflow runs carry the run key {key!r}")
+    return found[0].info.run_id if found else None
+
+
+def find_or_start_run(tracking_uri: str, experiment_id: str, name: str, *, key: str,
+                      parent_run_id: Optional[str] = None, tags: Optional[dict[str, str]] = None) -> tuple[str, bool]:
+    """(run id, created): the run tagged ``key``, set RUNNING again, or a new one."""
+    run_id = find_run(tracking_uri, experiment_id, key)
+    if run_id is not None:
+        client(tracking_uri).update_run(run_id, status="RUNNING")
+        return run_id, False
+    return start_run(tracking_uri, experiment_id, name, parent_run_id=parent_run_id,
+                     tags={**(tags or {}), RUN_KEY_TAG: key}), True
+
+
+def children(tracking_uri: str, experiment_id: str, parent_run_id: str) -> list:
+    return client(tracking_uri).search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+
+
+def logged_steps(tracking_uri: str, run_id: str, metric: str) -> set[int]:
+    return {m.step for m in client(tracking_uri).get_metric_history(run_id, metric)}
+
+
 def log_params(tracking_uri: str, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
@@ -66,7 +97,10 @@ def log_metrics(tracking_uri: str, run_id: str, values: dict[str, float], step: 
 
 
 def log_task(tracking_uri: str, run_id: str, task: int, accuracy: np.ndarray) -> None:
-    """Per-task metrics with step = task: accuracy on each seen task and their average."""
+    """Per-task metrics with step = task: accuracy on each seen task and their average. Once per
+    step: a worker restarted from an earlier checkpoint does not log a task twice."""
+    if task in logged_steps(tracking_uri, run_id, "average_accuracy"):
+        return
     row = accuracy[task, : task + 1]
     values = {f"acc/task_{i}": float(a) for i, a in enumerate(row)}
     values["average_accuracy"] = float(row.mean())
@@ -79,7 +113,8 @@ def log_run_outputs(tracking_uri: str, run_id: str, summary: dict[str, Any], out
     from promptcl.engine import FINAL_METRICS
 
     final = {k: summary[k] for k in (*FINAL_METRICS, "task_identity_accuracy") if k in summary}
-    log_metrics(tracking_uri, run_id, final, step=len(summary["accuracy_matrix"]) - 1)
+    if "final_average_accuracy" not in c.get_run(run_id).data.metrics:  # once, across restarts
+        log_metrics(tracking_uri, run_id, final, step=len(summary["accuracy_matrix"]) - 1)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "accuracy_matrix.json").write_text(json.dumps(summary["accuracy_matrix"]))
         (Path(tmp) / "config.json").write_text(json.dumps(summary["config"], indent=2))
@@ -89,5 +124,8 @@ def log_run_outputs(tracking_uri: str, run_id: str, summary: dict[str, Any], out
             c.log_artifact(run_id, str(Path(out_dir) / name))
 
 
-def finish(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
-    client(tracking_uri).set_terminated(run_id, status=status)
+def finish(tracking_uri: str, run_id: str, status: str = "FINISHED", tags: Optional[dict[str, str]] = None) -> None:
+    c = client(tracking_uri)
+    for key, value in (tags or {}).items():
+        c.set_tag(run_id, key, value)
+    c.set_terminated(run_id, status=status)

@@ -12,16 +12,6 @@ sys.path.insert(0, str(ROOT / "studies"))
 sys.path.insert(0, str(ROOT / "dashboards"))
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
-             log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_smoke_study_logs_parent_and_child_runs(local_ray, tmp_path, capsys):
     import smope_topk
     from mlflow.tracking import MlflowClient

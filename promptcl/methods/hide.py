@@ -23,6 +23,7 @@ from promptcl.alignment import ClassGaussians, align_head, collect_features
 from promptcl.attention import static_prompt
 from promptcl.backbone import encode
 from promptcl.config import require
+from promptcl.distributed import gather_in_order
 from promptcl.methods import register_method
 from promptcl.methods.base import Phase, PromptMethod, TaskInfo, mask_logits, per_epoch
 from promptcl.tii import TaskIdentifier
@@ -219,12 +220,14 @@ class HiDePrompt(PromptMethod):
             self.prompts[:, :, t] = ((1 - c.prompt_momentum) * self.prompts[:, :, t]
                                      + c.prompt_momentum * self.prompts[:, :, :t].mean(2))
         seen = range(0, task.num_seen)
-        # Stage A: task-identity inference on frozen features, computed once for all epochs.
+        # Stage A: task-identity inference on frozen features, computed once for all epochs (each
+        # rank encodes its shard; the MLP trains on all of them, in the single-process order).
         frozen, labels = collect_features(lambda x: encode(self.backbone, x), train_batches(), device)
+        self.tii.stats.fit(frozen, labels)
+        frozen, labels = gather_in_order(frozen), gather_in_order(labels)
         with torch.enable_grad():
             self.tii.fit_task(frozen, labels, task.classes, epochs=c.tii_epochs, batch_size=c.batch_size,
                               lr=c.tii_lr, grad_clip=c.tii_grad_clip, generator=generator)
-        self.tii.stats.fit(frozen, labels)
         if t > 0 and c.tii_ca_epochs > 0:
             with torch.enable_grad():
                 self.tii.realign(seen=seen, iterations=task.classes.start, epochs=c.tii_ca_epochs,

@@ -156,7 +156,9 @@ class SMoPE(PromptMethod):
             self.experts.count_usage(routing)
             return feats
 
+        usage_before = self.experts.usage.clone()
         self.class_stats.fit(*collect_features(features_counting_usage, train_batches(), device))
+        self.experts.sum_usage_over_ranks(usage_before)
         c = self.config
         if task.index > 0 and c.classifier_alignment and c.ca_epochs > 0:
             snapshot("before_alignment")

@@ -1,0 +1,215 @@
+"""One CL run on N Ray Train workers (data-parallel), with restarts from task checkpoints.
+
+:func:`train_worker` runs on every Train worker: it drives :func:`promptcl.engine.run_sequence`
+(which shards data and reduces gradients and statistics over the process group Ray Train sets up)
+and reports after every task, rank 0 attaching the task checkpoint. After a worker dies, Ray
+Train restarts the whole group (``Scaling.max_failures``) and every rank continues from the last
+reported checkpoint. :func:`make_trainer` builds the ``TorchTrainer`` for ``promptcl run
+--num-workers`` and for each study trial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from promptcl import tracking
+from promptcl.distributed import check_divisible
+from promptcl.engine import FINAL_METRICS, ResolvedRun, RunSpec, resolve_run
+
+# "task=T,rank=R": the Train worker of rank R exits hard right after reporting task T (0-based)
+# in an attempt that started from scratch, so a restart from that checkpoint does not fire again.
+FAULT_ENV = "PROMPTCL_INJECT_WORKER_FAULT"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scaling:
+    """How one run spreads over Ray Train workers."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: Optional[float] = None  # None: 0.99 on CPU (two trials fit 2 cores), 1 with GPUs
+    gpus_per_worker: float = 1.0
+    max_failures: int = 0  # Train restarts after a worker failure; -1: no limit
+
+    def check(self, run: ResolvedRun) -> None:
+        """Raise ValueError before any work when the run cannot be spread this way."""
+        check_divisible(run.config.batch_size, self.num_workers)
+        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
+            raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.use_gpu and self.gpus_per_worker <= 0:
+            raise ValueError(f"gpus_per_worker must be > 0, got {self.gpus_per_worker}")
+        if self.max_failures < -1:
+            raise ValueError(f"max_failures must be >= -1 (-1: no limit), got {self.max_failures}")
+
+    def resources_per_worker(self) -> dict[str, float]:
+        cpus = self.cpus_per_worker if self.cpus_per_worker is not None else (1.0 if self.use_gpu else 0.99)
+        return {"CPU": cpus, **({"GPU": self.gpus_per_worker} if self.use_gpu else {})}
+
+
+def fault_from_env() -> Optional[dict[str, int]]:
+    """The fault-injection hook (tests): ``PROMPTCL_INJECT_WORKER_FAULT=task=2,rank=1``."""
+    value = os.environ.get(FAULT_ENV)
+    if not value:
+        return None
+    try:
+        fault = {k.strip(): int(v) for k, v in (item.split("=") for item in value.split(","))}
+        if set(fault) != {"task", "rank"}:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{FAULT_ENV} must look like task=2,rank=1, got {value!r}") from None
+    return fault
+
+
+def _restored_checkpoint() -> Optional[Path]:
+    """The last reported task checkpoint after a restart, copied locally."""
+    import ray.train
+
+    restored = ray.train.get_checkpoint()
+    if restored is None:
+        return None
+    with restored.as_directory() as d:
+        local = Path(tempfile.mkdtemp(prefix="promptcl-resume-"))
+        shutil.copytree(d, local, dirs_exist_ok=True)
+    return sorted(local.glob("task_*.pt"))[-1]
+
+
+def task_metrics(acc: np.ndarray) -> dict[str, float]:
+    """What every report carries: tasks done, average accuracy on the seen tasks, and a
+    searcher score comparable across milestones (surviving longer always ranks higher)."""
+    t = acc.shape[0] - 1
+    average = float(acc[t].mean())
+    return {"task": t + 1, "average_accuracy": average, "search_score": t + average / 100.0,
+            **{f"acc/task_{i}": float(a) for i, a in enumerate(acc[t])}}
+
+
+def train_worker(cfg: dict) -> None:
+    """One CL sequence on a Ray Train worker. ``cfg``: ``spec`` (RunSpec fields), optional
+    ``tracking`` (MLflow child run of a study trial: uri, experiment_id, parent_run_id, key, name),
+    ``progress``, ``fault``."""
+    import ray
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+
+    from promptcl.engine import run_sequence
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    torch.set_num_threads(max(1, int(round(cpus))))  # a reused worker keeps its first thread count
+    run = resolve_run(RunSpec(**cfg["spec"]))
+    rank0 = ray.train.get_context().get_world_rank() == 0
+    resume_from = _restored_checkpoint()
+    track = cfg.get("tracking") if rank0 else None
+    run_id = None
+    if track:
+        run_id, created = tracking.find_or_start_run(
+            track["uri"], track["experiment_id"], track["name"], key=track["key"],
+            parent_run_id=track["parent_run_id"],
+            tags={"trial_id": track["key"], "method": run.spec.method, "dataset": run.spec.dataset,
+                  "ray_node_id": ray.get_runtime_context().get_node_id(), **run.protocol_tags()})
+        if resume_from is not None:  # a restarted worker group: say from where
+            tracking.client(track["uri"]).set_tag(run_id, "restarted_from_task", resume_from.stem.split("_")[1])
+        if created:
+            tracking.log_params(track["uri"], run_id, {**run.flat_params(), "run/num_workers":
+                                                       ray.train.get_context().get_world_size()})
+    fault = cfg.get("fault")
+
+    def report(metrics: dict[str, Any], files: list[Path]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            for f in files:
+                shutil.copy2(f, tmp)
+            checkpoint = Checkpoint.from_directory(tmp) if rank0 else None
+            ray.train.report({**metrics, "mlflow_run_id": run_id or ""}, checkpoint=checkpoint,
+                             checkpoint_dir_name=f"task_{metrics['task'] - 1:02d}")
+
+    def on_task_end(r) -> None:
+        if track:
+            tracking.log_task(track["uri"], run_id, r.task, r.accuracy)
+        if r.task < r.num_tasks - 1:  # the last task is reported with the final metrics below
+            report(task_metrics(r.accuracy), [r.checkpoint] if rank0 else [])
+        if fault and fault["task"] == r.task and resume_from is None:
+            ray.train.collective.barrier()  # every rank's report is in before one of them dies
+            if ray.train.get_context().get_world_rank() == fault["rank"]:
+                os._exit(1)
+
+    out_dir = Path(tempfile.mkdtemp(prefix="promptcl-run-"))
+    try:
+        summary = run_sequence(run, out_dir, on_task_end=on_task_end, progress=cfg.get("progress", False),
+                               resume_from=resume_from)
+        final = {k: summary[k] for k in (*FINAL_METRICS, "task_identity_accuracy") if k in summary}
+        if track:
+            tracking.log_run_outputs(track["uri"], run_id, summary, out_dir)
+            tracking.finish(track["uri"], run_id)
+        files = ([out_dir / "results.parquet", out_dir / "summary.json",
+                  sorted((out_dir / "checkpoints").glob("task_*.pt"))[-1]] if rank0 else [])
+        report({**task_metrics(np.asarray(summary["accuracy_matrix"])), **final}, files)
+    except BaseException:
+        if track and run_id:
+            tracking.finish(track["uri"], run_id, status="FAILED")
+        raise
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        if resume_from is not None:
+            shutil.rmtree(resume_from.parent, ignore_errors=True)
+
+
+def _evaluate_worker(cfg: dict) -> None:
+    import ray.train
+
+    from promptcl.engine import evaluate_checkpoint
+
+    accuracy = evaluate_checkpoint(resolve_run(RunSpec(**cfg["spec"])), Path(cfg["checkpoint"]))
+    metrics = {"accuracy": accuracy.tolist(), "num_workers": ray.train.get_context().get_world_size()}
+    # Train keeps the metrics of reports that carry a checkpoint: rank 0 attaches a tiny one.
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "evaluation.json").write_text(json.dumps(metrics))
+        rank0 = ray.train.get_context().get_world_rank() == 0
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank0 else None)
+
+
+def evaluate_on_workers(spec: RunSpec, checkpoint: Path, scaling: Scaling, *, storage_path: str) -> np.ndarray:
+    """Accuracy on every seen task of the model in ``checkpoint``, its test sets sharded over
+    ``scaling.num_workers`` Train workers (exactly the single-process accuracies)."""
+    import ray.train
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    result = TorchTrainer(
+        _evaluate_worker, train_loop_config={"spec": dataclasses.asdict(spec), "checkpoint": str(checkpoint)},
+        torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker=scaling.resources_per_worker()),
+        run_config=ray.train.RunConfig(name="evaluate", storage_path=storage_path),
+    ).fit()
+    assert result.metrics["num_workers"] == scaling.num_workers
+    return np.asarray(result.metrics["accuracy"])
+
+
+def make_trainer(spec: RunSpec, scaling: Scaling, *, name: str, storage_path: str, callbacks=(),
+                 tracking_info: Optional[dict] = None, progress: bool = False,
+                 fault: Optional[dict[str, int]] = None):
+    """A ``TorchTrainer`` running ``spec`` on ``scaling.num_workers`` workers. A fixed ``name``
+    under ``storage_path`` makes a new fit of the same name continue from its last checkpoint."""
+    import ray.train
+    from ray.train import FailureConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"spec": dataclasses.asdict(spec), "tracking": tracking_info, "progress": progress,
+                           "fault": fault},
+        # gloo moves the CPU-side collectives, NCCL the GPU ones.
+        torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker=scaling.resources_per_worker()),
+        run_config=ray.train.RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks),
+                                       failure_config=FailureConfig(max_failures=scaling.max_failures)),
+    )

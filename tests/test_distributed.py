@@ -1,0 +1,95 @@
+"""Data-parallel building blocks on a real 2-process gloo group: shards, exact reductions."""
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import SequentialSampler
+
+from promptcl.alignment import ClassGaussians
+from promptcl.distributed import ShardedBatchSampler, check_divisible, gather_in_order, sync_gradients
+
+
+def test_sharded_batches_are_the_global_batches_split_across_ranks():
+    sampler = SequentialSampler(range(23))
+    ranks = [list(ShardedBatchSampler(sampler, 8, rank, 3)) for rank in range(3)]
+    single = list(ShardedBatchSampler(sampler, 8, 0, 1))
+    assert single == [list(range(0, 8)), list(range(8, 16)), list(range(16, 23))]
+    for step, batch in enumerate(single):
+        parts = [r[step] for r in ranks if step < len(r)]
+        assert sorted(i for p in parts for i in p) == batch
+    # the last global batch has 7 samples: ranks hold 3, 2, 2; no padding duplicates
+    assert [len(r[-1]) for r in ranks] == [3, 2, 2]
+    assert ShardedBatchSampler(sampler, 8, 2, 3).global_steps() == 3
+    # 17 samples, batch 8, 3 ranks: the last batch has one sample, only rank 0 gets a share
+    tail = SequentialSampler(range(17))
+    assert [len(ShardedBatchSampler(tail, 8, r, 3)) for r in range(3)] == [3, 2, 2]
+    assert [len(list(ShardedBatchSampler(tail, 8, r, 3))) for r in range(3)] == [3, 2, 2]
+
+
+def test_batch_size_must_divide_across_workers():
+    check_divisible(32, 4)
+    with pytest.raises(ValueError, match="not divisible by 3 workers"):
+        check_divisible(32, 3)
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(23, 5, generator=g) * 3 + 1
+    labels = torch.tensor([0, 1, 2, 1, 1, 0, 2, 2, 1, 0, 0, 1, 2, 1, 0, 2, 2, 1, 1, 0, 3, 1, 0])
+    return features, labels
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+
+
+def _worker(rank: int, world: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    features, labels = _data()
+    shard = slice(rank, None, world)
+    result = {}
+    for cov in ("diag", "full"):
+        stats = ClassGaussians(4, 5, covariance=cov)
+        stats.fit(features[shard], labels[shard])
+        result[cov] = (stats.mean.clone(), stats.cov.clone(), stats.fitted.clone())
+    result["gathered"] = gather_in_order(features[shard])
+    # one step of the global mean loss; the unused extra parameter must keep grad=None
+    model, unused = _model(), torch.nn.Parameter(torch.zeros(2))
+    batch = slice(rank, 7, world)  # 7 samples: ranks get 4 and 3
+    loss = torch.nn.functional.cross_entropy(model(features[batch]), labels[batch].clamp(max=2))
+    loss.backward()
+    sync_gradients([*model.parameters(), unused], local_count=len(labels[batch]))
+    result["grads"] = [p.grad.clone() for p in model.parameters()]
+    result["unused_grad"] = unused.grad
+    torch.save(result, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_two_ranks_reduce_to_exactly_what_one_process_computes(tmp_path):
+    out = str(tmp_path / "result")
+    mp.spawn(_worker, args=(2, f"file://{tmp_path}/pg", out), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+    features, labels = _data()
+    for cov in ("diag", "full"):
+        stats = ClassGaussians(4, 5, covariance=cov)
+        stats.fit(features, labels)
+        for r in ranks:
+            mean, spread, fitted = r[cov]
+            torch.testing.assert_close(mean, stats.mean, rtol=0, atol=1e-6)
+            torch.testing.assert_close(spread, stats.cov, rtol=0, atol=1e-5)
+            assert fitted.tolist() == [True, True, True, True]
+    # ClassGaussians agrees with numpy's unbiased estimates (class 3 has one sample: eps only)
+    x = features[labels == 1].double().numpy()
+    np.testing.assert_allclose(stats.cov[1].numpy(), np.cov(x.T) + 1e-4 * np.eye(5), atol=1e-5)
+    np.testing.assert_allclose(stats.cov[3].numpy(), 1e-4 * np.eye(5), atol=1e-7)
+    for r in ranks:
+        assert torch.equal(r["gathered"], features)
+        assert r["unused_grad"] is None
+    model = _model()
+    torch.nn.functional.cross_entropy(model(features[:7]), labels[:7].clamp(max=2)).backward()
+    for r in ranks:
+        for got, want in zip(r["grads"], [p.grad for p in model.parameters()]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

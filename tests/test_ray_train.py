@@ -1,0 +1,93 @@
+"""Runs on N Ray Train workers: exact sharded evaluation, 1 vs 2 workers, a worker killed mid-run."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from promptcl.cli import main
+from promptcl.engine import RunSpec, evaluate_checkpoint, resolve_run
+from promptcl.trainer import Scaling, evaluate_on_workers
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "studies"))
+
+
+@pytest.fixture(scope="module")
+def one_worker(tmp_path_factory):
+    """The digits SMoPE run in one plain process (the reference for everything below)."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    assert main(["run", "--method", "smope", "--dataset", "digits", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_workers(local_ray, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two") / "run"
+    assert main(["run", "--method", "smope", "--dataset", "digits", "--out", str(out), "--no-progress",
+                 "--num-workers", "2"]) == 0
+    return out
+
+
+def test_two_worker_evaluation_equals_the_single_process_one(local_ray, one_worker, tmp_path):
+    spec = RunSpec(method="smope", dataset="digits")
+    checkpoint = one_worker / "checkpoints" / "task_04.pt"
+    single = evaluate_checkpoint(resolve_run(spec), checkpoint)
+    summary = json.loads((one_worker / "summary.json").read_text())
+    assert single.tolist() == summary["accuracy_matrix"][-1]
+    sharded = evaluate_on_workers(spec, checkpoint, Scaling(num_workers=2), storage_path=str(tmp_path))
+    assert sharded.tolist() == single.tolist()  # exactly, not approximately
+
+
+def test_two_workers_train_within_two_points_of_one(one_worker, two_workers):
+    one = json.loads((one_worker / "summary.json").read_text())
+    two = json.loads((two_workers / "summary.json").read_text())
+    assert (one["num_workers"], two["num_workers"]) == (1, 2)
+    assert abs(one["final_average_accuracy"] - two["final_average_accuracy"]) <= 2.0
+    assert two["config"] == one["config"]
+    assert sorted(p.name for p in (two_workers / "checkpoints").iterdir()) == [f"task_{t:02d}.pt" for t in range(5)]
+    assert (two_workers / "results.parquet").is_file()
+
+
+def test_batch_size_must_divide_across_workers(tmp_path, capsys):
+    code = main(["run", "--method", "smope", "--dataset", "digits", "--out", str(tmp_path / "x"),
+                 "--num-workers", "3"])
+    assert code == 2
+    assert "batch_size=32 is not divisible by 3 workers" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def fixed_configuration(trial) -> None:
+    """A search space with nothing to search: every trial runs the digits preset."""
+
+
+def test_a_killed_worker_restarts_from_its_task_checkpoint_in_the_same_mlflow_run(
+        local_ray, two_workers, tmp_path, monkeypatch):
+    """Rank 1 exits hard after task 2 of 5; Train restarts both workers from the task-2 checkpoint.
+    The accuracy matrix equals the uninterrupted 2-worker run's, in one MLflow child run."""
+    from mlflow.tracking import MlflowClient
+
+    from promptcl.study import StudySpec, run_study
+
+    monkeypatch.setenv("PROMPTCL_INJECT_WORKER_FAULT", "task=2,rank=1")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rows = run_study(StudySpec(name="fault", method="smope", dataset="digits", search_space=fixed_configuration,
+                               num_samples=1, runs_dir=tmp_path, tracking_uri=uri,
+                               scaling=Scaling(num_workers=2, max_failures=1)))
+    assert len(rows) == 1
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("fault").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    child = children[0].info.run_id
+    for metric in ("average_accuracy", "acc/task_0", "final_average_accuracy"):
+        steps = [m.step for m in client.get_metric_history(child, metric)]
+        assert len(steps) == len(set(steps)), f"duplicate steps for {metric}: {steps}"
+    assert sorted(m.step for m in client.get_metric_history(child, "average_accuracy")) == [0, 1, 2, 3, 4]
+    restarted = json.loads(Path(client.download_artifacts(child, "accuracy_matrix.json", str(tmp_path))).read_text())
+    uninterrupted = json.loads((two_workers / "summary.json").read_text())["accuracy_matrix"]
+    assert restarted == uninterrupted
+    assert children[0].data.tags["restarted_from_task"] == "02"  # the fault did fire, once
