@@ -71,7 +71,10 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
         ray.init()
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=256 * 2**20)
+        # The dashboard serves the State API, which Ray Train's placement-group cleaner needs to
+        # free the resources of a trial a scheduler stopped (without it they stay reserved).
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 object_store_memory=256 * 2**20)
 
 
 def _trial_driver(config: dict, *, context: dict) -> None:

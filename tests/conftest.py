@@ -23,7 +23,9 @@ def local_ray():
     2-worker trials' drivers and workers fit). Yields the GCS address, for subprocess drivers."""
     import ray
 
-    context = ray.init(address="local", num_cpus=4, include_dashboard=False,
+    # The dashboard serves the State API, which Ray Train's placement-group cleaner needs to free
+    # the workers' resources of a trial that a scheduler stopped or whose driver died.
+    context = ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
                        object_store_memory=256 * 2**20, log_to_driver=False)
     yield context.address_info["gcs_address"]
     ray.shutdown()

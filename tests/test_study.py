@@ -74,3 +74,38 @@ def test_bad_study_input_fails_before_ray_starts(tmp_path, capsys, monkeypatch):
     assert smope_topk.main(["--smoke", "--dataset", "imagenet-x", "--runs-dir", str(tmp_path / "r")]) == 2
     assert "unknown dataset" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_asha_stops_trials_at_task_boundaries_and_ranks_them_below_finished_ones(local_ray, tmp_path):
+    """ASHA compares trials at the same task; a stopped trial ends KILLED in MLflow, tagged with
+    the task it stopped at, and its searcher score ranks below every trial that finished."""
+    import smope_topk
+    from mlflow.tracking import MlflowClient
+    from ray.tune import ExperimentAnalysis
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert smope_topk.main(["--smoke", "--asha", "--num-samples", "5", "--max-concurrent", "1",
+                            "--runs-dir", str(tmp_path), "--mlflow-uri", uri]) == 0
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("smope_topk_smoke").experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 5 and parent.info.status == "FINISHED"
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    killed = [r for r in children if r.info.status == "KILLED"]
+    assert len(finished) + len(killed) == 5 and killed and finished
+    assert parent.data.metrics["completed_trials"] == len(finished)
+    for run in killed:  # rungs of grace 1, reduction 2 over 5 tasks: tasks 1, 2, 4
+        assert run.data.tags["stopped_at_task"] in {"1", "2", "4"}
+        assert "final_average_accuracy" not in run.data.metrics
+        # the worker may log a task more before the stop reaches it, never the whole sequence
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "average_accuracy"))
+        assert steps[: int(run.data.tags["stopped_at_task"])] == list(range(int(run.data.tags["stopped_at_task"])))
+        assert len(steps) < 5 and len(steps) == len(set(steps))
+    for run in finished:
+        assert "final_average_accuracy" in run.data.metrics
+    # what the searcher saw: a stopped trial's best score is below every finished trial's
+    trials = ExperimentAnalysis(str(tmp_path / "ray_results" / "smope_topk_smoke")).trial_dataframes
+    final_scores = [df["search_score"].iloc[-1] for df in trials.values() if df["task"].iloc[-1] == 5]
+    stopped_scores = [df["search_score"].max() for df in trials.values() if df["task"].iloc[-1] < 5]
+    assert len(stopped_scores) == len(killed) and max(stopped_scores) < min(final_scores)

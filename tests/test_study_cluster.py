@@ -1,0 +1,110 @@
+"""Studies that outlive their driver, and a cluster that grows while a study runs."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _study(address: str, tmp_path: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / f"driver-{time.monotonic_ns()}.log", "w")
+    return subprocess.Popen([sys.executable, str(ROOT / "studies" / "smope_topk.py"), "--smoke",
+                             "--runs-dir", str(tmp_path), "--mlflow-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                             *extra], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def _runs(tmp_path: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("smope_topk_smoke")
+    return client, (client.search_runs([experiment.experiment_id]) if experiment else [])
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def _finished_children(tmp_path: Path) -> int:
+    try:
+        _, runs = _runs(tmp_path)
+    except Exception:  # the store is still being created
+        return 0
+    return sum("mlflow.parentRunId" in r.data.tags and r.info.status == "FINISHED" for r in runs)
+
+
+def test_a_study_whose_driver_is_killed_resumes_with_every_trial_once(local_ray, tmp_path):
+    """SIGKILL the study driver after its first trial finished; ``--resume`` completes the study:
+    every trial exactly once in Tune, one parent and one child per trial in MLflow, none RUNNING."""
+    from ray.tune import ExperimentAnalysis
+
+    args = ("--num-samples", "3", "--max-concurrent", "1", "--resume")
+    first = _study(local_ray, tmp_path, *args)
+    try:
+        _wait_for(lambda: _finished_children(tmp_path) >= 1 or first.poll() is not None, 300, "a finished trial")
+        assert first.poll() is None, "the study ended before it could be interrupted"
+        time.sleep(2)  # the second trial is under way
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    second = _study(local_ray, tmp_path, *args)
+    assert second.wait(600) == 0
+
+    client, runs = _runs(tmp_path)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    trials = ExperimentAnalysis(str(tmp_path / "ray_results" / "smope_topk_smoke")).trial_dataframes
+    assert len(trials) == 3 and all(df["task"].iloc[-1] == 5 for df in trials.values())
+    assert sorted(r.data.tags["trial_id"] for r in children) == sorted(
+        df["trial_id"].iloc[-1] for df in trials.values())
+    for run in children:
+        assert run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "average_accuracy")]
+        assert sorted(steps) == [0, 1, 2, 3, 4]  # no task logged twice across the interruption
+
+
+def test_trials_run_on_a_worker_node_that_joins_mid_study(tmp_path):
+    """A head that holds one trial; a second node joins once the study runs; a later trial runs
+    there (MLflow's ray_node_id tags), and the study completes."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, connect=False,
+                      head_node_args={"num_cpus": 1, "object_store_memory": 128 * 2**20,
+                                      "include_dashboard": False})
+    try:
+        study = _study(cluster.address, tmp_path, "--num-samples", "3", "--max-concurrent", "2")
+        _wait_for(lambda: _runs_started(tmp_path) >= 1 or study.poll() is not None, 300, "a first trial")
+        joined = cluster.add_node(num_cpus=1, object_store_memory=128 * 2**20)
+        assert study.wait(600) == 0
+        _, runs = _runs(tmp_path)
+        children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
+        nodes = {r.data.tags["ray_node_id"] for r in children}
+        assert joined.node_id in nodes and cluster.head_node.node_id in nodes
+    finally:
+        cluster.shutdown()
+
+
+def _runs_started(tmp_path: Path) -> int:
+    try:
+        _, runs = _runs(tmp_path)
+    except Exception:
+        return 0
+    return sum("mlflow.parentRunId" in r.data.tags for r in runs)
