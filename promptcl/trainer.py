@@ -142,8 +142,16 @@ def train_worker(cfg: dict) -> None:
 
     out_dir = Path(tempfile.mkdtemp(prefix="promptcl-run-"))
     try:
-        summary = run_sequence(run, out_dir, on_task_end=on_task_end, progress=cfg.get("progress", False),
-                               resume_from=resume_from)
+        if resume_from is not None and (resume_from.parent / "summary.json").is_file():
+            # The run had finished (a resumed study re-fits it): hand back its final report.
+            for name in ("summary.json", "results.parquet"):
+                shutil.copy2(resume_from.parent / name, out_dir)
+            (out_dir / "checkpoints").mkdir()
+            shutil.copy2(resume_from, out_dir / "checkpoints")
+            summary = json.loads((out_dir / "summary.json").read_text())
+        else:
+            summary = run_sequence(run, out_dir, on_task_end=on_task_end, progress=cfg.get("progress", False),
+                                   resume_from=resume_from)
         final = {k: summary[k] for k in (*FINAL_METRICS, "task_identity_accuracy") if k in summary}
         if track:
             tracking.log_run_outputs(track["uri"], run_id, summary, out_dir)
