@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_for_dashboard(address: str, head: subprocess.Popen, timeout: float = 120) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise AssertionError(f"ray start exited with {head.returncode}")
+        try:
+            with urllib.request.urlopen(f"{address}/api/version", timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError("the head's dashboard never answered")
+
+
 def test_job_submit_runs_the_smoke_study(tmp_path):
     bin_dir = Path(sys.executable).parent
     ray = str(bin_dir / "ray")
@@ -27,18 +43,30 @@ def test_job_submit_runs_the_smoke_study(tmp_path):
            "RAY_USAGE_STATS_ENABLED": "0"}
     dashboard = free_port()
     address = f"http://127.0.0.1:{dashboard}"
-    subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
-                    "--num-cpus=2", "--object-store-memory=268435456", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dashboard}", "--disable-usage-stats"],
-                   env=env, check=True, capture_output=True, timeout=120)
+    # --block keeps this head's processes under one parent: terminating it stops this cluster only
+    # (`ray stop` would also stop the other tests' local Ray, and with it the pytest process).
+    head = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                             f"--port={free_port()}", "--num-cpus=2", "--object-store-memory=268435456",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                             "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        job = subprocess.run(
-            [ray, "job", "submit", "--address", address, "--working-dir", str(ROOT),
-             "--runtime-env-json", '{"excludes": [".git", "runs", ".venv", ".tools"], "env_vars": {"PYTHONUNBUFFERED": "1"}}', "--",
-             "python", "studies/smope_topk.py", "--smoke", "--runs-dir", str(tmp_path)],
-            env=env, capture_output=True, text=True, timeout=600)
+        _wait_for_dashboard(address, head)
+        for _attempt in range(30):  # the job agent comes up a little after the dashboard
+            job = subprocess.run(
+                [ray, "job", "submit", "--address", address, "--working-dir", str(ROOT),
+                 "--runtime-env-json", '{"excludes": [".git", "runs", ".venv", ".tools"], "env_vars": {"PYTHONUNBUFFERED": "1"}}', "--",
+                 "python", "studies/smope_topk.py", "--smoke", "--runs-dir", str(tmp_path)],
+                env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent to submit job" not in job.stderr:
+                break
+            time.sleep(2)
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        head.terminate()
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            head.kill()
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout
     # the job's study wrote its runs where it was told, outside the uploaded working directory
