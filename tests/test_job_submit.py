@@ -48,7 +48,11 @@ def test_job_submit_runs_the_smoke_study(tmp_path):
     head = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                              f"--port={free_port()}", "--num-cpus=2", "--object-store-memory=268435456",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                             "--disable-usage-stats"],
+                             "--disable-usage-stats",
+                             # the other tests' local Ray holds the default agent ports
+                             f"--dashboard-agent-listen-port={free_port()}",
+                             f"--dashboard-agent-grpc-port={free_port()}",
+                             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for_dashboard(address, head)
