@@ -54,6 +54,16 @@ class Scaling:
         cpus = self.cpus_per_worker if self.cpus_per_worker is not None else (1.0 if self.use_gpu else 0.99)
         return {"CPU": cpus, **({"GPU": self.gpus_per_worker} if self.use_gpu else {})}
 
+    def train_configs(self):
+        """Ray Train's (TorchConfig, ScalingConfig) for these workers: gloo moves the CPU-side
+        collectives, NCCL the GPU ones."""
+        from ray.train import ScalingConfig
+        from ray.train.torch import TorchConfig
+
+        return (TorchConfig(backend="cpu:gloo,cuda:nccl" if self.use_gpu else "gloo"),
+                ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
+                              resources_per_worker=self.resources_per_worker()))
+
 
 def fault_from_env() -> Optional[dict[str, int]]:
     """The fault-injection hook (tests): ``PROMPTCL_INJECT_WORKER_FAULT=task=2,rank=1``."""
@@ -187,14 +197,12 @@ def evaluate_on_workers(spec: RunSpec, checkpoint: Path, scaling: Scaling, *, st
     """Accuracy on every seen task of the model in ``checkpoint``, its test sets sharded over
     ``scaling.num_workers`` Train workers (exactly the single-process accuracies)."""
     import ray.train
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
+    torch_config, scaling_config = scaling.train_configs()
     result = TorchTrainer(
         _evaluate_worker, train_loop_config={"spec": dataclasses.asdict(spec), "checkpoint": str(checkpoint)},
-        torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if scaling.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker=scaling.resources_per_worker()),
+        torch_config=torch_config, scaling_config=scaling_config,
         run_config=ray.train.RunConfig(name="evaluate", storage_path=storage_path),
     ).fit()
     assert result.metrics["num_workers"] == scaling.num_workers
@@ -207,17 +215,15 @@ def make_trainer(spec: RunSpec, scaling: Scaling, *, name: str, storage_path: st
     """A ``TorchTrainer`` running ``spec`` on ``scaling.num_workers`` workers. A fixed ``name``
     under ``storage_path`` makes a new fit of the same name continue from its last checkpoint."""
     import ray.train
-    from ray.train import FailureConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import FailureConfig
+    from ray.train.torch import TorchTrainer
 
+    torch_config, scaling_config = scaling.train_configs()
     return TorchTrainer(
         train_worker,
         train_loop_config={"spec": dataclasses.asdict(spec), "tracking": tracking_info, "progress": progress,
                            "fault": fault},
-        # gloo moves the CPU-side collectives, NCCL the GPU ones.
-        torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if scaling.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker=scaling.resources_per_worker()),
+        torch_config=torch_config, scaling_config=scaling_config,
         run_config=ray.train.RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks),
                                        failure_config=FailureConfig(max_failures=scaling.max_failures)),
     )
