@@ -19,13 +19,15 @@ def mlflow_uri(tmp_path):
 
 @pytest.fixture(scope="session")
 def local_ray():
-    """One local Ray for every test that needs one (4 logical CPUs on the 2-core box: two
-    2-worker trials' drivers and workers fit). Yields the GCS address, for subprocess drivers."""
+    """One local Ray for every test that needs one. Logical CPUs exceed the 2 cores on purpose:
+    studies bound their own concurrency, and Ray Train can keep the placement groups of stopped
+    trials reserved for a while, which must not starve the tests after them. Yields the GCS
+    address, for subprocess drivers."""
     import ray
 
     # The dashboard serves the State API, which Ray Train's placement-group cleaner needs to free
     # the workers' resources of a trial that a scheduler stopped or whose driver died.
-    context = ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+    context = ray.init(address="local", num_cpus=16, include_dashboard=True, dashboard_host="127.0.0.1",
                        object_store_memory=256 * 2**20, log_to_driver=False)
     yield context.address_info["gcs_address"]
     ray.shutdown()
