@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from promptcl.backbone import build_backbone, encode, input_shape
-from promptcl.experts import Routing
+from promptcl.core.backbone import build_backbone, encode, input_shape
+from promptcl.core.experts import Routing
 from promptcl.methods import get_method
 
 

@@ -11,8 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from promptcl.tracking import default_tracking_uri
-from promptcl.tradeoff import ACCURACY_KEY, load_trials, pareto_front
+from promptcl.study.tracking import default_tracking_uri
+from promptcl.study.tradeoff import ACCURACY_KEY, load_trials, pareto_front
 
 
 def main(argv=None) -> int:

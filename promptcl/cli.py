@@ -75,7 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _run(args) -> int:
     from promptcl.config import parse_overrides
     from promptcl.engine import RunSpec, resolve_run, run_sequence
-    from promptcl.trainer import Scaling, fault_from_env
+    from promptcl.study.trainer import Scaling, fault_from_env
 
     try:
         spec = RunSpec(method=args.method, dataset=args.dataset, seed=args.seed, backbone=args.backbone,
@@ -120,8 +120,8 @@ def _run(args) -> int:
 
 def _run_on_ray(spec, scaling, out: Path, *, progress: bool) -> dict:
     """The run on Ray Train workers; the reported checkpoints become ``out``'s files."""
-    from promptcl.study import ensure_ray
-    from promptcl.trainer import fault_from_env, make_trainer
+    from promptcl.study.tuner import ensure_ray
+    from promptcl.study.trainer import fault_from_env, make_trainer
 
     ensure_ray()
     storage = out / "ray_storage"
@@ -137,7 +137,7 @@ def _run_on_ray(spec, scaling, out: Path, *, progress: bool) -> dict:
 
 
 def _cost(args) -> int:
-    from promptcl.backbone import check_backbone_name, input_shape
+    from promptcl.core.backbone import check_backbone_name, input_shape
     from promptcl.config import apply_overrides, parse_overrides
     from promptcl.cost import measure_cost
     from promptcl.methods import get_method

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from promptcl.backbone import build_backbone, encode
+from promptcl.core.backbone import build_backbone, encode
 from promptcl.methods.base import TaskInfo
 
 aten = torch.ops.aten

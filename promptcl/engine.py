@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 from promptcl import metrics
 from promptcl.distributed import all_reduce_sum, broadcast_from_main, is_main, sync_gradients, world
-from promptcl.backbone import LOCAL_BACKBONES, build_backbone, check_backbone_name, read_checkpoint
+from promptcl.core.backbone import LOCAL_BACKBONES, build_backbone, check_backbone_name, read_checkpoint
 from promptcl.config import apply_overrides, as_flat_dict
-from promptcl.data import ClassIncremental, check_data_dir, dataset_spec, load_dataset
+from promptcl.data.benchmarks import ClassIncremental, check_data_dir, dataset_spec, load_dataset
 from promptcl.methods import get_method
 from promptcl.methods.base import Phase, PromptMethod, TaskInfo
 

@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from promptcl.study import run_study_script, spec_from_args, study_parser
+from promptcl.study.tuner import run_study_script, spec_from_args, study_parser
 
 METHODS = ("smope", "hide", "norga")
 
@@ -54,8 +54,8 @@ SMOKE_PER_METHOD = {
 def backbone_depth(dataset: str, method: str) -> int:
     """Blocks of the backbone a ``method`` run on ``dataset`` uses by default (the dataset's
     default backbone unless the method names its own, as :func:`promptcl.engine.resolve_run`)."""
-    from promptcl.backbone import LOCAL_BACKBONES, build_backbone
-    from promptcl.data import dataset_spec
+    from promptcl.core.backbone import LOCAL_BACKBONES, build_backbone
+    from promptcl.data.benchmarks import dataset_spec
     from promptcl.methods import get_method
 
     name = get_method(method).DEFAULT_BACKBONES.get(dataset, dataset_spec(dataset).default_backbone)

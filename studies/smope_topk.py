@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from promptcl.study import run_study_script, spec_from_args, study_parser
+from promptcl.study.tuner import run_study_script, spec_from_args, study_parser
 
 
 def search_space(trial) -> None:

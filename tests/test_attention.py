@@ -5,9 +5,9 @@ import torch
 from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
-from promptcl.attention import Prefix, PrefixAttention, prefix_attention
-from promptcl.backbone import build_backbone, encode
-from promptcl.gates import LinearGate, NoRGaGate
+from promptcl.core.attention import Prefix, PrefixAttention, prefix_attention
+from promptcl.core.backbone import build_backbone, encode
+from promptcl.core.gates import LinearGate, NoRGaGate
 
 B, H, N, D = 3, 4, 7, 16
 

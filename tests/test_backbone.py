@@ -5,8 +5,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from promptcl.attention import PrefixAttention, PromptBlock
-from promptcl.backbone import build_backbone, check_backbone_name, encode
+from promptcl.core.attention import PrefixAttention, PromptBlock
+from promptcl.core.backbone import build_backbone, check_backbone_name, encode
 
 
 def test_pretrained_path_loads_a_checkpoint_file_through_timm(tmp_path):
@@ -44,7 +44,7 @@ def test_bad_backbone_names(name, match):
 
 def test_glyph_pretrained_digits_backbone_beats_random_init():
     """The offline-made weights must carry signal a random-init ViT lacks (nearest class mean)."""
-    from promptcl.data import load_digits
+    from promptcl.data.benchmarks import load_digits
 
     data = load_digits()
     x, y = data.train.tensors

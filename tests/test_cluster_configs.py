@@ -122,7 +122,7 @@ def entrypoints() -> list[tuple[str, str, str]]:
 
 def parse_study_command(command: str):
     """(script path, parsed flags) with the parser every study script uses."""
-    from promptcl.study import study_parser
+    from promptcl.study.tuner import study_parser
 
     tokens = shlex.split(command)
     starts = [i for i, t in enumerate(tokens) if t in ("python", "python3")]
@@ -389,12 +389,12 @@ def test_runtime_env_excludes_keep_local_state_out(tmp_path):
     env = load("runtime_env.yaml")
     assert env["working_dir"] == "."
     for rel in (".venv/lib/site.py", ".git/HEAD", "runs/ray_results/x.json", "runs/mlflow.db",
-                "promptcl/study.py", "studies/smope_topk.py", "ray_jobs/runtime_env.yaml", "pyproject.toml"):
+                "promptcl/study/tuner.py", "studies/smope_topk.py", "ray_jobs/runtime_env.yaml", "pyproject.toml"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("x")
     everything = uploaded(tmp_path, [])
     assert ".venv/lib/site.py" in everything  # the traversal sees them without excludes
     shipped = uploaded(tmp_path, env["excludes"])
     assert not any(p.split("/")[0] in {".venv", ".git", "runs"} for p in shipped), shipped
-    assert {"promptcl/study.py", "studies/smope_topk.py", "pyproject.toml"} <= shipped
+    assert {"promptcl/study/tuner.py", "studies/smope_topk.py", "pyproject.toml"} <= shipped
 

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from promptcl.backbone import LOCAL_BACKBONES, build_backbone, encode
+from promptcl.core.backbone import LOCAL_BACKBONES, build_backbone, encode
 from promptcl.cli import main
 from promptcl.cost import count_flops, measure_cost
 from promptcl.methods import get_method

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from promptcl.data import ClassIncremental, load_dataset, load_digits, seeded_class_order
+from promptcl.data.benchmarks import ClassIncremental, load_dataset, load_digits, seeded_class_order
 
 
 @pytest.fixture(scope="module")

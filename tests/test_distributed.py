@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import SequentialSampler
 
-from promptcl.alignment import ClassGaussians
+from promptcl.core.alignment import ClassGaussians
 from promptcl.distributed import ShardedBatchSampler, check_divisible, gather_in_order, sync_gradients
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from promptcl.cli import main
-from promptcl.data import load_digits
+from promptcl.data.benchmarks import load_digits
 from promptcl.engine import RunSpec, resolve_run
 
 FAST = ["--set", "epochs=2", "--set", "ca_epochs=3"]

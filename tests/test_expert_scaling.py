@@ -45,7 +45,7 @@ def _check_valid(config: dict, depths: dict[str, int]):
 
 
 def test_depth_comes_from_the_datasets_backbone():
-    from promptcl.backbone import LOCAL_BACKBONES
+    from promptcl.core.backbone import LOCAL_BACKBONES
 
     assert expert_scaling.method_depths(DATASET) == {m: LOCAL_BACKBONES["vit_digits"]["depth"]
                                                      for m in expert_scaling.METHODS}
@@ -100,9 +100,9 @@ def test_tpe_proposals_are_valid_runs():
 
 
 def test_grid_varies_the_cost():
-    from promptcl.backbone import input_shape
+    from promptcl.core.backbone import input_shape
     from promptcl.cost import measure_cost
-    from promptcl.data import dataset_spec
+    from promptcl.data.benchmarks import dataset_spec
 
     space = expert_scaling.make_search_space(DATASET)
     costs = {}

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from promptcl.attention import prefix_attention
-from promptcl.backbone import build_backbone, encode
-from promptcl.experts import Routing, SparsePromptExperts
+from promptcl.core.attention import prefix_attention
+from promptcl.core.backbone import build_backbone, encode
+from promptcl.core.experts import Routing, SparsePromptExperts
 
 
 def experts(**kw):

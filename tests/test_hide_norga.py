@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from promptcl.backbone import build_backbone
+from promptcl.core.backbone import build_backbone
 from promptcl.cli import main
 from promptcl.engine import RunSpec, resolve_run
 from promptcl.methods import get_method
 from promptcl.methods.base import TaskInfo
-from promptcl.tii import ResidualMLP, TaskIdentifier
+from promptcl.core.tii import ResidualMLP, TaskIdentifier
 
 T = 5
 

@@ -8,7 +8,7 @@ import pytest
 
 from promptcl.cli import main
 from promptcl.engine import RunSpec, evaluate_checkpoint, resolve_run
-from promptcl.trainer import Scaling, evaluate_on_workers
+from promptcl.study.trainer import Scaling, evaluate_on_workers
 
 pytestmark = pytest.mark.ray
 
@@ -70,7 +70,7 @@ def test_a_killed_worker_restarts_from_its_task_checkpoint_in_the_same_mlflow_ru
     The accuracy matrix equals the uninterrupted 2-worker run's, in one MLflow child run."""
     from mlflow.tracking import MlflowClient
 
-    from promptcl.study import StudySpec, run_study
+    from promptcl.study.tuner import StudySpec, run_study
 
     monkeypatch.setenv("PROMPTCL_INJECT_WORKER_FAULT", "task=2,rank=1")
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -1,6 +1,6 @@
 """Pareto front of accuracy vs cost."""
 
-from promptcl.tradeoff import pareto_front
+from promptcl.study.tradeoff import pareto_front
 
 
 def row(fa, params, flops):

@@ -14,7 +14,7 @@ from typing import Callable, ClassVar, Iterable, Optional
 import torch
 from torch import nn
 
-from promptcl.backbone import attention_geometry
+from promptcl.core.backbone import attention_geometry
 
 
 @dataclass(frozen=True)

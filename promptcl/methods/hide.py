@@ -1,6 +1,6 @@
 """HiDe-Prompt (Wang et al., NeurIPS 2023), as run by the NoRGa reference code.
 
-Two stages per task. Task-identity inference (:mod:`promptcl.tii`) on the frozen backbone; and
+Two stages per task. Task-identity inference (:mod:`promptcl.core.tii`) on the frozen backbone; and
 within-task prediction with one prefix prompt per task in blocks 0-4 (initialised from the
 previous task's prompt, trained with masked CE plus a contrastive term against stored class
 means, prompt momentum), then per-class Gaussians on prompted features and task-adaptive
@@ -19,14 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptcl.alignment import ClassGaussians, align_head, collect_features
-from promptcl.attention import static_prompt
-from promptcl.backbone import encode
+from promptcl.core.alignment import ClassGaussians, align_head, collect_features
+from promptcl.core.attention import static_prompt
+from promptcl.core.backbone import encode
 from promptcl.config import require
 from promptcl.distributed import gather_in_order
 from promptcl.methods import register_method
 from promptcl.methods.base import Phase, PromptMethod, TaskInfo, mask_logits, per_epoch
-from promptcl.tii import TaskIdentifier
+from promptcl.core.tii import TaskIdentifier
 
 CONTRASTIVE_TEMPERATURE = 0.8  # the reference's fixed divisor of the similarity matrix
 

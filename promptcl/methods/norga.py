@@ -14,7 +14,7 @@ from typing import Literal, Optional
 from torch import nn
 
 from promptcl.config import require
-from promptcl.gates import GATE_ACTIVATIONS, NoRGaGate
+from promptcl.core.gates import GATE_ACTIVATIONS, NoRGaGate
 from promptcl.methods import register_method
 from promptcl.methods.hide import HiDeConfig, HiDePrompt, reference_presets
 

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptcl.alignment import ClassGaussians, align_head, collect_features
-from promptcl.backbone import encode
+from promptcl.core.alignment import ClassGaussians, align_head, collect_features
+from promptcl.core.backbone import encode
 from promptcl.config import require
-from promptcl.experts import Routing, SparsePromptExperts
+from promptcl.core.experts import Routing, SparsePromptExperts
 from promptcl.methods import register_method
 from promptcl.methods.base import Phase, PromptMethod, TaskInfo, hold_then_cosine, mask_logits
 

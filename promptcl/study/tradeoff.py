@@ -27,7 +27,7 @@ def pareto_front(rows: Sequence[dict[str, Any]], cost_keys: Sequence[str] = COST
 
 def load_trials(tracking_uri: str, experiment: str) -> list[dict[str, Any]]:
     """One row per finished child run: its method config and final metrics."""
-    from promptcl.tracking import PARENT_TAG, client
+    from promptcl.study.tracking import PARENT_TAG, client
 
     c = client(tracking_uri)
     found = c.get_experiment_by_name(experiment)

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from promptcl import tracking
+from promptcl.study import tracking
 from promptcl.distributed import check_divisible
 from promptcl.engine import FINAL_METRICS, ResolvedRun, RunSpec, resolve_run
 

@@ -1,6 +1,6 @@
 """Ray Tune + Optuna studies whose trials each run a whole CL sequence through Ray Train.
 
-Three layers (the Ray Train V2 pattern): :func:`promptcl.trainer.train_worker` runs on each of a
+Three layers (the Ray Train V2 pattern): :func:`promptcl.study.trainer.train_worker` runs on each of a
 trial's Train workers and drives :func:`promptcl.engine.run_sequence`, reporting after every task;
 ``_trial_driver`` is the Tune trial, which builds and fits a ``TorchTrainer`` named after the
 trial; :func:`run_study` builds (or, with ``resume``, restores) the ``Tuner`` with an
@@ -21,9 +21,9 @@ from typing import Any, Callable, Literal, Optional
 
 from ray.tune import Callback
 
-from promptcl import tracking
+from promptcl.study import tracking
 from promptcl.engine import FINAL_METRICS, RunSpec, resolve_run
-from promptcl.trainer import Scaling, fault_from_env, make_trainer
+from promptcl.study.trainer import Scaling, fault_from_env, make_trainer
 
 SearchSpace = Callable[[Any], Optional[dict]]  # optuna.Trial -> constants (define-by-run)
 
@@ -180,7 +180,7 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
     uri = spec.resolved_tracking_uri()
     experiment_id = tracking.ensure_experiment(uri, spec.name, artifact_dir=runs_dir / "mlartifacts")
     if spec.dataset == "digits":
-        from promptcl.pretrain import digits_backbone_checkpoint
+        from promptcl.core.pretrain import digits_backbone_checkpoint
 
         digits_backbone_checkpoint()  # made once here, not raced for by concurrent trials
 

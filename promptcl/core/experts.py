@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from promptcl.attention import LayerPrompt, Prefix
+from promptcl.core.attention import LayerPrompt, Prefix
 from promptcl.distributed import all_reduce_sum
 
 RoutingMode = Literal["sparse", "dense"]

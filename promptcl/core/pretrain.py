@@ -105,7 +105,7 @@ def pretrain_digits_backbone(recipe: GlyphPretraining = GlyphPretraining()) -> d
     """Train ``vit_digits`` to classify glyphs; return its state dict (without the glyph head)."""
     from timm.models.vision_transformer import VisionTransformer
 
-    from promptcl.backbone import LOCAL_BACKBONES
+    from promptcl.core.backbone import LOCAL_BACKBONES
 
     generator = torch.Generator().manual_seed(recipe.seed)
     torch.manual_seed(recipe.seed)

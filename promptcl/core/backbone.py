@@ -14,10 +14,10 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from promptcl.attention import LayerPrompt, PrefixAttention, PromptBlock
+from promptcl.core.attention import LayerPrompt, PrefixAttention, PromptBlock
 
 # Small backbones defined here, for benchmarks that ship with the project. Their "pretrained"
-# weights are made offline by promptcl.pretrain (see there for why and how).
+# weights are made offline by promptcl.core.pretrain (see there for why and how).
 LOCAL_BACKBONES: dict[str, dict] = {
     "vit_digits": dict(img_size=8, patch_size=2, in_chans=1, embed_dim=64, depth=4, num_heads=4,
                        mlp_ratio=2.0),
@@ -25,7 +25,7 @@ LOCAL_BACKBONES: dict[str, dict] = {
 
 
 def _local_weights(name: str) -> Path:
-    from promptcl.pretrain import digits_backbone_checkpoint
+    from promptcl.core.pretrain import digits_backbone_checkpoint
 
     makers = {"vit_digits": digits_backbone_checkpoint}
     return makers[name]()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptcl.alignment import ClassGaussians, align_head
+from promptcl.core.alignment import ClassGaussians, align_head
 from promptcl.methods.base import mask_logits
 
 

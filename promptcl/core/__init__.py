@@ -1,0 +1,1 @@
+"""Model building blocks: the prefix-attention core, gates, prompt experts, backbones, statistics."""

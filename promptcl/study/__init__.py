@@ -1,0 +1,1 @@
+"""Ray Tune + Train studies, MLflow tracking and the trade-off map."""
