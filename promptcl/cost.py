@@ -62,15 +62,19 @@ def measure_cost(method_cls, config, backbone: str, num_classes: int,
     out = parameter_counts(method)
     task = TaskInfo(index=0, classes=range(0, num_classes), num_tasks=1)
     method.begin_task(task)
-    phase = method.phases(task)[-1]  # the method's main training phase
+    phases = method.phases(task)
     batch = 2
     images = torch.randn(batch, *image_shape)
     labels = torch.zeros(batch, dtype=torch.long)
 
     def train_step() -> None:
+        if not phases:  # a training-free method (e.g. class means) still encodes each image once
+            with torch.no_grad():
+                encode(vit, images)
+            return
         method.train()
         vit.eval()
-        loss, _ = method.training_loss(images, labels, task, phase)
+        loss, _ = method.training_loss(images, labels, task, phases[-1])  # the main training phase
         loss.backward()
 
     out["train_flops_per_image"] = count_flops(train_step) // batch

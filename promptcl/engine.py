@@ -158,7 +158,10 @@ def train_phase(method: PromptMethod, phase: Phase, task: TaskInfo, loader, devi
                 progress: bool, precision: str = "fp32") -> dict[str, float]:
     """``phase.epochs`` passes over ``loader``; in a process group each step's gradients are those
     of the whole global batch, so every rank takes the same optimizer steps."""
-    optimizer = torch.optim.AdamW(phase.param_groups, weight_decay=phase.weight_decay)
+    if phase.optimizer == "sgd":
+        optimizer = torch.optim.SGD(phase.param_groups, momentum=phase.momentum, weight_decay=phase.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(phase.param_groups, weight_decay=phase.weight_decay)
     params = [p for g in phase.param_groups for p in g["params"]]
     steps_per_epoch = loader.batch_sampler.global_steps()
     total = phase.epochs * steps_per_epoch
@@ -365,7 +368,8 @@ def run_sequence(
     for t in range(first_task, T):
         task = TaskInfo(index=t, classes=scenario.task_classes(t), num_tasks=T)
         method.begin_task(task)
-        loader = scenario.train_loader(t, batch_size=batch_size, seed=spec.seed)
+        loader = scenario.train_loader(t, batch_size=batch_size, seed=spec.seed,
+                                       cumulative=method.TRAINS_ON_SEEN_TASKS)
         for phase in method.phases(task):
             train_phase(method, phase, task, loader, device, progress=progress, precision=spec.precision)
         with autocast():

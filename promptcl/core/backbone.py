@@ -111,22 +111,47 @@ def encode(
     vit: VisionTransformer,
     images: torch.Tensor,
     prompts: Optional[Mapping[int, LayerPrompt]] = None,
+    *,
+    input_tokens: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Pre-logits feature (the [CLS] token after the final norm), with per-layer prompts.
 
-    Mirrors ``VisionTransformer.forward_features`` + ``forward_head(pre_logits=True)``.
-    """
+    Mirrors ``VisionTransformer.forward_features`` + ``forward_head(pre_logits=True)``."""
+    return vit.forward_head(encode_tokens(vit, images, prompts, input_tokens=input_tokens), pre_logits=True)
+
+
+def encode_tokens(
+    vit: VisionTransformer,
+    images: torch.Tensor,
+    prompts: Optional[Mapping[int, LayerPrompt]] = None,
+    *,
+    input_tokens: Optional[torch.Tensor] = None,
+    input_tokens_positioned: bool = True,
+) -> torch.Tensor:
+    """All output tokens after the final norm, ``[B, tokens, dim]``.
+
+    ``prompts``: prefix prompts per block. ``input_tokens`` ``[B, P, dim]``: prompt tuning, P tokens
+    inserted right after the class (and register) tokens, so the sequence is ``[CLS, prompts, patches]``;
+    each gets the class token's position embedding (L2P's PyTorch layout) unless
+    ``input_tokens_positioned`` is False (S-Prompts: no position embedding)."""
     prompts = prompts or {}
     if prompts and max(prompts) >= len(vit.blocks):
         raise ValueError(f"prompt for layer {max(prompts)} but the backbone has {len(vit.blocks)} blocks")
     x = vit.patch_embed(images)
     x = vit._pos_embed(x)
+    if input_tokens is not None:
+        if input_tokens.dim() != 3 or input_tokens.shape[0] != x.shape[0] or input_tokens.shape[2] != x.shape[2]:
+            raise ValueError(f"input prompt tokens must be [B={x.shape[0]}, P, {x.shape[2]}], "
+                             f"got {tuple(input_tokens.shape)}")
+        if input_tokens_positioned and vit.cls_token is not None and not vit.no_embed_class:
+            input_tokens = input_tokens + vit.pos_embed[:, :1]
+        n = vit.num_prefix_tokens
+        x = torch.cat([x[:, :n], input_tokens.to(x.dtype), x[:, n:]], dim=1)
     x = vit.patch_drop(x)
     x = vit.norm_pre(x)
     for i, block in enumerate(vit.blocks):
         x = block(x, prompt=prompts.get(i))
-    x = vit.norm(x)
-    return vit.forward_head(x, pre_logits=True)
+    return vit.norm(x)
 
 
 def input_shape(name: str, img_size: Optional[int] = None) -> tuple[int, int, int]:

@@ -191,23 +191,27 @@ class ClassIncremental:
         """Task index of each head output."""
         return np.repeat(np.arange(self.num_tasks), self.increments)
 
-    def _subset(self, split: str, task: int) -> _Relabelled:
+    def _subset(self, split: str, task: int, cumulative: bool = False) -> _Relabelled:
         base = self.data.train if split == "train" else self.data.test
         labels = self.data.train_labels if split == "train" else self.data.test_labels
-        wanted = np.asarray(self.class_order)[list(self.task_classes(task))]
+        classes = self.task_classes(task)
+        positions = range(0, classes.stop) if cumulative else classes
+        wanted = np.asarray(self.class_order)[list(positions)]
         indices = np.flatnonzero(np.isin(labels, wanted))
         return _Relabelled(base, indices, self.position)
 
-    def train_dataset(self, task: int) -> Dataset:
-        return self._subset("train", task)
+    def train_dataset(self, task: int, *, cumulative: bool = False) -> Dataset:
+        """The task's training images; ``cumulative``: those of every task up to ``task``."""
+        return self._subset("train", task, cumulative)
 
     def test_dataset(self, task: int) -> Dataset:
         return self._subset("test", task)
 
-    def train_loader(self, task: int, *, batch_size: int, seed: int, shuffle: bool = True) -> DataLoader:
+    def train_loader(self, task: int, *, batch_size: int, seed: int, shuffle: bool = True,
+                     cumulative: bool = False) -> DataLoader:
         """Global batches of ``batch_size`` in a seeded order; in a process group each rank loads
         its strided share of every batch (see :class:`~promptcl.distributed.ShardedBatchSampler`)."""
-        dataset = self.train_dataset(task)
+        dataset = self.train_dataset(task, cumulative=cumulative)
         generator = torch.Generator().manual_seed(seed * 1000 + task)
         order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
         return DataLoader(dataset, batch_sampler=ShardedBatchSampler(order, batch_size, *world()),

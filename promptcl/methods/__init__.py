@@ -10,7 +10,8 @@ import importlib
 
 from promptcl.methods.base import MethodEntry, PromptMethod
 
-BUILTIN_MODULES = ("promptcl.methods.smope", "promptcl.methods.hide", "promptcl.methods.norga")
+BUILTIN_MODULES = tuple(f"promptcl.methods.{name}" for name in (
+    "smope", "hide", "norga", "l2p", "dualprompt", "sprompt", "coda", "ovor", "vqprompt", "simplecil", "oneprompt"))
 
 METHODS: dict[str, MethodEntry] = {}
 _loaded = False

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Iterable, Optional
+from typing import Callable, ClassVar, Iterable, Literal, Optional
 
 import torch
 from torch import nn
@@ -41,6 +41,8 @@ class Phase:
     # or a list with one per group
     lr_factor: Optional[Callable[[int, int], float] | list[Callable[[int, int], float]]] = None
     grad_clip: Optional[float] = None
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # AdamW with weight_decay=0 is Adam
+    momentum: float = 0.9  # SGD only
 
 
 def hold_then_cosine(hold_iters: int, floor: float) -> Callable[[int, int], float]:
@@ -54,6 +56,12 @@ def hold_then_cosine(hold_iters: int, floor: float) -> Callable[[int, int], floa
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
+
+
+def coda_cosine(epochs: int) -> Callable[[int, int], float]:
+    """CODA-Prompt's per-epoch schedule (also OVOR's, VQ-Prompt's CUB one):
+    ``cos(99 pi e / (200 (E - 1)))`` at epoch e, from 1 down to about 0.016."""
+    return per_epoch(lambda e, n: math.cos(99 * math.pi * e / (200 * max(n - 1, 1))), epochs)
 
 
 def per_epoch(factor: Callable[[int, int], float], epochs: int) -> Callable[[int, int], float]:
@@ -81,6 +89,8 @@ class PromptMethod(nn.Module):
     DEFAULT_BACKBONES: ClassVar[dict[str, str]] = {}
     # full backbone passes per test image (two for methods with a task-identity pass)
     TEST_PASSES: ClassVar[int] = 1
+    # True: task t trains on the data of tasks 0..t (the joint upper bound), not on task t alone
+    TRAINS_ON_SEEN_TASKS: ClassVar[bool] = False
 
     def __init__(self, config, *, backbone: nn.Module, num_classes: int, num_tasks: int) -> None:
         super().__init__()

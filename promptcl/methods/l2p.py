@@ -1,0 +1,133 @@
+"""L2P (Wang et al., CVPR 2022): a pool of prompts with learnable keys, each sample picking its
+top-N prompts by cosine similarity between the keys and its frozen [CLS] query.
+
+Two forms. ``prompt`` (the paper, JH-LEE-KR/l2p-pytorch): the picked prompts' tokens are inserted
+after [CLS] at the input, and the head reads the mean of their outputs. ``prefix`` (CODA-Prompt's
+L2P++ and the "Deep L2P++" of later tables): the picked prompts are key/value prefixes of the
+chosen blocks, and the head reads [CLS]. A surrogate loss pulls the picked keys to the queries.
+
+Selection is per sample by default; ``batchwise_prompt`` reproduces the reference's majority vote
+over the batch (at training and test time), which makes predictions depend on the test batch.
+Two backbone passes per image, at training and at test time (query, then prompted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from promptcl.config import require
+from promptcl.core.backbone import encode_tokens
+from promptcl.core.prompts import (batch_majority, cosine_similarity_matrix, frozen_query, prefix_prompt,
+                                   pull_constraint, top_keys)
+from promptcl.methods import register_method
+from promptcl.methods.base import Phase, PromptMethod, TaskInfo, coda_cosine, mask_logits
+
+
+@dataclass(frozen=True, kw_only=True)
+class L2PConfig:
+    """Defaults: the paper's Split CIFAR-100 settings as l2p-pytorch runs them (8 GPUs x 16)."""
+
+    form: Literal["prompt", "prefix"] = "prompt"
+    pool_size: int = 10
+    prompt_length: int = 5  # tokens per prompt; in the prefix form, key tokens (= value tokens)
+    top_k: int = 5
+    prefix_layers: tuple[int, ...] = (0,)  # prefix form only
+    pull_weight: float = 0.1
+    init_range: tuple[float, ...] = (-1.0, 1.0)  # uniform init of prompts and keys
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.001875  # 0.03 x 16 / 256, the port's per-device scaling
+    schedule: Literal["constant", "coda_cosine"] = "constant"
+    grad_clip: float = 1.0
+    batchwise_prompt: bool = False  # the reference default is True (see the module docstring)
+
+    def __post_init__(self) -> None:
+        require(self.form in ("prompt", "prefix"), f"form must be 'prompt' or 'prefix', got {self.form!r}")
+        require(self.pool_size >= 1 and self.prompt_length >= 1, "pool_size and prompt_length must be >= 1")
+        require(1 <= self.top_k <= self.pool_size, f"top_k={self.top_k} must be between 1 and pool_size={self.pool_size}")
+        require(len(self.prefix_layers) >= 1 and min(self.prefix_layers) >= 0
+                and len(set(self.prefix_layers)) == len(self.prefix_layers),
+                f"prefix_layers must be distinct non-negative indices, got {self.prefix_layers}")
+        require(len(self.init_range) == 2 and self.init_range[0] < self.init_range[1],
+                f"init_range must be (low, high) with low < high, got {self.init_range}")
+        require(self.pull_weight >= 0 and self.grad_clip >= 0, "pull_weight and grad_clip must be >= 0")
+        require(self.epochs >= 1 and self.batch_size >= 1 and self.lr > 0, "epochs, batch_size, lr must be positive")
+
+
+PAPER = L2PConfig()
+# CODA-Prompt's L2P++ (experiments/*.sh: pool 30, length 20 = 10 key + 10 value tokens, top-5, block 0;
+# Adam 1e-3, batch 128, its cosine, 20 epochs on CIFAR-100), and the variant prompting blocks 0-4.
+L2P_PLUS = dataclasses.replace(PAPER, form="prefix", pool_size=30, prompt_length=10, top_k=5, prefix_layers=(0,),
+                               pull_weight=1.0, init_range=(0.0, 1.0), epochs=20, lr=1e-3,
+                               schedule="coda_cosine", grad_clip=0.0)
+DEEP_L2P_PLUS = dataclasses.replace(L2P_PLUS, prefix_layers=(0, 1, 2, 3, 4))
+# Scaled to the embedded digits benchmark (4-block micro ViT, tasks of ~290 images).
+DIGITS = dataclasses.replace(PAPER, pool_size=10, prompt_length=2, top_k=3, epochs=6, batch_size=32, lr=0.01)
+
+
+@register_method("l2p")
+class L2P(PromptMethod):
+    Config = L2PConfig
+    PRESETS = {"paper": PAPER, "l2p++": L2P_PLUS, "deep-l2p++": DEEP_L2P_PLUS,
+               "imagenet-r": dataclasses.replace(PAPER, epochs=50), "digits": DIGITS}
+    DATASET_PRESETS = {"digits": "digits"}
+    TEST_PASSES = 2
+
+    def __init__(self, config: L2PConfig, *, backbone: nn.Module, num_classes: int, num_tasks: int) -> None:
+        super().__init__(config, backbone=backbone, num_classes=num_classes, num_tasks=num_tasks)
+        c = config
+        low, high = c.init_range
+        shape = ((c.pool_size, c.prompt_length, self.embed_dim) if c.form == "prompt"
+                 else (c.pool_size, len(c.prefix_layers), 2, c.prompt_length, self.embed_dim))
+        self.pool = nn.Parameter(torch.empty(shape).uniform_(low, high))
+        self.keys = nn.Parameter(torch.empty(c.pool_size, self.embed_dim).uniform_(low, high))
+        self.head = nn.Linear(self.embed_dim, num_classes)
+
+    def validate_for_backbone(self) -> None:
+        if self.config.form == "prefix":
+            require(max(self.config.prefix_layers) < self.depth,
+                    f"prefix_layers {self.config.prefix_layers} exceed the backbone's {self.depth} blocks")
+
+    # --- forward -----------------------------------------------------------------------------
+    def select(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(similarities ``[B, pool]``, picked prompt indices ``[B, top_k]``)."""
+        similarity = cosine_similarity_matrix(frozen_query(self.backbone, images), self.keys)
+        picked = top_keys(similarity.detach(), self.config.top_k)
+        if self.config.batchwise_prompt:
+            picked = batch_majority(picked, self.config.pool_size)
+        return similarity, picked
+
+    def features(self, images: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+        B, c = len(images), self.config
+        chosen = self.pool[picked]
+        if c.form == "prompt":
+            tokens = encode_tokens(self.backbone, images, input_tokens=chosen.reshape(B, -1, self.embed_dim))
+            start = self.backbone.num_prefix_tokens
+            return tokens[:, start:start + c.top_k * c.prompt_length].mean(dim=1)
+        # [B, k, layer, 2, length, D] -> per layer [B, 2, k * length, D]
+        per_layer = chosen.permute(2, 0, 3, 1, 4, 5).reshape(len(c.prefix_layers), B, 2, -1, self.embed_dim)
+        prompts = {layer: prefix_prompt(per_layer[i], self.num_heads) for i, layer in enumerate(c.prefix_layers)}
+        tokens = encode_tokens(self.backbone, images, prompts)
+        return self.backbone.forward_head(tokens, pre_logits=True)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images, self.select(images)[1]))
+
+    # --- training ----------------------------------------------------------------------------
+    def phases(self, task: TaskInfo) -> list[Phase]:
+        c = self.config
+        groups = [{"params": [self.pool, self.keys, *self.head.parameters()], "lr": c.lr}]
+        factor = coda_cosine(c.epochs) if c.schedule == "coda_cosine" else None
+        return [Phase("train", c.epochs, groups, lr_factor=factor, grad_clip=c.grad_clip or None)]
+
+    def training_loss(self, images, labels, task: TaskInfo, phase: Phase):
+        similarity, picked = self.select(images)
+        ce = F.cross_entropy(mask_logits(self.head(self.features(images, picked)), task.classes), labels)
+        pull = pull_constraint(similarity, picked)
+        return ce + self.config.pull_weight * pull, {"ce": ce.detach().item(), "pull": pull.detach().item()}

@@ -1,0 +1,149 @@
+"""VQ-Prompt (Jiao et al., NeurIPS 2024), after the official code (jiaolifengmi/VQ-Prompt).
+
+Per prompted block (0-4): a pool of prompts with keys. The frozen [CLS] query q weighs the pool,
+``alpha = softmax(q . normalize(K) / tau)``; the continuous prompt ``p = sum alpha_i P_i`` is
+quantised to its nearest pool prompt Q (squared L2), and the forward pass uses Q through the
+straight-through estimator ``p + sg(Q - p)``, so the task loss reaches alpha (hence the keys) and
+the whole pool. Two codebook terms tie p and Q. After each task, per-class diagonal Gaussians of
+the prompted features, and (task >= 1) the head realigned on Gaussian replays, as in the code's
+default ``adaptive_pred``. Two passes per image, at training and at test time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from promptcl.config import require
+from promptcl.core.alignment import ClassGaussians, align_head, collect_features
+from promptcl.core.backbone import encode
+from promptcl.core.prompts import frozen_query, prefix_prompt
+from promptcl.methods import register_method
+from promptcl.methods.base import Phase, PromptMethod, TaskInfo, hold_then_cosine, mask_logits
+
+
+@dataclass(frozen=True, kw_only=True)
+class VQPromptConfig:
+    """Defaults: the official Split CIFAR-100 config (--prompt_param 10 8 1, cifar-100_prompt_vq.yaml)."""
+
+    pool_size: int = 10
+    prompt_length: int = 4  # key tokens (= value tokens): the code's length 8, halved
+    prompt_layers: tuple[int, ...] = (0, 1, 2, 3, 4)
+    temperature: float = 1.0
+    codebook_weight: float = 0.4  # pulls the continuous prompt to sg(Q) (the code's "vq_loss")
+    commitment_weight: float = 0.1  # pulls Q to sg(continuous prompt) (the code's "commit_loss")
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 0.0025  # the head; prompts and keys train at prompt_lr_multiplier x lr
+    prompt_lr_multiplier: float = 5.0
+    lr_hold_iters: int = 80
+    min_lr: float = 1e-6
+    classifier_alignment: bool = True
+    ca_epochs: int = 10
+    ca_samples_per_class: int = 512  # batch_size x 4
+    ca_lr: float = 1e-5
+    ca_min_lr: float = 1e-6
+    ca_weight_decay: float = 5e-4
+
+    def __post_init__(self) -> None:
+        require(self.pool_size >= 1 and self.prompt_length >= 1, "pool_size and prompt_length must be >= 1")
+        require(len(self.prompt_layers) >= 1 and min(self.prompt_layers) >= 0
+                and len(set(self.prompt_layers)) == len(self.prompt_layers),
+                f"prompt_layers must be distinct non-negative indices, got {self.prompt_layers}")
+        require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        require(self.codebook_weight >= 0 and self.commitment_weight >= 0, "codebook weights must be >= 0")
+        require(self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1")
+        require(self.lr > 0 and self.ca_lr > 0 and self.prompt_lr_multiplier > 0, "learning rates must be > 0")
+        require(0 <= self.min_lr <= self.lr and 0 <= self.ca_min_lr <= self.ca_lr,
+                "min learning rates must be in [0, base lr]")
+        require(self.lr_hold_iters >= 0 and self.ca_epochs >= 0 and self.ca_samples_per_class >= 1,
+                "lr_hold_iters, ca_epochs must be >= 0 and ca_samples_per_class >= 1")
+
+
+PAPER = VQPromptConfig()
+IMAGENET_R = dataclasses.replace(PAPER, batch_size=64, lr_hold_iters=40, ca_samples_per_class=256)
+DIGITS = dataclasses.replace(PAPER, prompt_layers=(0, 1, 2), prompt_length=2, pool_size=8, epochs=6, batch_size=32,
+                             lr=0.01, lr_hold_iters=0, ca_epochs=20, ca_samples_per_class=32, ca_lr=1e-3,
+                             ca_min_lr=1e-5)
+
+
+def quantise(continuous: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """The pool entry nearest (squared L2 over the whole prompt) to each continuous prompt.
+    ``continuous`` ``[B, ...]``, ``pool`` ``[N, ...]`` -> ``[B, ...]``."""
+    nearest = torch.cdist(continuous.flatten(1), pool.flatten(1)).argmin(dim=1)
+    return pool[nearest]
+
+
+@register_method("vqprompt")
+class VQPrompt(PromptMethod):
+    Config = VQPromptConfig
+    PRESETS = {"paper": PAPER, "imagenet-r": IMAGENET_R, "digits": DIGITS}
+    DATASET_PRESETS = {"digits": "digits"}
+    TEST_PASSES = 2
+
+    def __init__(self, config: VQPromptConfig, *, backbone: nn.Module, num_classes: int, num_tasks: int) -> None:
+        super().__init__(config, backbone=backbone, num_classes=num_classes, num_tasks=num_tasks)
+        c, L = config, len(config.prompt_layers)
+        self.pool = nn.Parameter(torch.rand(L, c.pool_size, 2, c.prompt_length, self.embed_dim))
+        self.keys = nn.Parameter(torch.rand(L, c.pool_size, self.embed_dim))
+        self.head = nn.Linear(self.embed_dim, num_classes)
+        self.class_stats = ClassGaussians(num_classes, self.embed_dim, covariance="diag")
+
+    def validate_for_backbone(self) -> None:
+        require(max(self.config.prompt_layers) < self.depth,
+                f"prompt_layers {self.config.prompt_layers} exceed the backbone's {self.depth} blocks")
+
+    def quantised_prompts(self, query: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per prompted layer, the prefix ``[B, 2, length, D]`` the forward pass uses (its values are
+        a pool entry; its gradient flows to the continuous prompt), and the codebook loss summed
+        over the layers."""
+        c = self.config
+        alpha = (torch.einsum("bd,lmd->lbm", query, F.normalize(self.keys, dim=-1)) / c.temperature).softmax(-1)
+        continuous = torch.einsum("lbm,lmkpd->lbkpd", alpha, self.pool)  # [layer, B, 2, length, D]
+        used, codebook = [], query.new_zeros(())
+        for layer in range(len(c.prompt_layers)):
+            quantised = quantise(continuous[layer], self.pool[layer])
+            used.append(continuous[layer] + (quantised - continuous[layer]).detach())  # straight-through
+            codebook = codebook + (c.codebook_weight * F.mse_loss(continuous[layer], quantised.detach())
+                                   + c.commitment_weight * F.mse_loss(quantised, continuous[layer].detach()))
+        return used, codebook
+
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompted [CLS] features, the codebook loss)."""
+        used, codebook = self.quantised_prompts(frozen_query(self.backbone, images))
+        prompts = {layer: prefix_prompt(used[i], self.num_heads) for i, layer in enumerate(self.config.prompt_layers)}
+        return encode(self.backbone, images, prompts), codebook
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images)[0])
+
+    # --- training ----------------------------------------------------------------------------
+    def phases(self, task: TaskInfo) -> list[Phase]:
+        c = self.config
+        groups = [{"params": [self.pool, self.keys], "lr": c.lr * c.prompt_lr_multiplier},
+                  {"params": list(self.head.parameters()), "lr": c.lr}]
+        schedule = [hold_then_cosine(c.lr_hold_iters, c.min_lr / g["lr"]) for g in groups]
+        return [Phase("train", c.epochs, groups, lr_factor=schedule)]
+
+    def training_loss(self, images, labels, task: TaskInfo, phase: Phase):
+        feats, codebook = self.features(images)
+        ce = F.cross_entropy(mask_logits(self.head(feats), task.classes), labels)
+        return ce + codebook, {"ce": ce.detach().item(), "codebook": codebook.detach().item()}
+
+    @torch.no_grad()
+    def end_task(self, task: TaskInfo, train_batches, snapshot) -> None:
+        c = self.config
+        self.eval()
+        self.class_stats.fit(*collect_features(lambda x: self.features(x)[0], train_batches(), self.device()))
+        if task.index > 0 and c.classifier_alignment and c.ca_epochs > 0:
+            snapshot("before_alignment")
+            generator = torch.Generator().manual_seed(torch.initial_seed() + task.index)
+            with torch.enable_grad():
+                align_head(self.head, self.class_stats, seen=range(0, task.num_seen), iterations=task.classes.start,
+                           epochs=c.ca_epochs, samples_per_class=c.ca_samples_per_class, lr=c.ca_lr,
+                           min_lr=c.ca_min_lr, weight_decay=c.ca_weight_decay, generator=generator)
+            self.eval()

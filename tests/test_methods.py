@@ -1,0 +1,374 @@
+"""The comparison methods (L2P, DualPrompt, S-Prompt, CODA-Prompt, OVOR, VQ-Prompt) and the
+baselines (SimpleCIL, finetune, joint): each one's defining mechanism, per-sample predictions,
+the papers' parameter counts, and a run of every method through the engine."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from promptcl.cli import main
+from promptcl.config import ConfigError, apply_overrides
+from promptcl.core.backbone import build_backbone, encode, encode_tokens
+from promptcl.core.prompts import batch_majority, pull_constraint
+from promptcl.data.benchmarks import ClassIncremental, load_dataset
+from promptcl.engine import RunSpec, resolve_run, run_sequence
+from promptcl.methods import get_method, method_names
+from promptcl.methods.base import TaskInfo
+from promptcl.methods.coda import gram_schmidt_rows, orthogonality_penalty
+from promptcl.methods.ovor import kth_neighbour_distance, virtual_outliers
+from promptcl.methods.sprompt import kmeans_centroids
+
+T = 5
+NEW_METHODS = ("l2p", "dualprompt", "sprompt", "coda", "ovor", "vqprompt", "simplecil", "finetune", "joint")
+
+
+def make(name, backbone=None, **overrides):
+    torch.manual_seed(0)
+    cls = get_method(name)
+    config = apply_overrides(cls.PRESETS["digits"], overrides)
+    vit = backbone or build_backbone("vit_digits", pretrained=True)
+    return cls(config, backbone=vit, num_classes=10, num_tasks=T).eval()
+
+
+def begin(method, tasks=T):
+    for t in range(tasks):
+        method.begin_task(TaskInfo(t, range(2 * t, 2 * t + 2), T))
+    return method
+
+
+def scramble(method):
+    """Random values in every trainable tensor and float statistic, so that a wrong gather or a
+    batch-dependent step shows in the predictions."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, t in [*method.named_parameters(), *method.named_buffers()]:
+            if not name.startswith("backbone.") and t.is_floating_point():
+                t.copy_(0.5 * torch.randn(t.shape, generator=g))
+    return method
+
+
+def digit_images(n):
+    """``n`` real test digits, classes mixed."""
+    test = load_dataset("digits").test
+    return torch.stack([test[i][0] for i in range(0, 7 * n, 7)])
+
+
+def test_every_method_is_registered():
+    assert set(NEW_METHODS) | {"smope", "hide", "norga"} == set(method_names())
+
+
+@pytest.mark.parametrize("name", NEW_METHODS)
+def test_predictions_do_not_depend_on_the_rest_of_the_batch(name):
+    m = scramble(begin(make(name)))
+    x = digit_images(12)
+    batch = m.predict(x)
+    assert len(set(batch.tolist())) > 1
+    assert torch.equal(batch, torch.cat([m.predict(x[i:i + 1]) for i in range(len(x))]))
+
+
+@pytest.mark.parametrize("name", ["l2p", "dualprompt"])
+def test_the_reference_batchwise_vote_makes_predictions_depend_on_the_batch(name):
+    m = scramble(begin(make(name, batchwise_prompt=True)))
+    x = digit_images(32)
+    assert not torch.equal(m.predict(x), torch.cat([m.predict(x[i:i + 1]) for i in range(len(x))]))
+
+
+def test_batch_majority_by_hand():
+    picked = torch.tensor([[0, 1], [1, 2], [1, 0], [3, 2]])  # counts 0:2, 1:3, 2:2, 3:1
+    assert batch_majority(picked, 4).tolist() == [[1, 0]] * 4  # ties go to the lower index
+
+
+# --- L2P ------------------------------------------------------------------------------------
+def test_l2p_picks_the_top_n_keys_by_cosine_similarity_to_the_frozen_query():
+    m = make("l2p", top_k=3)
+    x = torch.randn(6, 1, 8, 8)
+    query = encode(m.backbone, x)
+    for b in range(len(x)):
+        cos = [float(query[b] @ k / (query[b].norm() * k.norm())) for k in m.keys.detach()]
+        similarity, picked = m.select(x[b:b + 1])
+        assert picked[0].tolist() == list(np.argsort(cos)[::-1][:3])
+        torch.testing.assert_close(similarity[0], torch.tensor(cos), atol=1e-6, rtol=0)
+
+
+def test_l2p_pull_constraint_trains_only_the_picked_keys():
+    m = make("l2p", top_k=2)
+    x = torch.randn(4, 1, 8, 8)
+    similarity, picked = m.select(x)
+    pull_constraint(similarity, picked).backward()
+    touched = (m.keys.grad.abs().sum(1) > 0).nonzero().flatten().tolist()
+    assert touched == sorted(set(picked.flatten().tolist()))
+    # by hand: minus the summed similarity of the picked keys, averaged over the batch
+    expected = -sum(float(similarity[b, k].detach()) for b in range(4) for k in picked[b]) / 4
+    assert pull_constraint(similarity, picked).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_l2p_prompt_form_inserts_the_picked_prompts_after_cls_and_reads_their_mean():
+    m = make("l2p", top_k=2, prompt_length=3)
+    x = torch.randn(2, 1, 8, 8)
+    picked = torch.tensor([[4, 1], [0, 9]])
+    tokens = torch.cat([m.pool[picked[b]].reshape(1, 6, -1) for b in range(2)])
+    out = encode_tokens(m.backbone, x, input_tokens=tokens)
+    assert out.shape[1] == 1 + 6 + 16  # [CLS, 6 prompt tokens, 16 patches]
+    torch.testing.assert_close(m.features(x, picked), out[:, 1:7].mean(1))
+    # the prompt tokens carry the class token's position embedding
+    plain = encode_tokens(m.backbone, x, input_tokens=tokens + m.backbone.pos_embed[:, :1],
+                          input_tokens_positioned=False)
+    torch.testing.assert_close(plain, out, atol=1e-5, rtol=0)
+
+
+def test_l2p_prefix_form_puts_the_picked_prompts_in_the_prefix_layers():
+    m = make("l2p", form="prefix", prefix_layers=(0, 2), top_k=2)
+    x = torch.randn(3, 1, 8, 8)
+    _, picked = m.select(x)
+    out = m.features(x, picked)
+    assert out.shape == (3, 64)
+    with torch.no_grad():
+        m.pool[:, 1].add_(1.0)  # the second prefix layer's prompts: block 2 changes, output changes
+    assert not torch.allclose(m.features(x, picked), out)
+
+
+# --- DualPrompt -----------------------------------------------------------------------------
+def test_dualprompt_trains_with_the_true_task_prompt_and_infers_it_from_the_keys():
+    m = begin(make("dualprompt"), tasks=3)
+    x = torch.randn(6, 1, 8, 8)
+    with torch.no_grad():  # make image b's query closest to key b % 3
+        m.keys[:3] = encode(m.backbone, x[:3])
+    slots = m.infer_slots(x[:3])
+    assert slots.tolist() == [0, 1, 2]
+    pred, details = m.predict_with_details(x[:3])
+    assert details["task"].tolist() == [0, 1, 2]
+    # training on task 1 uses E-prompt 1 for every sample, whatever the keys say
+    task = TaskInfo(1, range(2, 4), T)
+    loss, logs = m.training_loss(x, torch.tensor([2, 3, 2, 3, 2, 3]), task, m.phases(task)[0])
+    loss.backward()
+    assert m.e_prompts.grad[1].abs().sum() > 0 and m.e_prompts.grad[[0, 2]].abs().sum() == 0
+    assert m.keys.grad[1].abs().sum() > 0 and m.keys.grad[[0, 2]].abs().sum() == 0
+
+
+def test_dualprompt_never_picks_an_unseen_tasks_key_and_copies_the_previous_prompt():
+    m = begin(make("dualprompt"), tasks=2)
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        m.keys[4] = encode(m.backbone, x[:1])[0]  # a future task's key matching the query exactly
+    assert m.infer_slots(x[:1]).item() in (0, 1)
+    with torch.no_grad():
+        m.e_prompts[1].add_(1.0)
+    m.begin_task(TaskInfo(2, range(4, 6), T))
+    assert torch.equal(m.e_prompts[2], m.e_prompts[1])
+
+
+# --- CODA-Prompt ----------------------------------------------------------------------------
+def test_coda_orthogonality_penalty_is_zero_exactly_for_orthonormal_rows():
+    q, _ = torch.linalg.qr(torch.randn(16, 5, dtype=torch.float64))
+    assert orthogonality_penalty(q.T).item() == pytest.approx(0.0, abs=1e-12)
+    rows = q.T.clone()
+    rows[1] = rows[0]
+    # rows 0 and 1 now coincide: entries (0,1) and (1,0) of R R^T - I are 1
+    assert orthogonality_penalty(rows).item() == pytest.approx(2 / 25, abs=1e-12)
+
+
+def test_coda_gram_schmidt_makes_new_rows_orthonormal_to_old_ones_and_keeps_the_old():
+    old = torch.randn(6, 3, 4)  # the earlier rows are not orthogonal (trained components)
+    g = torch.Generator().manual_seed(0)
+    new = gram_schmidt_rows(old, 2, 4, g)
+    assert torch.equal(new[:2], old[:2]) and torch.equal(new[4:], torch.zeros(2, 3, 4))
+    flat = new.flatten(1).double()
+    gram = flat[:4] @ flat[2:4].T
+    torch.testing.assert_close(gram[2:], torch.eye(2, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(gram[:2], torch.zeros(2, 2, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_coda_old_components_do_not_change_after_their_task(tmp_path):
+    run = resolve_run(RunSpec(method="coda", dataset="digits", pretrained=False,
+                              overrides={"epochs": 1, "ortho_weight": 0.1}))
+    snapshots = []
+
+    def keep(report):
+        state = torch.load(report.checkpoint, weights_only=True)["state"]
+        snapshots.append({k: state[k].clone() for k in ("components", "keys", "attention")})
+
+    run_sequence(run, tmp_path, on_task_end=keep)
+    per_task = 20 // 5
+    for t in range(1, 5):
+        for name, before in snapshots[t - 1].items():
+            after = snapshots[t][name]
+            assert torch.equal(after[:, :t * per_task], before[:, :t * per_task]), (name, t)
+            assert not torch.equal(after[:, t * per_task:(t + 1) * per_task], before[:, t * per_task:(t + 1) * per_task])
+
+
+def test_coda_weights_are_cosine_of_query_times_attention_with_key():
+    from promptcl.core.prompts import prefix_prompt
+
+    m = begin(make("coda"), tasks=1)  # 4 active components per layer
+    x = torch.randn(2, 1, 8, 8)
+    q = encode(m.backbone, x)
+
+    def composed(i):  # by hand: alpha_bj = cos(q_b * A_j, K_j), prompt_b = sum_j alpha_bj P_j
+        alpha = torch.tensor([[F.cosine_similarity(q[b] * m.attention[i, j], m.keys[i, j], dim=0).item()
+                               for j in range(4)] for b in range(2)])
+        return torch.einsum("bm,mkpd->bkpd", alpha, m.components[i, :4])
+
+    prompts = {layer: prefix_prompt(composed(i), m.num_heads) for i, layer in enumerate(m.config.prompt_layers)}
+    torch.testing.assert_close(m.features(x), encode(m.backbone, x, prompts), atol=1e-5, rtol=0)
+
+
+# --- S-Prompt -------------------------------------------------------------------------------
+def test_sprompt_centroids_pick_the_right_task_on_separable_data():
+    m = make("sprompt")
+    # task t's images: a distinct constant level plus noise, far apart in feature space
+    levels = [-3.0, -1.0, 1.0, 3.0, 5.0]
+    g = torch.Generator().manual_seed(0)
+    images = lambda t, n: levels[t] + 0.05 * torch.randn(n, 1, 8, 8, generator=g)  # noqa: E731
+    for t in range(T):
+        task = TaskInfo(t, range(2 * t, 2 * t + 2), T)
+        m.begin_task(task)
+        batches = lambda t=t: [(images(t, 20), torch.full((20,), 2 * t))]  # noqa: E731
+        m.end_task(task, batches, lambda name: None)
+    test = torch.cat([images(t, 8) for t in range(T)])
+    pred, details = m.predict_with_details(test)
+    assert details["task"].tolist() == [t for t in range(T) for _ in range(8)]
+    # each sample is classified among its inferred task's classes only
+    assert all(2 * t <= p < 2 * t + 2 for p, t in zip(pred.tolist(), details["task"].tolist()))
+
+
+def test_kmeans_centroids_are_the_cluster_means():
+    a, b = torch.zeros(5, 3), torch.ones(7, 3) * 4
+    centroids = kmeans_centroids(torch.cat([a, b]), 2)
+    assert sorted(centroids[:, 0].tolist()) == [0.0, 4.0]
+
+
+# --- OVOR -----------------------------------------------------------------------------------
+def test_virtual_outliers_lie_outside_the_data_and_the_reference_mode_collapses():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(200, 16, generator=g)
+    normed = F.normalize(feats, dim=1)
+    args = dict(count=40, neighbours=10, boundary_points=20, candidates_per_point=50, noise_scale=0.1)
+    outliers = virtual_outliers(feats, generator=torch.Generator().manual_seed(1), **args)
+    assert outliers.shape == (40, 16)
+    # farther from the data (k-th neighbour distance) than the typical data point
+    assert kth_neighbour_distance(outliers, normed, 10).min() > kth_neighbour_distance(normed, normed, 10).median()
+    # around the boundary points: near the unit sphere, not at the origin
+    assert outliers.norm(dim=1).min() > 0.5
+    reference = virtual_outliers(feats, generator=torch.Generator().manual_seed(1), around_origin=True, **args)
+    assert len(torch.unique(reference, dim=0)) <= 50 and reference.norm(dim=1).max() < 0.6
+
+
+def test_ovor_vor_phase_trains_only_the_head(tmp_path):
+    m = begin(make("ovor", neighbours=5, boundary_points=5, candidates_per_point=10), tasks=1)
+    task = TaskInfo(0, range(0, 2), T)
+    prompt = [p.detach().clone() for p in m.prompt.parameters()]
+    head = m.head.weight.detach().clone()
+    x = torch.randn(20, 1, 8, 8)
+    labels = torch.tensor([0, 1] * 10)
+    snapshots = []
+    m.end_task(task, lambda: [(x, labels)], snapshots.append)
+    assert snapshots == ["before_vor"]
+    assert all(torch.equal(a, b) for a, b in zip(prompt, m.prompt.parameters()))
+    assert not torch.equal(head, m.head.weight)
+
+
+# --- VQ-Prompt ------------------------------------------------------------------------------
+def test_vqprompt_forward_uses_the_quantised_prompt_and_backward_reaches_the_continuous_one():
+    m = make("vqprompt")
+    query = encode(m.backbone, torch.randn(3, 1, 8, 8))
+    used, codebook = m.quantised_prompts(query)
+    for layer, prefix in enumerate(used):
+        for b in range(3):  # forward: one pool entry (to float rounding: p + (Q - p))
+            assert sum(torch.allclose(prefix[b].detach(), entry, atol=1e-6, rtol=0)
+                       for entry in m.pool[layer].detach()) == 1
+    (sum(u.sum() for u in used)).backward()
+    # backward: through the softmax weights to every key, and to every pool entry (the continuous mix)
+    assert (m.keys.grad.abs().sum(-1) > 0).all()
+    assert (m.pool.grad.flatten(2).abs().sum(-1) > 0).all()
+    assert codebook.item() > 0
+
+
+# --- SimpleCIL, finetune, joint -------------------------------------------------------------
+def test_simplecil_is_the_nearest_class_mean_by_cosine():
+    m = make("simplecil")
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(30, 1, 8, 8, generator=g), torch.arange(30) % 2 + 2 * t) for t in range(2)]
+    for t in range(2):
+        task = TaskInfo(t, range(2 * t, 2 * t + 2), T)
+        m.begin_task(task)
+        m.end_task(task, lambda t=t: [data[t]], lambda name: None)
+    feats = {c: encode(m.backbone, x[y == c]) for x, y in data for c in y.unique().tolist()}
+    means = torch.stack([feats[c].double().mean(0) for c in range(4)]).float()
+    test = torch.randn(16, 1, 8, 8, generator=g)
+    q = encode(m.backbone, test)
+    expected = (F.normalize(q, dim=1) @ F.normalize(means, dim=1).T).argmax(1)
+    assert torch.equal(m.predict(test), expected)
+    assert sum(p.numel() for p in m.trainable_parameters()) == 0
+
+
+def test_joint_trains_each_task_afresh_on_all_seen_classes():
+    scenario = ClassIncremental(load_dataset("digits"), increments=2, seed=0)
+    labels = {int(y) for _, y in scenario.train_dataset(2, cumulative=True)}
+    assert labels == set(range(6))
+    assert len(scenario.train_dataset(2, cumulative=True)) == sum(len(scenario.train_dataset(t)) for t in range(3))
+    m = make("joint")
+    start = [p.detach().clone() for p in m.trainable_parameters()]
+    with torch.no_grad():
+        for p in m.trainable_parameters():
+            p.add_(1.0)
+    m.begin_task(TaskInfo(1, range(2, 4), T))  # back to the seeded initial state
+    assert all(torch.equal(a, b) for a, b in zip(start, m.trainable_parameters()))
+
+
+# --- parameter counts -----------------------------------------------------------------------
+# Trainable parameters on ViT-B/16 with a 100-class head (76,900) and 10 tasks, from the shapes
+# of the papers' / official code's settings.
+PAPER_COUNTS = {
+    ("l2p", "paper"): 10 * 5 * 768 + 10 * 768 + 76_900,  # 122,980 (pool, keys, head)
+    ("l2p", "l2p++"): 30 * 20 * 768 + 30 * 768 + 76_900,  # CODA's L2P++: 560,740
+    ("dualprompt", "paper"): 2 * 2 * 5 * 768 + 10 * 3 * 2 * 5 * 768 + 10 * 768 + 76_900,  # 330,340
+    ("coda", "paper"): 3_916_900,  # 5 x (100 x 8 x 768 + 2 x 100 x 768) + head
+    ("ovor", "paper"): 2 * 10 * 768 + 3 * 40 * 768 + 76_900,  # 184,420
+    ("vqprompt", "paper"): 345_600 + 76_900,  # the SMoPE poster's 0.3456 M + head
+    ("simplecil", "paper"): 0,
+}
+
+
+@pytest.mark.parametrize("name,preset", sorted(PAPER_COUNTS))
+def test_paper_parameter_counts_on_vit_base(name, preset):
+    cls = get_method(name)
+    with torch.device("meta"):
+        m = cls(cls.PRESETS[preset], backbone=build_backbone("vit_base_patch16_224"), num_classes=100, num_tasks=10)
+    assert sum(p.numel() for p in m.trainable_parameters()) == PAPER_COUNTS[(name, preset)]
+
+
+def test_query_methods_cost_two_passes_and_one_prompt_methods_one(capsys):
+    costs = {}
+    for name in ("l2p", "coda", "ovor", "simplecil"):
+        assert main(["cost", "--method", name, "--backbone", "vit_digits", "--num-classes", "10",
+                     "--dataset", "digits", "--json"]) == 0
+        costs[name] = json.loads(capsys.readouterr().out)
+    for name, passes in (("l2p", 2), ("coda", 2), ("ovor", 1), ("simplecil", 1)):
+        ratio = costs[name]["test_flops_per_image"] / costs[name]["backbone_flops_per_image"]
+        assert passes <= ratio < passes + 0.6, (name, ratio)
+        assert costs[name]["test_passes"] == passes
+
+
+@pytest.mark.parametrize("name,setting", [("l2p", "top_k=11"), ("coda", "pool_size=7"), ("ovor", "id_threshold=0"),
+                                          ("vqprompt", "temperature=0"), ("dualprompt", "e_layers=")])
+def test_bad_settings_fail_before_any_work(name, setting, capsys):
+    assert main(["run", "--method", name, "--dataset", "digits", "--out", "unused", "--set", setting]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+# --- every method end to end ----------------------------------------------------------------
+@pytest.mark.parametrize("name", NEW_METHODS)
+def test_every_method_runs_a_sequence(name, tmp_path):
+    summary = run_sequence(resolve_run(RunSpec(method=name, dataset="digits")), tmp_path)
+    assert np.isfinite(summary["final_average_accuracy"]) and summary["final_average_accuracy"] > 20
+    assert (tmp_path / "summary.json").is_file()
+
+
+def test_finetune_forgets_and_joint_does_not(tmp_path):
+    finetune = run_sequence(resolve_run(RunSpec(method="finetune", dataset="digits")), tmp_path / "f")
+    joint = run_sequence(resolve_run(RunSpec(method="joint", dataset="digits")), tmp_path / "j")
+    assert finetune["forgetting"] >= 30
+    assert joint["final_average_accuracy"] > finetune["final_average_accuracy"] + 30
