@@ -372,3 +372,13 @@ def test_finetune_forgets_and_joint_does_not(tmp_path):
     joint = run_sequence(resolve_run(RunSpec(method="joint", dataset="digits")), tmp_path / "j")
     assert finetune["forgetting"] >= 30
     assert joint["final_average_accuracy"] > finetune["final_average_accuracy"] + 30
+
+
+def test_a_query_method_through_the_command_line(tmp_path, capsys):
+    assert main(["run", "--method", "dualprompt", "--dataset", "digits", "--out", str(tmp_path / "run"),
+                 "--set", "epochs=2"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 0 <= summary["task_identity_accuracy"] <= 100 and summary["test_passes"] == 2
+    assert main(["cost", "--method", "dualprompt", "--backbone", "vit_base_patch16_224", "--num-classes", "100",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["trainable_params"] == 330_340

@@ -109,3 +109,43 @@ def test_asha_stops_trials_at_task_boundaries_and_ranks_them_below_finished_ones
     final_scores = [df["search_score"].iloc[-1] for df in trials.values() if df["task"].iloc[-1] == 5]
     stopped_scores = [df["search_score"].max() for df in trials.values() if df["task"].iloc[-1] < 5]
     assert len(stopped_scores) == len(killed) and max(stopped_scores) < min(final_scores)
+
+
+def test_method_comparison_grid_runs_every_method_and_seed_once(local_ray, tmp_path, capsys):
+    import method_comparison
+    import pyarrow.parquet as pq
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert method_comparison.main(["--smoke", "--methods", "simplecil,ovor", "--seeds", "2", "--max-concurrent", "2",
+                                   "--runs-dir", str(tmp_path), "--mlflow-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "| simplecil |" in out and "| ovor |" in out and "±" in out
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("method_comparison_smoke")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted((r.data.tags["method"], r.data.params["run/seed"]) for r in children) == [
+        ("ovor", "0"), ("ovor", "1"), ("simplecil", "0"), ("simplecil", "1")]
+    ovor = [r for r in children if r.data.tags["method"] == "ovor"]
+    # the smoke settings reach each method where its config has them
+    assert {r.data.params["method_config/vor_epochs"] for r in ovor} == {"1"}
+    assert parent.data.tags["method"] == "simplecil,ovor"
+    assert {"methods.md", "methods.parquet"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+    table = pq.read_table(tmp_path / "method_comparison_smoke" / "methods.parquet").to_pylist()
+    by_method = {row["method"]: row for row in table}
+    for method in ("ovor", "simplecil"):
+        fa = [r.data.metrics["final_average_accuracy"] for r in children if r.data.tags["method"] == method]
+        assert by_method[method]["seeds"] == [0, 1]
+        assert by_method[method]["final_average_accuracy_mean"] == pytest.approx(sum(fa) / 2)
+    assert by_method["simplecil"]["trainable_params"] == 0
+
+
+def test_method_comparison_rejects_unknown_methods_before_ray_starts(tmp_path, capsys):
+    import method_comparison
+
+    assert method_comparison.main(["--methods", "l2p,nope", "--runs-dir", str(tmp_path)]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err

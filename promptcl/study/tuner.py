@@ -33,7 +33,7 @@ class StudySpec:
     name: str
     method: str
     dataset: str
-    search_space: SearchSpace
+    search_space: Optional[SearchSpace] = None  # Optuna's define-by-run space, unless ``grid`` is given
     num_samples: int = 8
     max_concurrent: int = 2
     seed: int = 0
@@ -49,6 +49,16 @@ class StudySpec:
     driver_resource: Optional[str] = None  # custom resource the trial drivers request instead of CPU
     progress: bool = False  # per-epoch progress bars in the Train workers' logs
     baseline_points: tuple[dict[str, Any], ...] = ()  # configurations the search evaluates first
+    # A full grid instead of a search: key -> values, every combination once (e.g. method x seed;
+    # "method" and "seed" set the run itself, other keys are method hyperparameters)
+    grid: Optional[dict[str, tuple]] = None
+    per_method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # on top of fixed ones
+
+    def methods(self) -> tuple[str, ...]:
+        return tuple(self.grid["method"]) if self.grid and "method" in self.grid else (self.method,)
+
+    def overrides_for(self, method: str) -> dict[str, Any]:
+        return {**self.fixed_overrides, **self.per_method_overrides.get(method, {})}
 
     def resolved_tracking_uri(self) -> str:
         return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri(self.runs_dir)
@@ -86,8 +96,10 @@ def _trial_driver(config: dict, *, context: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     overrides = dict(config)
     method = overrides.pop("method", context["spec"]["method"])  # a study may compare methods
-    spec = RunSpec(**{**context["spec"], "method": method,
-                      "overrides": {**context["spec"]["overrides"], **overrides}})
+    seed = overrides.pop("seed", context["spec"]["seed"])  # ... and seeds
+    spec = RunSpec(**{**context["spec"], "method": method, "seed": seed,
+                      "overrides": {**context["spec"]["overrides"], **context["per_method"].get(method, {}),
+                                    **overrides}})
     trainer = make_trainer(spec, context["scaling"], name=f"train-{trial_id}", storage_path=context["storage_path"],
                            callbacks=[TuneReportCallback()], progress=context["progress"], fault=context["fault"],
                            tracking_info={**context["tracking"], "key": trial_id, "name": f"trial_{trial_id}"})
@@ -98,10 +110,15 @@ def validate_study(spec: StudySpec) -> RunSpec:
     """Raise ValueError on a bad study before Ray or MLflow start."""
     if spec.num_samples < 1 or spec.max_concurrent < 1:
         raise ValueError("num_samples and max_concurrent must be >= 1")
-    run_spec = RunSpec(method=spec.method, dataset=spec.dataset, seed=spec.seed, precision=spec.precision,
-                       overrides=dict(spec.fixed_overrides))
-    spec.scaling.check(resolve_run(run_spec))
-    return run_spec
+    if spec.grid is not None and (not spec.grid or any(len(v) == 0 for v in spec.grid.values())):
+        raise ValueError(f"a study grid needs at least one value per key, got {spec.grid}")
+    if (spec.grid is None) == (spec.search_space is None):
+        raise ValueError("a study takes either a search space or a grid")
+    for method in spec.methods():  # every method of a comparison, with its own overrides
+        spec.scaling.check(resolve_run(RunSpec(method=method, dataset=spec.dataset, seed=spec.seed,
+                                               precision=spec.precision, overrides=spec.overrides_for(method))))
+    return RunSpec(method=spec.method, dataset=spec.dataset, seed=spec.seed, precision=spec.precision,
+                   overrides=dict(spec.fixed_overrides))
 
 
 class TrialRunStatus(Callback):
@@ -142,25 +159,39 @@ STUDY_STATE_FILE = "promptcl_study.json"  # beside Tune's experiment state: the 
 def _parent_run(spec: StudySpec, uri: str, experiment_id: str, resuming: bool) -> str:
     """The study's MLflow parent run: the one a resumed study started with, else a new one. Its
     id is kept beside Tune's experiment state (any storage pyarrow reaches: a path, s3://, gs://)."""
-    import pyarrow.fs
-
-    fs, base = pyarrow.fs.FileSystem.from_uri(_as_uri(spec.experiment_path()))
-    state = f"{base}/{STUDY_STATE_FILE}"
-    if resuming and fs.get_file_info(state).type == pyarrow.fs.FileType.File:
-        with fs.open_input_stream(state) as f:
-            parent = json.loads(f.read().decode())["parent_run_id"]
+    fs, base = _state_fs(spec)
+    parent = stored_parent_run(spec) if resuming else None
+    if parent is not None:
         tracking.client(uri).update_run(parent, status="RUNNING")
         return parent
     parent = tracking.start_run(uri, experiment_id, f"{spec.name}-study",
-                                tags={"study": spec.name, "method": spec.method, "dataset": spec.dataset})
+                                tags={"study": spec.name, "method": ",".join(spec.methods()), "dataset": spec.dataset})
     tracking.log_params(uri, parent, {"num_samples": spec.num_samples, "max_concurrent": spec.max_concurrent,
                                       "seed": spec.seed, "search_seed": spec.search_seed,
                                       "scheduler": spec.scheduler, "workers_per_trial": spec.scaling.num_workers,
                                       **{f"fixed/{k}": v for k, v in spec.fixed_overrides.items()}})
     fs.create_dir(base, recursive=True)
-    with fs.open_output_stream(state) as f:
+    with fs.open_output_stream(f"{base}/{STUDY_STATE_FILE}") as f:
         f.write(json.dumps({"parent_run_id": parent}).encode())
     return parent
+
+
+def _state_fs(spec: StudySpec):
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(_as_uri(spec.experiment_path()))
+
+
+def stored_parent_run(spec: StudySpec) -> Optional[str]:
+    """The MLflow parent run id kept beside the study's Tune state, if the study has started."""
+    import pyarrow.fs
+
+    fs, base = _state_fs(spec)
+    state = f"{base}/{STUDY_STATE_FILE}"
+    if fs.get_file_info(state).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(state) as f:
+        return json.loads(f.read().decode())["parent_run_id"]
 
 
 def _as_uri(path: str) -> str:
@@ -191,7 +222,7 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
         "spec": {**dataclasses.asdict(run_spec)},
         "tracking": {"uri": uri, "experiment_id": experiment_id, "parent_run_id": parent},
         "storage_path": spec.resolved_storage_path(), "scaling": spec.scaling, "progress": spec.progress,
-        "fault": fault_from_env(),
+        "fault": fault_from_env(), "per_method": spec.per_method_overrides,
     }
     # The trial is only a driver; its Train workers hold the CPUs (or GPUs).
     driver = {spec.driver_resource: 0.01} if spec.driver_resource else {"CPU": 0.01}
@@ -205,14 +236,18 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
         scheduler = (ASHAScheduler(time_attr="task", metric="average_accuracy", mode="max", max_t=num_tasks,
                                    grace_period=1, reduction_factor=2)
                      if spec.scheduler == "asha" else FIFOScheduler())
+        if spec.grid is not None:  # every combination once, in order (Tune's grid search)
+            search = dict(param_space={k: tune.grid_search(list(v)) for k, v in spec.grid.items()},
+                          num_samples=1, search_alg=None)
+        else:
+            search = dict(param_space=None, num_samples=spec.num_samples,
+                          search_alg=OptunaSearch(space=spec.search_space, metric="search_score", mode="max",
+                                                  seed=spec.search_seed,
+                                                  points_to_evaluate=[dict(p) for p in spec.baseline_points] or None))
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(
-                num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent, scheduler=scheduler,
-                search_alg=OptunaSearch(space=spec.search_space, metric="search_score", mode="max",
-                                        seed=spec.search_seed,
-                                        points_to_evaluate=[dict(p) for p in spec.baseline_points] or None),
-            ),
+            param_space=search.pop("param_space"),
+            tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, scheduler=scheduler, **search),
             run_config=tune.RunConfig(name=spec.name, storage_path=spec.resolved_storage_path(),
                                       callbacks=[TrialRunStatus(uri, experiment_id, parent)]),
         )
