@@ -72,6 +72,12 @@ def require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def require_layers(name: str, layers: tuple[int, ...], *, allow_empty: bool = False) -> None:
+    """Block indices: distinct and non-negative (fit to a backbone is checked by the method)."""
+    require((allow_empty or len(layers) >= 1) and (not layers or min(layers) >= 0) and len(set(layers)) == len(layers),
+            f"{name} must be distinct non-negative block indices, got {layers}")
+
+
 def as_flat_dict(config, prefix: str = "") -> dict[str, Any]:
     """Flatten a (possibly nested) dataclass/dict into ``a/b`` keys, for MLflow params."""
     data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)

@@ -114,6 +114,11 @@ class PromptMethod(nn.Module):
     def validate_for_backbone(self) -> None:
         """Raise ConfigError when the config does not fit the backbone (e.g. layer indices)."""
 
+    def require_layers_fit(self, name: str, layers: tuple[int, ...]) -> None:
+        from promptcl.config import require
+
+        require(not layers or max(layers) < self.depth, f"{name} {layers} exceed the backbone's {self.depth} blocks")
+
     # --- the per-task contract -------------------------------------------------------------
     def begin_task(self, task: TaskInfo) -> None:
         self.seen_classes = task.num_seen

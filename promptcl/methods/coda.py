@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptcl.config import require
+from promptcl.config import require, require_layers
 from promptcl.core.backbone import encode
 from promptcl.core.prompts import frozen_query, prefix_prompt
 from promptcl.methods import register_method
@@ -38,9 +38,7 @@ class CODAConfig:
 
     def __post_init__(self) -> None:
         require(self.pool_size >= 1 and self.prompt_length >= 1, "pool_size and prompt_length must be >= 1")
-        require(len(self.prompt_layers) >= 1 and min(self.prompt_layers) >= 0
-                and len(set(self.prompt_layers)) == len(self.prompt_layers),
-                f"prompt_layers must be distinct non-negative indices, got {self.prompt_layers}")
+        require_layers("prompt_layers", self.prompt_layers)
         require(self.ortho_weight >= 0, f"ortho_weight must be >= 0, got {self.ortho_weight}")
         require(self.epochs >= 1 and self.batch_size >= 1 and self.lr > 0, "epochs, batch_size, lr must be positive")
 
@@ -96,8 +94,7 @@ class CODAPrompt(PromptMethod):
         self.register_buffer("active", torch.tensor(0))  # components in use: (tasks seen) x per_task
 
     def validate_for_backbone(self) -> None:
-        require(max(self.config.prompt_layers) < self.depth,
-                f"prompt_layers {self.config.prompt_layers} exceed the backbone's {self.depth} blocks")
+        self.require_layers_fit("prompt_layers", self.config.prompt_layers)
         require(self.config.pool_size <= self.embed_dim,
                 f"pool_size {self.config.pool_size} exceeds the {self.embed_dim} dimensions its components "
                 f"must be orthogonal in")

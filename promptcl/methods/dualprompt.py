@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptcl.config import require
+from promptcl.config import require, require_layers
 from promptcl.core.backbone import encode
 from promptcl.core.prompts import (SharedPrefix, batch_majority, cosine_similarity_matrix, frozen_query,
                                    prefix_prompt, pull_constraint)
@@ -46,10 +46,8 @@ class DualPromptConfig:
     batchwise_prompt: bool = False
 
     def __post_init__(self) -> None:
-        layers = self.g_layers + self.e_layers
-        require(len(self.e_layers) >= 1 and min(layers) >= 0 and len(set(layers)) == len(layers),
-                f"g_layers and e_layers must be distinct non-negative indices (e_layers not empty), "
-                f"got {self.g_layers}, {self.e_layers}")
+        require_layers("e_layers", self.e_layers)
+        require_layers("g_layers and e_layers together", self.g_layers + self.e_layers)
         require(self.g_length >= 1 and self.e_length >= 1, "g_length and e_length must be >= 1")
         require(len(self.init_range) == 2 and self.init_range[0] < self.init_range[1],
                 f"init_range must be (low, high) with low < high, got {self.init_range}")
@@ -86,8 +84,7 @@ class DualPrompt(PromptMethod):
         self.register_buffer("seen_tasks", torch.tensor(0))  # checkpointed with the prompts
 
     def validate_for_backbone(self) -> None:
-        layers = self.config.g_layers + self.config.e_layers
-        require(max(layers) < self.depth, f"prompt layers {layers} exceed the backbone's {self.depth} blocks")
+        self.require_layers_fit("prompt layers", self.config.g_layers + self.config.e_layers)
 
     def features(self, images: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         prompts = self.g_prompt.prompts(len(images))

@@ -22,7 +22,7 @@ from torch import nn
 from promptcl.core.alignment import ClassGaussians, align_head, collect_features
 from promptcl.core.attention import static_prompt
 from promptcl.core.backbone import encode
-from promptcl.config import require
+from promptcl.config import require, require_layers
 from promptcl.distributed import gather_in_order
 from promptcl.methods import register_method
 from promptcl.methods.base import Phase, PromptMethod, TaskInfo, mask_logits, per_epoch
@@ -63,9 +63,7 @@ class HiDeConfig:
     compat_unmasked_test_logits: bool = False
 
     def __post_init__(self) -> None:
-        require(len(self.prompt_layers) >= 1 and min(self.prompt_layers) >= 0
-                and len(set(self.prompt_layers)) == len(self.prompt_layers),
-                f"prompt_layers must be distinct non-negative indices, got {self.prompt_layers}")
+        require_layers("prompt_layers", self.prompt_layers)
         require(self.prompt_length >= 1, f"prompt_length must be >= 1, got {self.prompt_length}")
         require(0.0 <= self.prompt_momentum < 1.0, f"prompt_momentum must be in [0, 1), got {self.prompt_momentum}")
         require(self.reg >= 0, f"reg must be >= 0, got {self.reg}")
@@ -140,8 +138,7 @@ class HiDePrompt(PromptMethod):
         return nn.ModuleList()
 
     def validate_for_backbone(self) -> None:
-        require(max(self.config.prompt_layers) < self.depth,
-                f"prompt_layers {self.config.prompt_layers} exceed the backbone's {self.depth} blocks")
+        self.require_layers_fit("prompt_layers", self.config.prompt_layers)
 
     # --- prompts -----------------------------------------------------------------------------
     def gathered_prompts(self, task_ids: torch.Tensor, momentum_task: Optional[int] = None) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptcl.config import require
+from promptcl.config import require, require_layers
 from promptcl.core.backbone import encode_tokens
 from promptcl.core.prompts import (batch_majority, cosine_similarity_matrix, frozen_query, prefix_prompt,
                                    pull_constraint, top_keys)
@@ -51,9 +51,7 @@ class L2PConfig:
         require(self.form in ("prompt", "prefix"), f"form must be 'prompt' or 'prefix', got {self.form!r}")
         require(self.pool_size >= 1 and self.prompt_length >= 1, "pool_size and prompt_length must be >= 1")
         require(1 <= self.top_k <= self.pool_size, f"top_k={self.top_k} must be between 1 and pool_size={self.pool_size}")
-        require(len(self.prefix_layers) >= 1 and min(self.prefix_layers) >= 0
-                and len(set(self.prefix_layers)) == len(self.prefix_layers),
-                f"prefix_layers must be distinct non-negative indices, got {self.prefix_layers}")
+        require_layers("prefix_layers", self.prefix_layers)
         require(len(self.init_range) == 2 and self.init_range[0] < self.init_range[1],
                 f"init_range must be (low, high) with low < high, got {self.init_range}")
         require(self.pull_weight >= 0 and self.grad_clip >= 0, "pull_weight and grad_clip must be >= 0")
@@ -91,8 +89,7 @@ class L2P(PromptMethod):
 
     def validate_for_backbone(self) -> None:
         if self.config.form == "prefix":
-            require(max(self.config.prefix_layers) < self.depth,
-                    f"prefix_layers {self.config.prefix_layers} exceed the backbone's {self.depth} blocks")
+            self.require_layers_fit("prefix_layers", self.config.prefix_layers)
 
     # --- forward -----------------------------------------------------------------------------
     def select(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptcl.config import require
+from promptcl.config import require, require_layers
 from promptcl.core.backbone import encode
 from promptcl.core.prompts import SharedPrefix
 from promptcl.methods import register_method
@@ -36,9 +36,7 @@ class OnePromptConfig:
     lr: float = 1e-3
 
     def __post_init__(self) -> None:
-        layers = self.g_layers + self.e_layers
-        require(len(layers) >= 1 and min(layers) >= 0 and len(set(layers)) == len(layers),
-                f"g_layers and e_layers must be distinct non-negative indices, got {self.g_layers}, {self.e_layers}")
+        require_layers("g_layers and e_layers together", self.g_layers + self.e_layers)
         require(self.g_length >= 1 and self.e_length >= 1, "g_length and e_length must be >= 1")
         require(self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1")
         require(self.lr > 0, f"lr must be > 0, got {self.lr}")
@@ -67,8 +65,7 @@ class OnePromptMethod(PromptMethod):
         self.head = nn.Linear(self.embed_dim, num_classes)
 
     def validate_for_backbone(self) -> None:
-        layers = self.config.g_layers + self.config.e_layers
-        require(max(layers) < self.depth, f"prompt layers {layers} exceed the backbone's {self.depth} blocks")
+        self.require_layers_fit("prompt layers", self.config.g_layers + self.config.e_layers)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return encode(self.backbone, images, self.prompt.prompts(len(images)))

@@ -16,16 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptcl.core.alignment import ClassGaussians, align_head, collect_features
+from promptcl.core.alignment import ClassGaussians, collect_features
 from promptcl.core.backbone import encode
-from promptcl.config import require
+from promptcl.config import require, require_layers
 from promptcl.core.experts import Routing, SparsePromptExperts
 from promptcl.methods import register_method
-from promptcl.methods.base import Phase, PromptMethod, TaskInfo, hold_then_cosine, mask_logits
+from promptcl.methods.base import Phase, PromptMethod, TaskInfo, mask_logits
+from promptcl.methods.recipes import AlignedRecipe
 
 
 @dataclass(frozen=True, kw_only=True)
-class SMoPEConfig:
+class SMoPEConfig(AlignedRecipe):
     """Defaults are the paper's Split CIFAR-100 (10 tasks) settings (reference scripts)."""
 
     prompt_layers: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
@@ -36,35 +37,16 @@ class SMoPEConfig:
     proto_weight: float = 1e-5
     frequency_threshold: Literal["used", "all"] = "used"
     dense_warmup_fraction: float = 0.5
-    epochs: int = 20
-    batch_size: int = 128
-    lr: float = 0.005
-    prompt_lr_multiplier: float = 5.0
-    lr_hold_iters: int = 80
-    min_lr: float = 1e-6
-    classifier_alignment: bool = True
-    ca_epochs: int = 50
-    ca_samples_per_class: int = 128
-    ca_lr: float = 1e-5
-    ca_min_lr: float = 1e-6
-    ca_weight_decay: float = 5e-4
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(self.num_experts >= 1, f"num_experts must be >= 1, got {self.num_experts}")
         require(1 <= self.top_k <= self.num_experts,
                 f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
         require(0.0 <= self.noise_scale <= 1.0, f"noise_scale must be in [0, 1], got {self.noise_scale}")
         require(self.router_weight >= 0 and self.proto_weight >= 0, "loss weights must be >= 0")
         require(0.0 <= self.dense_warmup_fraction <= 1.0, "dense_warmup_fraction must be in [0, 1]")
-        require(len(self.prompt_layers) >= 1 and min(self.prompt_layers) >= 0
-                and len(set(self.prompt_layers)) == len(self.prompt_layers),
-                f"prompt_layers must be distinct non-negative indices, got {self.prompt_layers}")
-        require(self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1")
-        require(self.lr > 0 and self.ca_lr > 0 and self.prompt_lr_multiplier > 0, "learning rates must be > 0")
-        require(0 <= self.min_lr <= self.lr and 0 <= self.ca_min_lr <= self.ca_lr,
-                "min learning rates must be in [0, base lr]")
-        require(self.lr_hold_iters >= 0 and self.ca_epochs >= 0 and self.ca_samples_per_class >= 1,
-                "lr_hold_iters, ca_epochs must be >= 0 and ca_samples_per_class >= 1")
+        require_layers("prompt_layers", self.prompt_layers)
 
 
 PAPER = SMoPEConfig()
@@ -93,8 +75,7 @@ class SMoPE(PromptMethod):
         self.class_stats = ClassGaussians(num_classes, self.embed_dim, covariance="diag")
 
     def validate_for_backbone(self) -> None:
-        require(max(self.config.prompt_layers) < self.depth,
-                f"prompt_layers {self.config.prompt_layers} exceed the backbone's {self.depth} blocks")
+        self.require_layers_fit("prompt_layers", self.config.prompt_layers)
 
     # --- forward -----------------------------------------------------------------------------
     def features(self, images: torch.Tensor, *, mode: str = "sparse", noisy: bool = False,
@@ -113,12 +94,7 @@ class SMoPE(PromptMethod):
 
     def phases(self, task: TaskInfo) -> list[Phase]:
         c = self.config
-        groups = [
-            {"params": [self.experts.keys, self.experts.values], "lr": c.lr * c.prompt_lr_multiplier},
-            {"params": list(self.head.parameters()), "lr": c.lr},
-        ]
-        # Each group is held at, then decays to, the absolute min_lr (as the reference's scheduler).
-        schedule = [hold_then_cosine(c.lr_hold_iters, c.min_lr / g["lr"]) for g in groups]
+        groups, schedule = c.param_groups([self.experts.keys, self.experts.values], self.head)
         phases = []
         warmup = int(c.dense_warmup_fraction * c.epochs)
         if task.index == 0 and warmup > 0:
@@ -159,15 +135,5 @@ class SMoPE(PromptMethod):
         usage_before = self.experts.usage.clone()
         self.class_stats.fit(*collect_features(features_counting_usage, train_batches(), device))
         self.experts.sum_usage_over_ranks(usage_before)
-        c = self.config
-        if task.index > 0 and c.classifier_alignment and c.ca_epochs > 0:
-            snapshot("before_alignment")
-            generator = torch.Generator().manual_seed(torch.initial_seed() + task.index)
-            with torch.enable_grad():
-                align_head(
-                    self.head, self.class_stats, seen=range(0, task.num_seen),
-                    iterations=task.classes.start, epochs=c.ca_epochs,
-                    samples_per_class=c.ca_samples_per_class, lr=c.ca_lr, min_lr=c.ca_min_lr,
-                    weight_decay=c.ca_weight_decay, generator=generator,
-                )
-            self.eval()
+        self.config.align(self.head, self.class_stats, task, snapshot)
+        self.eval()

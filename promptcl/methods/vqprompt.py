@@ -18,16 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptcl.config import require
-from promptcl.core.alignment import ClassGaussians, align_head, collect_features
+from promptcl.config import require, require_layers
+from promptcl.core.alignment import ClassGaussians, collect_features
 from promptcl.core.backbone import encode
 from promptcl.core.prompts import frozen_query, prefix_prompt
 from promptcl.methods import register_method
-from promptcl.methods.base import Phase, PromptMethod, TaskInfo, hold_then_cosine, mask_logits
+from promptcl.methods.base import Phase, PromptMethod, TaskInfo, mask_logits
+from promptcl.methods.recipes import AlignedRecipe
 
 
 @dataclass(frozen=True, kw_only=True)
-class VQPromptConfig:
+class VQPromptConfig(AlignedRecipe):
     """Defaults: the official Split CIFAR-100 config (--prompt_param 10 8 1, cifar-100_prompt_vq.yaml)."""
 
     pool_size: int = 10
@@ -36,32 +37,16 @@ class VQPromptConfig:
     temperature: float = 1.0
     codebook_weight: float = 0.4  # pulls the continuous prompt to sg(Q) (the code's "vq_loss")
     commitment_weight: float = 0.1  # pulls Q to sg(continuous prompt) (the code's "commit_loss")
-    epochs: int = 20
-    batch_size: int = 128
-    lr: float = 0.0025  # the head; prompts and keys train at prompt_lr_multiplier x lr
-    prompt_lr_multiplier: float = 5.0
-    lr_hold_iters: int = 80
-    min_lr: float = 1e-6
-    classifier_alignment: bool = True
+    lr: float = 0.0025
     ca_epochs: int = 10
     ca_samples_per_class: int = 512  # batch_size x 4
-    ca_lr: float = 1e-5
-    ca_min_lr: float = 1e-6
-    ca_weight_decay: float = 5e-4
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(self.pool_size >= 1 and self.prompt_length >= 1, "pool_size and prompt_length must be >= 1")
-        require(len(self.prompt_layers) >= 1 and min(self.prompt_layers) >= 0
-                and len(set(self.prompt_layers)) == len(self.prompt_layers),
-                f"prompt_layers must be distinct non-negative indices, got {self.prompt_layers}")
+        require_layers("prompt_layers", self.prompt_layers)
         require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         require(self.codebook_weight >= 0 and self.commitment_weight >= 0, "codebook weights must be >= 0")
-        require(self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1")
-        require(self.lr > 0 and self.ca_lr > 0 and self.prompt_lr_multiplier > 0, "learning rates must be > 0")
-        require(0 <= self.min_lr <= self.lr and 0 <= self.ca_min_lr <= self.ca_lr,
-                "min learning rates must be in [0, base lr]")
-        require(self.lr_hold_iters >= 0 and self.ca_epochs >= 0 and self.ca_samples_per_class >= 1,
-                "lr_hold_iters, ca_epochs must be >= 0 and ca_samples_per_class >= 1")
 
 
 PAPER = VQPromptConfig()
@@ -94,8 +79,7 @@ class VQPrompt(PromptMethod):
         self.class_stats = ClassGaussians(num_classes, self.embed_dim, covariance="diag")
 
     def validate_for_backbone(self) -> None:
-        require(max(self.config.prompt_layers) < self.depth,
-                f"prompt_layers {self.config.prompt_layers} exceed the backbone's {self.depth} blocks")
+        self.require_layers_fit("prompt_layers", self.config.prompt_layers)
 
     def quantised_prompts(self, query: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Per prompted layer, the prefix ``[B, 2, length, D]`` the forward pass uses (its values are
@@ -123,11 +107,8 @@ class VQPrompt(PromptMethod):
 
     # --- training ----------------------------------------------------------------------------
     def phases(self, task: TaskInfo) -> list[Phase]:
-        c = self.config
-        groups = [{"params": [self.pool, self.keys], "lr": c.lr * c.prompt_lr_multiplier},
-                  {"params": list(self.head.parameters()), "lr": c.lr}]
-        schedule = [hold_then_cosine(c.lr_hold_iters, c.min_lr / g["lr"]) for g in groups]
-        return [Phase("train", c.epochs, groups, lr_factor=schedule)]
+        groups, schedule = self.config.param_groups([self.pool, self.keys], self.head)
+        return [Phase("train", self.config.epochs, groups, lr_factor=schedule)]
 
     def training_loss(self, images, labels, task: TaskInfo, phase: Phase):
         feats, codebook = self.features(images)
@@ -136,14 +117,7 @@ class VQPrompt(PromptMethod):
 
     @torch.no_grad()
     def end_task(self, task: TaskInfo, train_batches, snapshot) -> None:
-        c = self.config
         self.eval()
         self.class_stats.fit(*collect_features(lambda x: self.features(x)[0], train_batches(), self.device()))
-        if task.index > 0 and c.classifier_alignment and c.ca_epochs > 0:
-            snapshot("before_alignment")
-            generator = torch.Generator().manual_seed(torch.initial_seed() + task.index)
-            with torch.enable_grad():
-                align_head(self.head, self.class_stats, seen=range(0, task.num_seen), iterations=task.classes.start,
-                           epochs=c.ca_epochs, samples_per_class=c.ca_samples_per_class, lr=c.ca_lr,
-                           min_lr=c.ca_min_lr, weight_decay=c.ca_weight_decay, generator=generator)
-            self.eval()
+        self.config.align(self.head, self.class_stats, task, snapshot)
+        self.eval()

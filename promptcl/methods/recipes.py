@@ -1,0 +1,62 @@
+"""Training recipes shared by methods from the same code base.
+
+VQ-Prompt's code base, on which SMoPE's is built: AdamW with the prompts at a multiple of the
+head's learning rate, held at ``min_lr`` for ``lr_hold_iters`` iterations then a cosine down to it;
+after each task, per-class diagonal Gaussians of the prompted features and (task >= 1) the head
+realigned on Gaussian replays of every seen class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from promptcl.config import require
+from promptcl.core.alignment import ClassGaussians, align_head
+from promptcl.methods.base import TaskInfo, hold_then_cosine
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlignedRecipe:
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 0.005  # the head; prompts train at prompt_lr_multiplier x lr
+    prompt_lr_multiplier: float = 5.0
+    lr_hold_iters: int = 80
+    min_lr: float = 1e-6
+    classifier_alignment: bool = True
+    ca_epochs: int = 50
+    ca_samples_per_class: int = 128
+    ca_lr: float = 1e-5
+    ca_min_lr: float = 1e-6
+    ca_weight_decay: float = 5e-4
+
+    def __post_init__(self) -> None:
+        require(self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1")
+        require(self.lr > 0 and self.ca_lr > 0 and self.prompt_lr_multiplier > 0, "learning rates must be > 0")
+        require(0 <= self.min_lr <= self.lr and 0 <= self.ca_min_lr <= self.ca_lr,
+                "min learning rates must be in [0, base lr]")
+        require(self.lr_hold_iters >= 0 and self.ca_epochs >= 0 and self.ca_samples_per_class >= 1,
+                "lr_hold_iters, ca_epochs must be >= 0 and ca_samples_per_class >= 1")
+
+    def param_groups(self, prompt_params: list[nn.Parameter], head: nn.Module) -> tuple[list[dict], list[Callable]]:
+        """(optimizer groups, one schedule per group): each group is held at, then decays to, the
+        absolute ``min_lr`` (as the reference's scheduler)."""
+        groups = [{"params": prompt_params, "lr": self.lr * self.prompt_lr_multiplier},
+                  {"params": list(head.parameters()), "lr": self.lr}]
+        return groups, [hold_then_cosine(self.lr_hold_iters, self.min_lr / g["lr"]) for g in groups]
+
+    def align(self, head: nn.Module, class_stats: ClassGaussians, task: TaskInfo,
+              snapshot: Callable[[str], None]) -> None:
+        """After task >= 1: record the accuracy before, then realign ``head`` on Gaussian replays."""
+        if task.index == 0 or not self.classifier_alignment or self.ca_epochs == 0:
+            return
+        snapshot("before_alignment")
+        generator = torch.Generator().manual_seed(torch.initial_seed() + task.index)
+        with torch.enable_grad():
+            align_head(head, class_stats, seen=range(0, task.num_seen), iterations=task.classes.start,
+                       epochs=self.ca_epochs, samples_per_class=self.ca_samples_per_class, lr=self.ca_lr,
+                       min_lr=self.ca_min_lr, weight_decay=self.ca_weight_decay, generator=generator)
