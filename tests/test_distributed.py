@@ -93,3 +93,38 @@ def test_two_ranks_reduce_to_exactly_what_one_process_computes(tmp_path):
     for r in ranks:
         for got, want in zip(r["grads"], [p.grad for p in model.parameters()]):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def _short_run(method: str):
+    from promptcl.engine import RunSpec, resolve_run
+
+    return resolve_run(RunSpec(method=method, dataset="digits", overrides={} if method == "simplecil" else {"epochs": 2}))
+
+
+def _run_worker(rank: int, world: int, init: str, out: str, methods: list[str]) -> None:
+    from promptcl.engine import run_sequence
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    for method in methods:
+        summary = run_sequence(_short_run(method), f"{out}/{method}")
+        torch.save(summary, f"{out}/{method}.{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_statistics_based_methods_on_two_ranks_match_one_process(tmp_path):
+    """SimpleCIL's class means and S-Prompt's K-means centroids come from all ranks' data: on two
+    ranks SimpleCIL is exactly the single-process run and S-Prompt infers exactly the same tasks."""
+    from promptcl.engine import run_sequence
+
+    methods = ["simplecil", "sprompt"]
+    mp.spawn(_run_worker, args=(2, f"file://{tmp_path}/pg", str(tmp_path), methods), nprocs=2, join=True)
+    for method in methods:
+        single = run_sequence(_short_run(method), tmp_path / f"{method}-single")
+        ranks = [torch.load(tmp_path / f"{method}.{r}.pt", weights_only=False) for r in range(2)]
+        assert ranks[0]["accuracy_matrix"] == ranks[1]["accuracy_matrix"]
+        if method == "simplecil":
+            assert ranks[0]["accuracy_matrix"] == single["accuracy_matrix"]
+        else:
+            assert ranks[0]["task_identity_matrix"] == single["task_identity_matrix"]
+            assert abs(ranks[0]["final_average_accuracy"] - single["final_average_accuracy"]) < 2
