@@ -152,6 +152,7 @@ class TaskReport:
     num_tasks: int
     accuracy: np.ndarray  # accuracy matrix so far, [task + 1, task + 1]
     checkpoint: Optional[Path]  # None on ranks other than 0
+    cost: dict[str, int]  # parameters and FLOPs per image (known before training)
 
 
 def train_phase(method: PromptMethod, phase: Phase, task: TaskInfo, loader, device, *,
@@ -345,6 +346,9 @@ def run_sequence(
     device, scenario, method = setup.device, setup.scenario, setup.method
     T = scenario.num_tasks
     batch_size = run.config.batch_size
+    with torch.random.fork_rng(devices=[]):  # costs are measured on a fresh copy: leave the run's RNG alone
+        cost = measure_cost(run.method_cls, run.config, run.backbone, setup.num_classes, setup.image_shape,
+                            num_tasks=T)
     autocast = lambda: precision_context(device, spec.precision)  # noqa: E731
 
     matrices: dict[str, np.ndarray] = {"accuracy": np.zeros((T, T))}
@@ -382,11 +386,9 @@ def run_sequence(
         if ckpt is not None:
             save_task_checkpoint(ckpt, task=t, method=method, run=run, matrices=matrices)
         if on_task_end:
-            on_task_end(TaskReport(t, T, matrices["accuracy"][: t + 1, : t + 1].copy(), ckpt))
+            on_task_end(TaskReport(t, T, matrices["accuracy"][: t + 1, : t + 1].copy(), ckpt, cost))
 
     acc = matrices["accuracy"]
-    cost = measure_cost(run.method_cls, run.config, run.backbone, setup.num_classes, setup.image_shape,
-                        num_tasks=T)
     summary = {
         **metrics.summarize(acc),
         **cost,

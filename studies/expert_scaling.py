@@ -28,6 +28,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from promptcl.study.objectives import ACCURACY_AND_COST
 from promptcl.study.tuner import run_study_script, spec_from_args, study_parser
 
 METHODS = ("smope", "hide", "norga")
@@ -128,7 +129,7 @@ def grid_points(dataset: str = "digits") -> tuple[dict[str, Any], ...]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = study_parser(__doc__, name="expert_scaling", num_samples=24)
+    parser = study_parser(__doc__, name="expert_scaling", num_samples=24, objectives=ACCURACY_AND_COST)
     parser.add_argument("--grid", action="store_true",
                         help="evaluate the full grid first (default --num-samples: the grid's size)")
     args = parser.parse_args(argv)

@@ -17,6 +17,7 @@ import sys
 
 from promptcl.methods import get_method, method_names
 from promptcl.study import tracking
+from promptcl.study.objectives import ACCURACY_AND_COST
 from promptcl.study.comparison import format_method_table, method_table, write_method_table
 from promptcl.study.tuner import run_study, spec_from_args, stored_parent_run, study_parser, validate_study
 from promptcl.study.trainer import fault_from_env
@@ -35,7 +36,7 @@ def smoke_overrides(methods: list[str]) -> dict[str, dict]:
 
 
 def main(argv=None) -> int:
-    parser = study_parser(__doc__, name="method_comparison", num_samples=1)
+    parser = study_parser(__doc__, name="method_comparison", num_samples=1, objectives=ACCURACY_AND_COST)
     parser.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 per method (default 3; 1 with --smoke)")
     args = parser.parse_args(argv)

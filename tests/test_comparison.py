@@ -24,4 +24,4 @@ def test_mean_and_sample_std_per_method_sorted_by_fa():
     assert a["cumulative_average_accuracy_mean"] == 88.0 and a["forgetting_std"] == pytest.approx(math.sqrt(18))
     assert table[0]["final_average_accuracy_std"] == 0.0  # one seed
     text = format_method_table(table)
-    assert "| a | 85.00 ± 7.07 | 88.00 ± 4.24 | 7.00 ± 4.24 | 2 | 100 | 2.00 | 2.00 |" in text
+    assert "| a | 85.00 ± 7.07 | 88.00 ± 4.24 | 7.00 ± 4.24 | 2 | 100 | 2.00 | 2.00 |" in text and "÷" in text

@@ -149,3 +149,79 @@ def test_method_comparison_rejects_unknown_methods_before_ray_starts(tmp_path, c
 
     assert method_comparison.main(["--methods", "l2p,nope", "--runs-dir", str(tmp_path)]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_multi_objective_study_persists_an_optuna_study_whose_front_mlflow_tags(local_ray, tmp_path, capsys):
+    import json
+    import subprocess
+    import time
+    import urllib.request
+    from collections import Counter
+
+    import optuna
+    import smope_topk
+    from mlflow.tracking import MlflowClient
+
+    uri, storage = f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db"
+    assert smope_topk.main(["--smoke", "--num-samples", "4", "--objectives",
+                            "final_average_accuracy:max,trainable_params:min", "--runs-dir", str(tmp_path),
+                            "--mlflow-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "Pareto front of final_average_accuracy:max, trainable_params:min" in out
+    assert f"optuna-dashboard {storage}" in out
+
+    study = optuna.load_study(study_name="smope_topk_smoke", storage=storage)
+    trials = study.get_trials()
+    assert len(trials) == 4
+    assert all(t.state == optuna.trial.TrialState.COMPLETE and len(t.values) == 2 for t in trials)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("smope_topk_smoke")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    values = lambda r: (r.data.metrics["final_average_accuracy"], r.data.metrics["trainable_params"])  # noqa: E731
+    # Optuna's objective values are the MLflow metrics of the same trials
+    assert Counter(tuple(t.values) for t in trials) == Counter(values(r) for r in children)
+    # Optuna's front is the set of trials MLflow tags pareto=true
+    assert Counter(tuple(t.values) for t in study.best_trials) == Counter(
+        values(r) for r in children if r.data.tags["pareto"] == "true")
+    assert {r.data.tags["pareto"] for r in children} <= {"true", "false"}
+    assert len(parent.data.tags["pareto_trials"].split(",")) == len(study.best_trials)
+
+    # optuna-dashboard opens the same store and lists the study
+    port = _free_port()
+    dashboard = subprocess.Popen([str(Path(sys.executable).parent / "optuna-dashboard"), storage, "--host",
+                                  "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as response:
+                    listed = json.loads(response.read())
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+        assert [(s["study_name"], s["directions"]) for s in listed["study_summaries"]] == [
+            ("smope_topk_smoke", ["maximize", "minimize"])]
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=30)
+
+
+def test_a_multi_objective_study_refuses_asha(tmp_path, capsys):
+    import smope_topk
+
+    assert smope_topk.main(["--smoke", "--asha", "--objectives", "final_average_accuracy:max,trainable_params:min",
+                            "--runs-dir", str(tmp_path)]) == 2
+    assert "--asha needs the objective final_average_accuracy:max" in capsys.readouterr().err

@@ -78,6 +78,14 @@ def test_a_study_whose_driver_is_killed_resumes_with_every_trial_once(local_ray,
         assert run.info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "average_accuracy")]
         assert sorted(steps) == [0, 1, 2, 3, 4]  # no task logged twice across the interruption
+    # the resumed searcher continued the same persistent Optuna study: each Tune trial completed
+    # once in it (a suggestion the killed driver never ran is marked FAIL, not left RUNNING)
+    import optuna
+
+    study = optuna.load_study(study_name="smope_topk_smoke", storage=f"sqlite:///{tmp_path}/optuna.db")
+    states = [t.state for t in study.get_trials()]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 3
+    assert optuna.trial.TrialState.RUNNING not in states
 
 
 def test_trials_run_on_a_worker_node_that_joins_mid_study(tmp_path):

@@ -33,7 +33,7 @@ def method_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def format_method_table(table: list[dict[str, Any]]) -> str:
     """Markdown: method, FA, CA, FM (mean ± std), seeds, trainable parameters, test FLOPs per image
     (and as a multiple of one backbone pass)."""
-    head = ["method", "FA", "CA", "FM", "seeds", "trainable params", "test MFLOPs/img", "test passes"]
+    head = ["method", "FA", "CA", "FM", "seeds", "trainable params", "test MFLOPs/img", "test FLOPs ÷ backbone pass"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in table:
         cells = [e["method"]]

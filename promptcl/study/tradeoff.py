@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from promptcl.study.objectives import Objective, pareto_mask
+
 COST_KEYS = ("trainable_params", "test_flops_per_image")
 ACCURACY_KEY = "final_average_accuracy"
 
@@ -16,13 +18,8 @@ def pareto_front(rows: Sequence[dict[str, Any]], cost_keys: Sequence[str] = COST
                  accuracy_key: str = ACCURACY_KEY) -> list[bool]:
     """For each row: True if no other row is at least as accurate and at most as costly on
     every cost, and strictly better on one of them."""
-
-    def dominates(a, b) -> bool:
-        no_worse = a[accuracy_key] >= b[accuracy_key] and all(a[k] <= b[k] for k in cost_keys)
-        better = a[accuracy_key] > b[accuracy_key] or any(a[k] < b[k] for k in cost_keys)
-        return no_worse and better
-
-    return [not any(dominates(other, row) for other in rows if other is not row) for row in rows]
+    objectives = [Objective(accuracy_key, "max"), *(Objective(k, "min") for k in cost_keys)]
+    return pareto_mask(rows, objectives)
 
 
 def load_trials(tracking_uri: str, experiment: str) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ import numpy as np
 from promptcl.study import tracking
 from promptcl.distributed import check_divisible
 from promptcl.engine import FINAL_METRICS, ResolvedRun, RunSpec, resolve_run
+from promptcl.study.objectives import COST_METRICS
 
 # "task=T,rank=R": the Train worker of rank R exits hard right after reporting task T (0-based)
 # in an attempt that started from scratch, so a restart from that checkpoint does not fire again.
@@ -101,6 +102,12 @@ def task_metrics(acc: np.ndarray) -> dict[str, float]:
             **{f"acc/task_{i}": float(a) for i, a in enumerate(acc[t])}}
 
 
+def cost_metrics(cost: dict[str, Any]) -> dict[str, Any]:
+    """The cost part of a report: known before training, so every report carries it (a
+    multi-objective searcher can rank trials on cost at any point)."""
+    return {k: cost[k] for k in COST_METRICS}
+
+
 def train_worker(cfg: dict) -> None:
     """One CL sequence on a Ray Train worker. ``cfg``: ``spec`` (RunSpec fields), optional
     ``tracking`` (MLflow child run of a study trial: uri, experiment_id, parent_run_id, key, name),
@@ -144,7 +151,7 @@ def train_worker(cfg: dict) -> None:
         if track:
             tracking.log_task(track["uri"], run_id, r.task, r.accuracy)
         if r.task < r.num_tasks - 1:  # the last task is reported with the final metrics below
-            report(task_metrics(r.accuracy), [r.checkpoint] if rank0 else [])
+            report({**task_metrics(r.accuracy), **cost_metrics(r.cost)}, [r.checkpoint] if rank0 else [])
         if fault and fault["task"] == r.task and resume_from is None:
             ray.train.collective.barrier()  # every rank's report is in before one of them dies
             if ray.train.get_context().get_world_rank() == fault["rank"]:

@@ -11,6 +11,7 @@ worker, keyed by the trial id).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -21,8 +22,9 @@ from typing import Any, Callable, Literal, Optional
 
 from ray.tune import Callback
 
-from promptcl.study import tracking
 from promptcl.engine import FINAL_METRICS, RunSpec, resolve_run
+from promptcl.study import tracking
+from promptcl.study.objectives import ACCURACY, Objective, parse_objectives, pareto_mask
 from promptcl.study.trainer import Scaling, fault_from_env, make_trainer
 
 SearchSpace = Callable[[Any], Optional[dict]]  # optuna.Trial -> constants (define-by-run)
@@ -53,6 +55,20 @@ class StudySpec:
     # "method" and "seed" set the run itself, other keys are method hyperparameters)
     grid: Optional[dict[str, tuple]] = None
     per_method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # on top of fixed ones
+    objectives: tuple[Objective, ...] = ACCURACY  # what Optuna optimises; several: a Pareto front
+    optuna_storage: Optional[str] = None  # SQLAlchemy URL of the Optuna study; default sqlite in runs_dir
+
+    def resolved_optuna_storage(self) -> str:
+        return self.optuna_storage or f"sqlite:///{(Path(self.runs_dir) / 'optuna.db').resolve()}"
+
+    def searcher_metric(self) -> tuple[str | list[str], str | list[str]]:
+        """(metric, mode) for OptunaSearch. The single accuracy objective goes through
+        ``search_score``, which is comparable across task milestones (ASHA-safe)."""
+        if self.objectives == ACCURACY:
+            return "search_score", "max"
+        if len(self.objectives) == 1:
+            return self.objectives[0].metric, self.objectives[0].mode
+        return [o.metric for o in self.objectives], [o.mode for o in self.objectives]
 
     def methods(self) -> tuple[str, ...]:
         return tuple(self.grid["method"]) if self.grid and "method" in self.grid else (self.method,)
@@ -114,6 +130,9 @@ def validate_study(spec: StudySpec) -> RunSpec:
         raise ValueError(f"a study grid needs at least one value per key, got {spec.grid}")
     if (spec.grid is None) == (spec.search_space is None):
         raise ValueError("a study takes either a search space or a grid")
+    if spec.scheduler == "asha" and spec.objectives != ACCURACY:
+        raise ValueError(f"ASHA compares trials on one accuracy metric per task; --asha needs the objective "
+                         f"{ACCURACY[0]}, got {','.join(map(str, spec.objectives))}")
     for method in spec.methods():  # every method of a comparison, with its own overrides
         spec.scaling.check(resolve_run(RunSpec(method=method, dataset=spec.dataset, seed=spec.seed,
                                                precision=spec.precision, overrides=spec.overrides_for(method))))
@@ -240,9 +259,11 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
             search = dict(param_space={k: tune.grid_search(list(v)) for k, v in spec.grid.items()},
                           num_samples=1, search_alg=None)
         else:
+            metric, mode = spec.searcher_metric()
             search = dict(param_space=None, num_samples=spec.num_samples,
-                          search_alg=OptunaSearch(space=spec.search_space, metric="search_score", mode="max",
-                                                  seed=spec.search_seed,
+                          search_alg=OptunaSearch(space=spec.search_space, metric=metric, mode=mode,
+                                                  seed=spec.search_seed, study_name=spec.name,
+                                                  storage=fresh_optuna_storage(spec),
                                                   points_to_evaluate=[dict(p) for p in spec.baseline_points] or None))
         tuner = tune.Tuner(
             trainable,
@@ -252,21 +273,93 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
                                       callbacks=[TrialRunStatus(uri, experiment_id, parent)]),
         )
     try:
-        grid = tuner.fit()
+        with _lenient_metric_check(spec.objectives != ACCURACY):
+            grid = tuner.fit()
     except BaseException:
         tracking.finish(uri, parent, status="FAILED")
         raise
+    finally:
+        if spec.grid is None:
+            _fail_lost_optuna_trials(spec)
     # Completed trials only: one stopped early by a scheduler has no final metrics.
     rows = [{**result.config, **{k: v for k, v in result.metrics.items() if k in TRIAL_METRICS}}
             for result in grid
             if result.error is None and "final_average_accuracy" in (result.metrics or {})]
     errors = sum(result.error is not None for result in grid)
+    _tag_pareto_front(uri, parent, rows, spec.objectives)
     _log_study_summary(uri, parent, rows)
     tracking.finish(uri, parent, status="FAILED" if errors else "FINISHED")
     return rows
 
 
 TRIAL_METRICS = (*FINAL_METRICS, "task_identity_accuracy", "mlflow_run_id", "task", "trial_id")
+
+
+def fresh_optuna_storage(spec: StudySpec):
+    """The study's Optuna storage (a SQL database Optuna's own tools open, e.g. optuna-dashboard).
+    A study started afresh (not ``--resume``) replaces an Optuna study of the same name, as it
+    starts a new MLflow parent run; a resumed one keeps it (the restored searcher refers to it)."""
+    import optuna
+
+    storage = optuna.storages.RDBStorage(spec.resolved_optuna_storage())
+    if any(s.study_name == spec.name for s in optuna.get_all_study_summaries(storage)):
+        print(f"Optuna study {spec.name!r} in {spec.resolved_optuna_storage()} replaced (a fresh study; "
+              f"--resume continues one)")
+        optuna.delete_study(study_name=spec.name, storage=storage)
+    return storage
+
+
+def _fail_lost_optuna_trials(spec: StudySpec) -> None:
+    """Optuna trials still RUNNING once the study is over were lost by an interrupted driver (Tune
+    never ran them): mark them FAIL, so the Optuna study holds each Tune trial once."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=spec.name, storage=spec.resolved_optuna_storage())
+    except KeyError:  # the study never started
+        return
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(trial._trial_id, "lost", "trial lost by an interrupted study driver")
+        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+
+
+@contextlib.contextmanager
+def _lenient_metric_check(lenient: bool):
+    """Tune insists that every result carries the searcher's metrics. Accuracy objectives other
+    than the per-task ``search_score`` exist only in a trial's final result (cost ones in every
+    result); Optuna reads multi-objective values from the final result alone, so the check is
+    relaxed while such a study runs."""
+    key = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
+    before = os.environ.get(key)
+    if lenient:
+        os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if lenient:
+            if before is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = before
+
+
+def _tag_pareto_front(uri: str, parent: str, rows: list[dict[str, Any]], objectives: tuple[Objective, ...]) -> None:
+    """Child runs on the front of ``objectives`` get ``pareto=true`` (the others ``false``); the
+    parent lists them (tag ``pareto_trials``, artifact ``pareto.json``)."""
+    rows = [r for r in rows if all(r.get(o.metric) is not None for o in objectives)]
+    if not rows:
+        return
+    c = tracking.client(uri)
+    front = []
+    for row, on_front in zip(rows, pareto_mask(rows, objectives)):
+        if row.get("mlflow_run_id"):
+            c.set_tag(row["mlflow_run_id"], "pareto", str(on_front).lower())
+        if on_front:
+            front.append({"trial_id": row.get("trial_id"), "mlflow_run_id": row.get("mlflow_run_id"),
+                          **{o.metric: row[o.metric] for o in objectives}})
+    c.set_tag(parent, "objectives", ",".join(map(str, objectives)))
+    c.set_tag(parent, "pareto_trials", ",".join(str(r["trial_id"]) for r in front))
+    c.log_dict(parent, {"objectives": [str(o) for o in objectives], "front": front}, "pareto.json")
 
 
 def _log_study_summary(uri: str, parent: str, rows: list[dict[str, Any]]) -> None:
@@ -307,9 +400,15 @@ def format_table(rows: list[dict[str, Any]], params: list[str]) -> str:
     return "\n".join(lines)
 
 
-def study_parser(description: str, *, name: str, num_samples: int):
-    """The flags every study script shares."""
+def study_parser(description: str, *, name: str, num_samples: int, objectives: tuple[Objective, ...] = ACCURACY):
+    """The flags every study script shares; ``objectives`` is the study's default."""
     import argparse
+
+    def objectives_arg(text: str) -> tuple[Objective, ...]:
+        try:
+            return parse_objectives(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
 
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="digits")
@@ -336,6 +435,10 @@ def study_parser(description: str, *, name: str, num_samples: int):
     p.add_argument("--driver-resource", default=None, metavar="NAME",
                    help="custom resource the trial drivers request instead of CPU (a cluster's head node)")
     p.add_argument("--asha", action="store_true", help="stop weak trials early at task boundaries")
+    p.add_argument("--objectives", type=objectives_arg, default=objectives, metavar="METRIC:max|min,...",
+                   help=f"what Optuna optimises; several give a Pareto front (default {','.join(map(str, objectives))})")
+    p.add_argument("--optuna-storage", default=None, metavar="URL",
+                   help="SQLAlchemy URL of the persistent Optuna study (default sqlite:///RUNS_DIR/optuna.db)")
     p.add_argument("--name", default=name)
     p.add_argument("--smoke", action="store_true", help="2 short trials (about a minute on 2 cores)")
     return p
@@ -356,6 +459,7 @@ def spec_from_args(args, *, method: str, search_space: SearchSpace, smoke_overri
                         max_failures=args.max_failures),
         precision=args.precision, resume=args.resume, driver_resource=args.driver_resource,
         progress=args.progress, scheduler="asha" if args.asha else "fifo",
+        objectives=args.objectives, optuna_storage=args.optuna_storage,
     )
 
 
@@ -374,5 +478,11 @@ def run_study_script(spec: StudySpec, *, table_params: list[str], best_by: str, 
     print("\nBest trials:\n" + format_table(ranked[:5], table_params))
     print(f"\nBest trial per {best_by} (accuracy vs parameters and test FLOPs):\n"
           + format_table(best_per(rows, best_by), table_params))
+    if len(spec.objectives) > 1:
+        front = [r for r, on in zip(rows, pareto_mask(rows, spec.objectives)) if on]
+        print(f"\nPareto front of {', '.join(map(str, spec.objectives))} (MLflow tag pareto=true):\n"
+              + format_table(sorted(front, key=lambda r: r["trainable_params"]), table_params))
     print(f"\nMLflow: {spec.resolved_tracking_uri()} (experiment {spec.name!r})")
+    print(f"Optuna: study {spec.name!r} in {spec.resolved_optuna_storage()}; "
+          f"browse it with: optuna-dashboard {spec.resolved_optuna_storage()}")
     return 0 if rows else 1

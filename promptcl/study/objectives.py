@@ -1,0 +1,57 @@
+"""What a study optimises: one or more ``metric:direction`` objectives, and their Pareto front.
+
+The cost metrics are known before training (:func:`promptcl.cost.measure_cost` needs none), so
+every result Ray Tune sees carries them; the accuracy metrics arrive with a trial's final result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+# Final metrics a study can optimise (all in a trial's final result and its MLflow child run).
+ACCURACY_METRICS = ("final_average_accuracy", "cumulative_average_accuracy", "forgetting", "backward_transfer",
+                    "task_identity_accuracy")
+COST_METRICS = ("trainable_params", "train_flops_per_image", "test_flops_per_image")
+OBJECTIVE_METRICS = ACCURACY_METRICS + COST_METRICS
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str
+    mode: Literal["max", "min"]
+
+    def __str__(self) -> str:
+        return f"{self.metric}:{self.mode}"
+
+
+ACCURACY = (Objective("final_average_accuracy", "max"),)
+ACCURACY_AND_COST = (Objective("final_average_accuracy", "max"), Objective("trainable_params", "min"),
+                     Objective("test_flops_per_image", "min"))
+
+
+def parse_objectives(text: str) -> tuple[Objective, ...]:
+    """``"final_average_accuracy:max,trainable_params:min"`` -> objectives; ValueError on a typo."""
+    objectives = []
+    for item in (part.strip() for part in text.split(",")):
+        metric, sep, mode = item.partition(":")
+        if not sep or mode not in ("max", "min"):
+            raise ValueError(f"an objective is metric:max or metric:min, got {item!r}")
+        if metric not in OBJECTIVE_METRICS:
+            raise ValueError(f"unknown objective metric {metric!r}; choose from {', '.join(OBJECTIVE_METRICS)}")
+        objectives.append(Objective(metric, mode))
+    if len({o.metric for o in objectives}) != len(objectives):
+        raise ValueError(f"an objective metric appears twice in {text!r}")
+    return tuple(objectives)
+
+
+def dominates(a: dict[str, Any], b: dict[str, Any], objectives: Sequence[Objective]) -> bool:
+    """``a`` is no worse than ``b`` on every objective and strictly better on one."""
+    sign = {o.metric: 1.0 if o.mode == "max" else -1.0 for o in objectives}
+    gains = [sign[o.metric] * (a[o.metric] - b[o.metric]) for o in objectives]
+    return all(g >= 0 for g in gains) and any(g > 0 for g in gains)
+
+
+def pareto_mask(rows: Sequence[dict[str, Any]], objectives: Sequence[Objective]) -> list[bool]:
+    """For each row: True if no other row dominates it (with one objective: the best rows)."""
+    return [not any(dominates(other, row, objectives) for other in rows if other is not row) for row in rows]

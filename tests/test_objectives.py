@@ -1,0 +1,31 @@
+"""Study objectives: parsing, dominance and the Pareto front, by hand."""
+
+import pytest
+
+from promptcl.study.objectives import Objective, parse_objectives, pareto_mask
+
+
+def test_parse_objectives():
+    assert parse_objectives("final_average_accuracy:max, trainable_params:min") == (
+        Objective("final_average_accuracy", "max"), Objective("trainable_params", "min"))
+    for bad, message in (("final_average_accuracy", "metric:max or metric:min"),
+                         ("final_average_accuracy:up", "metric:max or metric:min"),
+                         ("accuracy:max", "unknown objective metric 'accuracy'"),
+                         ("forgetting:min,forgetting:max", "appears twice")):
+        with pytest.raises(ValueError, match=message):
+            parse_objectives(bad)
+
+
+def test_pareto_mask_with_mixed_directions_by_hand():
+    objectives = parse_objectives("final_average_accuracy:max,trainable_params:min,forgetting:min")
+    rows = [
+        {"final_average_accuracy": 90, "trainable_params": 100, "forgetting": 5},  # front
+        {"final_average_accuracy": 80, "trainable_params": 10, "forgetting": 9},  # front: cheapest
+        {"final_average_accuracy": 85, "trainable_params": 100, "forgetting": 5},  # dominated by row 0
+        {"final_average_accuracy": 90, "trainable_params": 100, "forgetting": 5},  # a tie with row 0: front
+        {"final_average_accuracy": 70, "trainable_params": 50, "forgetting": 1},  # front: least forgetting
+        {"final_average_accuracy": 70, "trainable_params": 50, "forgetting": 2},  # dominated by row 4
+    ]
+    assert pareto_mask(rows, objectives) == [True, True, False, True, True, False]
+    # one objective: the best rows only
+    assert pareto_mask(rows, objectives[:1]) == [True, False, False, True, False, False]
