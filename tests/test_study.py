@@ -10,45 +10,7 @@ pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "studies"))
 sys.path.insert(0, str(ROOT / "dashboards"))
-
-
-def test_smoke_study_logs_parent_and_child_runs(local_ray, tmp_path, capsys):
-    import smope_topk
-    from mlflow.tracking import MlflowClient
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    assert smope_topk.main(["--smoke", "--runs-dir", str(tmp_path), "--mlflow-uri", uri]) == 0
-    out = capsys.readouterr().out
-    assert "Best trial per top_k" in out and "test MFLOPs/img" in out
-
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("smope_topk_smoke")
-    runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(parents) == 1 and len(children) == 2
-    # Optuna proposed different configurations, each logged as flattened params
-    proposals = {tuple(r.data.params[f"method_config/{k}"] for k in ("top_k", "noise_scale")) for r in children}
-    assert len(proposals) == 2
-    for child in children:
-        assert child.info.status == "FINISHED"
-        assert child.data.params["method_config/epochs"] == "2"  # the smoke preset's fixed setting
-        history = client.get_metric_history(child.info.run_id, "average_accuracy")
-        assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]
-        for key in ("final_average_accuracy", "cumulative_average_accuracy", "forgetting", "trainable_params",
-                    "test_flops_per_image"):
-            assert key in child.data.metrics
-        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert {"accuracy_matrix.json", "config.json", "results.parquet", "summary.json"} <= artifacts
-    assert parents[0].data.metrics["completed_trials"] == 2
-    assert (tmp_path / "ray_results" / "smope_topk_smoke").is_dir()
-
-    import tradeoff  # the dashboard reads the same store
-
-    assert tradeoff.main(["--experiment", "smope_topk_smoke", "--mlflow-uri", uri,
-                          "--out", str(tmp_path / "map.png")]) == 0
-    assert (tmp_path / "map.png").stat().st_size > 0
-    assert "pareto" in capsys.readouterr().out
+sys.path.insert(0, str(ROOT / "tests"))
 
 
 def test_gate_study_compares_hide_and_norga(local_ray, tmp_path, capsys):
@@ -117,7 +79,7 @@ def test_method_comparison_grid_runs_every_method_and_seed_once(local_ray, tmp_p
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    assert method_comparison.main(["--smoke", "--methods", "simplecil,ovor", "--seeds", "2", "--max-concurrent", "2",
+    assert method_comparison.main(["--smoke", "--methods", "simplecil,ovor", "--seeds", "2", "--max-concurrent", "4",
                                    "--runs-dir", str(tmp_path), "--mlflow-uri", uri]) == 0
     out = capsys.readouterr().out
     assert "| simplecil |" in out and "| ovor |" in out and "±" in out
@@ -151,30 +113,25 @@ def test_method_comparison_rejects_unknown_methods_before_ray_starts(tmp_path, c
     assert "unknown method 'nope'" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_multi_objective_study_persists_an_optuna_study_whose_front_mlflow_tags(local_ray, tmp_path, capsys):
+def test_smoke_study_logs_runs_and_a_persistent_multi_objective_optuna_study(local_ray, tmp_path, capsys):
+    """The default study's script with two objectives: MLflow parent/child runs with metrics and
+    artifacts, a persistent Optuna study whose front MLflow tags, optuna-dashboard on its store."""
     import json
     import subprocess
-    import time
-    import urllib.request
     from collections import Counter
+
+    import browser
 
     import optuna
     import smope_topk
     from mlflow.tracking import MlflowClient
 
     uri, storage = f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db"
-    assert smope_topk.main(["--smoke", "--num-samples", "4", "--objectives",
+    assert smope_topk.main(["--smoke", "--num-samples", "4", "--max-concurrent", "4", "--objectives",
                             "final_average_accuracy:max,trainable_params:min", "--runs-dir", str(tmp_path),
                             "--mlflow-uri", uri]) == 0
     out = capsys.readouterr().out
+    assert "Best trial per top_k" in out and "test MFLOPs/img" in out
     assert "Pareto front of final_average_accuracy:max, trainable_params:min" in out
     assert f"optuna-dashboard {storage}" in out
 
@@ -187,6 +144,21 @@ def test_multi_objective_study_persists_an_optuna_study_whose_front_mlflow_tags(
     runs = client.search_runs([experiment.experiment_id])
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4 and parent.data.metrics["completed_trials"] == 4
+    # Optuna proposed different configurations, each logged as flattened params
+    proposals = {tuple(r.data.params[f"method_config/{k}"] for k in ("top_k", "noise_scale")) for r in children}
+    assert len(proposals) == 4
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.params["method_config/epochs"] == "2"  # the smoke preset's fixed setting
+        history = client.get_metric_history(child.info.run_id, "average_accuracy")
+        assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]
+        for key in ("final_average_accuracy", "cumulative_average_accuracy", "forgetting", "trainable_params",
+                    "test_flops_per_image"):
+            assert key in child.data.metrics
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"accuracy_matrix.json", "config.json", "results.parquet", "summary.json"} <= artifacts
+    assert (tmp_path / "ray_results" / "smope_topk_smoke").is_dir()
     values = lambda r: (r.data.metrics["final_average_accuracy"], r.data.metrics["trainable_params"])  # noqa: E731
     # Optuna's objective values are the MLflow metrics of the same trials
     assert Counter(tuple(t.values) for t in trials) == Counter(values(r) for r in children)
@@ -196,27 +168,32 @@ def test_multi_objective_study_persists_an_optuna_study_whose_front_mlflow_tags(
     assert {r.data.tags["pareto"] for r in children} <= {"true", "false"}
     assert len(parent.data.tags["pareto_trials"].split(",")) == len(study.best_trials)
 
-    # optuna-dashboard opens the same store and lists the study
-    port = _free_port()
+    assert study.metric_names == ["final_average_accuracy", "trainable_params"]
+
+    # optuna-dashboard opens the same store and lists the study; Chromium renders its front
+    port = browser.free_port()
     dashboard = subprocess.Popen([str(Path(sys.executable).parent / "optuna-dashboard"), storage, "--host",
                                   "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as response:
-                    listed = json.loads(response.read())
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.5)
+        listed = json.loads(browser.wait_for_http(f"http://127.0.0.1:{port}/api/studies"))
         assert [(s["study_name"], s["directions"]) for s in listed["study_summaries"]] == [
             ("smope_topk_smoke", ["maximize", "minimize"])]
+        browser.chromium()  # skips from here on when Chromium is not installed
+        page = browser.load(f"http://127.0.0.1:{port}/dashboard/studies/{listed['study_summaries'][0]['study_id']}",
+                            screenshot="optuna_dashboard_pareto.png", wait_for_text="Pareto Front")
+        assert "Pareto Front" in page.text and "trainable_params" in page.text
+        assert page.errors == [] and page.screenshot.stat().st_size > 10_000
     finally:
         dashboard.terminate()
         dashboard.wait(timeout=30)
+
+    import tradeoff  # the trade-off dashboard reads the same MLflow store
+
+    assert tradeoff.main(["--experiment", "smope_topk_smoke", "--mlflow-uri", uri,
+                          "--out", str(tmp_path / "map.png")]) == 0
+    assert (tmp_path / "map.png").stat().st_size > 0
+    assert "pareto" in capsys.readouterr().out
 
 
 def test_a_multi_objective_study_refuses_asha(tmp_path, capsys):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 from ray.tune import Callback
+from ray.tune.search.optuna import OptunaSearch
 
 from promptcl.engine import FINAL_METRICS, RunSpec, resolve_run
 from promptcl.study import tracking
@@ -172,6 +173,19 @@ class TrialRunStatus(Callback):
             tracking.finish(self.uri, run_id, status=status, tags=tags)
 
 
+class StoredOptunaSearch(OptunaSearch):
+    """OptunaSearch over a persistent Optuna study. The database can be ahead of the searcher
+    state Tune saved (every few seconds): after a driver loss, a resumed trial that had already
+    finished in the database re-delivers its results, which Optuna must not take again (it
+    refuses to update a finished trial)."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+            return
+        super().on_trial_result(trial_id, result)
+
+
 STUDY_STATE_FILE = "promptcl_study.json"  # beside Tune's experiment state: the MLflow parent run
 
 
@@ -221,7 +235,6 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
     """Run (or with ``resume``, continue) the study; return one row per completed trial."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     run_spec = validate_study(spec)
     num_tasks = resolve_run(run_spec).num_tasks
@@ -261,7 +274,7 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
         else:
             metric, mode = spec.searcher_metric()
             search = dict(param_space=None, num_samples=spec.num_samples,
-                          search_alg=OptunaSearch(space=spec.search_space, metric=metric, mode=mode,
+                          search_alg=StoredOptunaSearch(space=spec.search_space, metric=metric, mode=mode,
                                                   seed=spec.search_seed, study_name=spec.name,
                                                   storage=fresh_optuna_storage(spec),
                                                   points_to_evaluate=[dict(p) for p in spec.baseline_points] or None))
@@ -306,6 +319,12 @@ def fresh_optuna_storage(spec: StudySpec):
         print(f"Optuna study {spec.name!r} in {spec.resolved_optuna_storage()} replaced (a fresh study; "
               f"--resume continues one)")
         optuna.delete_study(study_name=spec.name, storage=storage)
+    # Created here (OptunaSearch loads it) to name its objectives for Optuna's tools.
+    metric, mode = spec.searcher_metric()
+    metrics, modes = (metric, mode) if isinstance(metric, list) else ([metric], [mode])
+    study = optuna.create_study(study_name=spec.name, storage=storage,
+                                directions=["maximize" if m == "max" else "minimize" for m in modes])
+    study.set_metric_names(metrics)
     return storage
 
 
