@@ -54,14 +54,14 @@ class Page:
     screenshot: Path | None = None
 
 
-def load(url: str, *, screenshot: str, wait_for_text: str, timeout: float = 60) -> Page:
+def load(url: str, *, screenshot: str, wait_for_text: str, timeout: float = 60, width: int = 1400) -> Page:
     """Open ``url`` in headless Chromium until ``wait_for_text`` is on the page (or ``timeout``),
     then return its text, the console errors and a screenshot saved as ``test-artifacts/<name>``."""
     port = free_port()
     profile = tempfile.mkdtemp(prefix="chromium-")
     proc = subprocess.Popen([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                              f"--remote-debugging-port={port}", f"--user-data-dir={profile}",
-                             "--window-size=1400,900", "about:blank"],
+                             f"--window-size={width},900", "about:blank"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/json/version", timeout=30)

@@ -18,6 +18,7 @@ PARENT_TAG = "mlflow.parentRunId"
 # A run's identity across restarts (a trial id): a restarted worker or a resumed study attaches
 # to the run that carries it instead of making a duplicate.
 RUN_KEY_TAG = "promptcl.run_key"
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def default_tracking_uri(runs_dir: Path) -> str:
@@ -35,11 +36,15 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_dir: Optional[Path]
     c = client(tracking_uri)
     found = c.get_experiment_by_name(name)
     if found is not None:
-        return found.experiment_id
-    location = None
-    if artifact_dir is not None and tracking_uri.startswith("sqlite:"):
-        location = Path(artifact_dir).resolve().as_uri()
-    return c.create_experiment(name, artifact_location=location)
+        experiment_id = found.experiment_id
+    else:
+        location = None
+        if artifact_dir is not None and tracking_uri.startswith("sqlite:"):
+            location = Path(artifact_dir).resolve().as_uri()
+        experiment_id = c.create_experiment(name, artifact_location=location)
+    # A model-training experiment: the MLflow UI opens it on its runs, not on GenAI traces.
+    c.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment_id
 
 
 def start_run(tracking_uri: str, experiment_id: str, name: str, *, parent_run_id: Optional[str] = None,
