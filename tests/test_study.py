@@ -55,7 +55,8 @@ def test_asha_stops_trials_at_task_boundaries_and_ranks_them_below_finished_ones
     assert len(children) == 5 and parent.info.status == "FINISHED"
     finished = [r for r in children if r.info.status == "FINISHED"]
     killed = [r for r in children if r.info.status == "KILLED"]
-    assert len(finished) + len(killed) == 5 and killed and finished
+    statuses = [(r.info.run_name, r.info.status, r.data.tags.get("stopped_at_task")) for r in children]
+    assert len(finished) + len(killed) == 5 and killed and finished, statuses
     assert parent.data.metrics["completed_trials"] == len(finished)
     for run in killed:  # rungs of grace 1, reduction 2 over 5 tasks: tasks 1, 2, 4
         assert run.data.tags["stopped_at_task"] in {"1", "2", "4"}

@@ -177,7 +177,8 @@ def train_worker(cfg: dict) -> None:
                   sorted((out_dir / "checkpoints").glob("task_*.pt"))[-1]] if rank0 else [])
         report({**task_metrics(np.asarray(summary["accuracy_matrix"])), **final}, files)
     except BaseException:
-        if track and run_id:
+        # A scheduler's stop can interrupt the worker after the driver marked the run KILLED.
+        if track and run_id and tracking.client(track["uri"]).get_run(run_id).info.status == "RUNNING":
             tracking.finish(track["uri"], run_id, status="FAILED")
         raise
     finally:

@@ -154,7 +154,9 @@ class TrialRunStatus(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
         if "final_average_accuracy" not in last:
-            self._close(trial.trial_id, "KILLED", {"stopped_at_task": str(last.get("task", 0))})
+            # a worker interrupted by the stop may have marked its run FAILED first
+            self._close(trial.trial_id, "KILLED", {"stopped_at_task": str(last.get("task", 0))},
+                        replace=("RUNNING", "FAILED"))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._close(trial.trial_id, "FAILED")
@@ -167,9 +169,10 @@ class TrialRunStatus(Callback):
                 c.set_tag(run.info.run_id, "orphaned", "trial lost by an interrupted study driver")
                 c.delete_run(run.info.run_id)
 
-    def _close(self, trial_id: str, status: str, tags: Optional[dict[str, str]] = None) -> None:
+    def _close(self, trial_id: str, status: str, tags: Optional[dict[str, str]] = None,
+               replace: tuple[str, ...] = ("RUNNING",)) -> None:
         run_id = tracking.find_run(self.uri, self.experiment_id, trial_id)
-        if run_id is not None and tracking.client(self.uri).get_run(run_id).info.status == "RUNNING":
+        if run_id is not None and tracking.client(self.uri).get_run(run_id).info.status in replace:
             tracking.finish(self.uri, run_id, status=status, tags=tags)
 
 
