@@ -184,7 +184,11 @@ def test_smoke_study_over_http_logs_runs_and_a_persistent_multi_objective_optuna
             assert key in child.data.metrics
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"accuracy_matrix.json", "config.json", "results.parquet", "summary.json"} <= artifacts
-    assert (tmp_path / "ray_results" / "smope_topk_smoke").is_dir()
+    # every result Tune saw carried the cost objectives (known before training), not only the last
+    from ray.tune import ExperimentAnalysis
+
+    results = ExperimentAnalysis(str(tmp_path / "ray_results" / "smope_topk_smoke")).trial_dataframes
+    assert len(results) == 4 and all(len(df) == 5 and df["trainable_params"].notna().all() for df in results.values())
     values = lambda r: (r.data.metrics["final_average_accuracy"], r.data.metrics["trainable_params"])  # noqa: E731
     # Optuna's objective values are the MLflow metrics of the same trials
     assert Counter(tuple(t.values) for t in trials) == Counter(values(r) for r in children)

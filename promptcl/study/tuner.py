@@ -131,6 +131,8 @@ def validate_study(spec: StudySpec) -> RunSpec:
         raise ValueError(f"a study grid needs at least one value per key, got {spec.grid}")
     if (spec.grid is None) == (spec.search_space is None):
         raise ValueError("a study takes either a search space or a grid")
+    if spec.grid is not None and spec.optuna_storage is not None:
+        raise ValueError("a grid study runs no Optuna search, so it keeps no Optuna study (--optuna-storage)")
     if spec.scheduler == "asha" and spec.objectives != ACCURACY:
         raise ValueError(f"ASHA compares trials on one accuracy metric per task; --asha needs the objective "
                          f"{ACCURACY[0]}, got {','.join(map(str, spec.objectives))}")
