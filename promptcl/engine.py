@@ -395,6 +395,7 @@ def run_sequence(
         "wall_seconds": time.perf_counter() - started,
         "num_workers": world()[1],
         "accuracy_matrix": acc.tolist(),
+        "method_state": method.report_state(),
         "class_order": scenario.class_order,
         "config": run.to_dict(),
     }

@@ -382,3 +382,20 @@ def test_a_query_method_through_the_command_line(tmp_path, capsys):
     assert main(["cost", "--method", "dualprompt", "--backbone", "vit_base_patch16_224", "--num-classes", "100",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["trainable_params"] == 330_340
+
+
+def test_summaries_carry_what_a_report_shows_expert_usage_and_gate_scalars(tmp_path):
+    smope = run_sequence(resolve_run(RunSpec(method="smope", dataset="digits", overrides={"epochs": 1,
+                                                                                          "ca_epochs": 1})), tmp_path / "s")
+    usage = np.array(smope["method_state"]["expert_usage"])
+    assert usage.shape == (3, 4, 8)  # digits preset: 3 prompted layers, 4 heads, 8 experts
+    # clean top-2 routing of every training image of every task (SMoPE routes per sample), per layer and head
+    train_images = sum(len(ClassIncremental(load_dataset("digits"), increments=2, seed=0).train_dataset(t))
+                       for t in range(5))
+    assert np.all(usage.sum(-1) == 2 * train_images)
+    norga = run_sequence(resolve_run(RunSpec(method="norga", dataset="digits", overrides={
+        "epochs": 1, "tii_epochs": 1, "tii_ca_epochs": 1, "tap_epochs": 1})), tmp_path / "n")
+    state = norga["method_state"]
+    assert len(state["alpha"]) == len(state["tau"]) == 3 and state["gate_activation"] == "tanh"
+    assert state["alpha"] != [1.0, 1.0, 1.0]  # learned on the first task
+    assert json.loads((tmp_path / "n" / "summary.json").read_text())["method_state"] == state

@@ -150,6 +150,11 @@ class PromptMethod(nn.Module):
         task-identity accuracy by the engine."""
         return mask_logits(self.logits(images), range(0, self.seen_classes)).argmax(dim=-1), {}
 
+    def report_state(self) -> dict[str, object]:
+        """What a report shows of the trained method beyond accuracies (JSON-able, in
+        ``summary.json`` under ``method_state``): e.g. expert usage, gate scalars."""
+        return {}
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
 

@@ -71,6 +71,11 @@ class NoRGa(HiDePrompt):
         return nn.ModuleList(NoRGaGate(c.gate_activation, alpha=c.alpha_init, tau=c.tau_init)
                              for _ in c.prompt_layers)
 
+    def report_state(self) -> dict[str, object]:
+        """The learned gate scalars per prompted layer."""
+        return {"gate_activation": self.config.gate_activation, "prompt_layers": list(self.config.prompt_layers),
+                "alpha": [float(g.alpha) for g in self.gates], "tau": [float(g.tau) for g in self.gates]}
+
     def freeze_gates_after_first_task(self) -> None:
         if not self.config.gate_learnable_after_first_task:
             self.gates.requires_grad_(False)

@@ -86,6 +86,11 @@ class SMoPE(PromptMethod):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
 
+    def report_state(self) -> dict[str, object]:
+        """Top-k usage counts of every expert, ``[prompted layer][head][expert]`` (clean routing
+        over each task's training set, summed over tasks)."""
+        return {"expert_usage": self.experts.usage.tolist(), "prompt_layers": list(self.config.prompt_layers)}
+
     # --- training ----------------------------------------------------------------------------
     def begin_task(self, task: TaskInfo) -> None:
         super().begin_task(task)
