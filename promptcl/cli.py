@@ -1,4 +1,4 @@
-"""``promptcl`` command line: ``run`` a CL sequence, ``cost`` of a method without training."""
+"""``promptcl`` command line: ``run`` a CL sequence, ``cost`` of a method without training, ``report`` of a study."""
 
 from __future__ import annotations
 
@@ -57,6 +57,14 @@ def _parser() -> argparse.ArgumentParser:
     cost.add_argument("--img-size", type=int, default=None, help="default: the backbone's")
     cost.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     cost.add_argument("--json", action="store_true")
+
+    report = sub.add_parser("report", help="a study's report: tidy Parquet table, figures, HTML page")
+    source = report.add_mutually_exclusive_group(required=True)
+    source.add_argument("--experiment", help="MLflow experiment of the study (its finished child runs)")
+    source.add_argument("--from-parquet", type=Path, metavar="FILE", help="a study.parquet written by a report")
+    report.add_argument("--mlflow-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///runs/mlflow.db")
+    report.add_argument("--out", type=Path, required=True, help="directory for study.parquet, PNGs, index.html")
+    report.add_argument("--no-log", action="store_true", help="do not log the report to the study's parent run")
     return parser
 
 
@@ -69,7 +77,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if args.command == "report":
+        return _report(args)
     return _cost(args)
+
+
+def _report(args) -> int:
+    from promptcl.study.report import report_from_mlflow, report_from_table
+    from promptcl.study.tracking import default_tracking_uri
+
+    try:
+        if args.experiment:
+            uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path("runs"))
+            page = report_from_mlflow(uri, args.experiment, args.out, log_to_parent=not args.no_log)
+        else:
+            page = report_from_table(args.from_parquet, args.out)
+    except ValueError as err:
+        return _fail(str(err))
+    print(f"report: {page}")
+    return 0
 
 
 def _run(args) -> int:

@@ -149,6 +149,7 @@ def test_smoke_study_over_http_logs_runs_and_a_persistent_multi_objective_optuna
     import browser
 
     import optuna
+    import pyarrow.parquet as pq
     import smope_topk
     from mlflow.tracking import MlflowClient
 
@@ -209,6 +210,16 @@ def test_smoke_study_over_http_logs_runs_and_a_persistent_multi_objective_optuna
     assert (tmp_path / "map.png").stat().st_size > 0
     assert "pareto" in capsys.readouterr().out
 
+    # the study's report from the same store, logged back to its parent run
+    from promptcl.cli import main as promptcl
+
+    assert promptcl(["report", "--experiment", "smope_topk_smoke", "--mlflow-uri", uri, "--out",
+                     str(tmp_path / "report")]) == 0
+    table = pq.read_table(tmp_path / "report" / "study.parquet")
+    assert table.num_rows == 4 * 15 and len(set(table.column("run_id").to_pylist())) == 4  # trials x (task, task)
+    assert (tmp_path / "report" / "expert_usage.png").is_file()
+    assert "index.html" in {a.path.split("/")[-1] for a in client.list_artifacts(parent.info.run_id, "report")}
+
     # optuna-dashboard opens the same store and lists the study
     port = browser.free_port()
     dashboard = subprocess.Popen([str(Path(sys.executable).parent / "optuna-dashboard"), storage, "--host",
@@ -237,6 +248,9 @@ def test_smoke_study_over_http_logs_runs_and_a_persistent_multi_objective_optuna
         assert child.info.run_name in page.text
         assert f"{child.data.metrics['final_average_accuracy']:.2f}" in page.text
     assert page.screenshot.stat().st_size > 10_000
+    report = browser.load((tmp_path / "report" / "index.html").as_uri(), screenshot="study_report.png",
+                          wait_for_text="Trials")
+    assert report.errors == [] and all(child.info.run_name in report.text for child in children)
 
 
 def test_a_multi_objective_study_refuses_asha(tmp_path, capsys):

@@ -1,0 +1,318 @@
+"""A study's report: one tidy Parquet table, figures, and a self-contained HTML page.
+
+The table has one row per (trial, train_task, eval_task) with the accuracy, plus the trial-level
+columns (method, hyperparameters, final metrics, cost, Pareto status, method state as JSON)
+repeated on each row, so pandas, polars or duckdb read it without joins. It is built from the
+finished child runs of an MLflow experiment (their ``summary.json`` artifacts) and can be written
+and read back, so a report can be made from the Parquet file alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from promptcl.study.objectives import ACCURACY_AND_COST, pareto_mask
+
+TRIAL_METRICS = ("final_average_accuracy", "cumulative_average_accuracy", "forgetting", "backward_transfer",
+                 "trainable_params", "train_flops_per_image", "test_flops_per_image", "backbone_flops_per_image")
+
+
+def export_study(tracking_uri: str, experiment: str) -> list[dict[str, Any]]:
+    """Tidy rows of every finished child run of ``experiment``."""
+    from promptcl.study.tracking import PARENT_TAG, client
+
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per trial otherwise
+    c = client(tracking_uri)
+    found = c.get_experiment_by_name(experiment)
+    if found is None:
+        raise ValueError(f"no MLflow experiment {experiment!r} at {tracking_uri}")
+    rows: list[dict[str, Any]] = []
+    runs = c.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'")
+    for run in runs:
+        if PARENT_TAG not in run.data.tags or "final_average_accuracy" not in run.data.metrics:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            summary = json.loads(Path(c.download_artifacts(run.info.run_id, "summary.json", tmp)).read_text())
+        trial = {"run_id": run.info.run_id, "trial": run.info.run_name, "method": run.data.tags.get("method", ""),
+                 "pareto": run.data.tags.get("pareto", ""),
+                 "config": json.dumps({k.split("/", 1)[1]: v for k, v in run.data.params.items()
+                                       if k.startswith("method_config/")}, sort_keys=True),
+                 "method_state": json.dumps(summary.get("method_state", {})),
+                 **{k: float(summary[k]) for k in TRIAL_METRICS}}
+        rows.extend(_matrix_rows(trial, np.asarray(summary["accuracy_matrix"])))
+    return rows
+
+
+def _matrix_rows(trial: dict[str, Any], acc: np.ndarray) -> list[dict[str, Any]]:
+    return [{**trial, "train_task": t, "eval_task": i, "accuracy": float(acc[t, i])}
+            for t in range(len(acc)) for i in range(t + 1)]
+
+
+def write_table(rows: list[dict[str, Any]], path: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def read_table(path: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    if not Path(path).is_file():
+        raise ValueError(f"no report table at {str(path)!r}")
+    return pq.read_table(path).to_pylist()
+
+
+def trials(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One dict per trial (the trial-level columns, ``accuracy_matrix`` rebuilt), best FA first."""
+    by_run: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        trial = by_run.setdefault(row["run_id"], {k: v for k, v in row.items()
+                                                  if k not in ("train_task", "eval_task", "accuracy")} | {"cells": []})
+        trial["cells"].append((row["train_task"], row["eval_task"], row["accuracy"]))
+    out = []
+    for trial in by_run.values():
+        size = 1 + max(t for t, _, _ in trial["cells"])
+        acc = np.full((size, size), np.nan)
+        for t, i, a in trial.pop("cells"):
+            acc[t, i] = a
+        out.append({**trial, "accuracy_matrix": acc, "config": json.loads(trial["config"]),
+                    "method_state": json.loads(trial["method_state"])})
+    return sorted(out, key=lambda t: -t["final_average_accuracy"])
+
+
+def build_report(rows: list[dict[str, Any]], out_dir: Path, *, title: str) -> Path:
+    """Figures (PNG) and ``index.html`` (figures embedded, a sortable trial table) in ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    items = trials(rows)
+    if not items:
+        raise ValueError("the study has no finished trials to report")
+    front = pareto_mask(items, ACCURACY_AND_COST)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = {
+        "tradeoff.png": _tradeoff_figure(items, front),
+        "forgetting.png": _forgetting_figure(items),
+        "task_curves.png": _curves_figure(items),
+        "accuracy_matrix.png": _heatmap_figure(items[0]),
+    }
+    smope = next((t for t in items if "expert_usage" in t["method_state"]), None)
+    if smope is not None:
+        figures["expert_usage.png"] = _usage_figure(smope)
+    for name, fig in figures.items():
+        fig.savefig(out_dir / name, dpi=110)
+    page = _html(title, items, front, out_dir, list(figures))
+    (out_dir / "index.html").write_text(page)
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    return out_dir / "index.html"
+
+
+def _label(trial: dict[str, Any]) -> str:
+    keys = ("num_experts", "top_k", "prompt_length", "prompt_layers", "pool_size")
+    hp = ", ".join(f"{k}={trial['config'][k]}" for k in keys if k in trial["config"])
+    return f"{trial['method']}" + (f" ({hp})" if hp else "")
+
+
+def _colours(items) -> dict[str, Any]:
+    """One distinct colour per method (tab20: up to 20 methods)."""
+    import matplotlib.pyplot as plt
+
+    return {m: plt.cm.tab20(i % 20) for i, m in enumerate(sorted({t["method"] for t in items}))}
+
+
+def _log_if_wide(ax, values, axis: str) -> None:
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) / min(positive) > 20:
+        (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+
+
+def _tradeoff_figure(items, front):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    colours = _colours(items)
+    for ax, key, label in ((axes[0], "trainable_params", "trainable parameters"),
+                           (axes[1], "test_flops_per_image", "test FLOPs per image")):
+        for method, colour in colours.items():
+            pts = [t for t in items if t["method"] == method]
+            ax.scatter([t[key] for t in pts], [t["final_average_accuracy"] for t in pts], s=30, alpha=0.8,
+                       color=colour, label=method)
+        on = [t for t, f in zip(items, front) if f]
+        ax.scatter([t[key] for t in on], [t["final_average_accuracy"] for t in on], marker="*", s=220,
+                   facecolors="none", edgecolors="black", label="Pareto front (FA, params, FLOPs)")
+        for t in on:
+            ax.annotate(_label(t), (t[key], t["final_average_accuracy"]), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")
+        if key == "test_flops_per_image":
+            ax.axvline(items[0]["backbone_flops_per_image"], color="grey", ls="--", lw=1)
+            ax.text(items[0]["backbone_flops_per_image"], ax.get_ylim()[0], " one plain backbone pass",
+                    fontsize=7, color="grey", va="bottom")
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0), useOffset=False)
+        _log_if_wide(ax, [t[key] for t in items], "x")
+        ax.set_xlabel(label)
+    axes[0].set_ylabel("final average accuracy (%)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _forgetting_figure(items):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, colour in _colours(items).items():
+        pts = [t for t in items if t["method"] == method]
+        ax.scatter([t["trainable_params"] for t in pts], [t["forgetting"] for t in pts], color=colour, label=method)
+    _log_if_wide(ax, [t["trainable_params"] for t in items], "x")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("forgetting (FM, %)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _curves_figure(items):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colours = _colours(items)
+    for t in items:
+        acc = t["accuracy_matrix"]
+        curve = [np.nanmean(acc[k, : k + 1]) for k in range(len(acc))]
+        ax.plot(range(1, len(acc) + 1), curve, color=colours[t["method"]], alpha=0.7, marker=".")
+    for method, colour in colours.items():
+        ax.plot([], [], color=colour, label=method)
+    ax.set_xlabel("tasks learned")
+    ax.set_ylabel("average accuracy on seen tasks (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _heatmap_figure(trial):
+    import matplotlib.pyplot as plt
+
+    acc = trial["accuracy_matrix"]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    image = ax.imshow(np.ma.masked_invalid(acc), vmin=0, vmax=100, cmap="viridis")
+    for (t, i), value in np.ndenumerate(acc):
+        if not np.isnan(value):
+            ax.text(i, t, f"{value:.0f}", ha="center", va="center", fontsize=7, color="w")
+    ax.set_xlabel("evaluated task")
+    ax.set_ylabel("after training task")
+    ax.set_title(f"best trial: {_label(trial)}", fontsize=8)
+    fig.colorbar(image, ax=ax, label="accuracy (%)")
+    fig.tight_layout()
+    return fig
+
+
+def _usage_figure(trial):
+    import matplotlib.pyplot as plt
+
+    usage = np.asarray(trial["method_state"]["expert_usage"])  # [layer, head, expert]
+    layers = trial["method_state"].get("prompt_layers", list(range(len(usage))))
+    fig, axes = plt.subplots(1, len(usage), figsize=(3.2 * len(usage), 3), squeeze=False)
+    for ax, counts, layer in zip(axes[0], usage, layers):
+        share = counts / np.maximum(counts.sum(-1, keepdims=True), 1)
+        ax.imshow(share, aspect="auto", cmap="magma", vmin=0)
+        ax.set_title(f"block {layer}", fontsize=8)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("head")
+    fig.suptitle(f"SMoPE expert usage (share of routed samples), {_label(trial)}", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+SORT_SCRIPT = """
+document.querySelectorAll('th').forEach((th, col) => th.addEventListener('click', () => {
+  const body = th.closest('table').tBodies[0];
+  const rows = Array.from(body.rows);
+  const asc = th.dataset.asc !== 'true';
+  th.dataset.asc = asc;
+  const key = r => { const v = r.cells[col].dataset.v; return isNaN(parseFloat(v)) ? v : parseFloat(v); };
+  rows.sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * (asc ? 1 : -1));
+  rows.forEach(r => body.appendChild(r));
+}));
+"""
+
+
+def _html(title: str, items, front, out_dir: Path, figures: list[str]) -> str:
+    def image(name: str) -> str:
+        data = base64.b64encode((out_dir / name).read_bytes()).decode()
+        return f'<figure><img alt="{name}" src="data:image/png;base64,{data}"><figcaption>{name}</figcaption></figure>'
+
+    columns = [("trial", "trial"), ("method", "method"), ("settings", None), ("FA", "final_average_accuracy"),
+               ("CA", "cumulative_average_accuracy"), ("FM", "forgetting"), ("trainable params", "trainable_params"),
+               ("test FLOPs/img", "test_flops_per_image"), ("Pareto", None)]
+    head = "".join(f"<th>{html.escape(name)}</th>" for name, _ in columns)
+    body = []
+    for t, on_front in zip(items, front):
+        values = [t["trial"], t["method"], _label(t), t["final_average_accuracy"], t["cumulative_average_accuracy"],
+                  t["forgetting"], t["trainable_params"], t["test_flops_per_image"], "yes" if on_front else ""]
+        cells = "".join(f'<td data-v="{html.escape(str(v))}">{html.escape(_fmt(v))}</td>' for v in values)
+        body.append(f"<tr>{cells}</tr>")
+    gates = [t for t in items if "alpha" in t["method_state"]]
+    gate_rows = "".join(
+        f"<tr><td>{html.escape(t['trial'])}</td><td>{html.escape(str(t['method_state']['gate_activation']))}</td>"
+        f"<td>{', '.join(f'{a:.3f}' for a in t['method_state']['alpha'])}</td>"
+        f"<td>{', '.join(f'{a:.3f}' for a in t['method_state']['tau'])}</td></tr>" for t in gates)
+    gate_table = (f"<h2>NoRGa gates after training</h2><table><thead><tr><th>trial</th><th>activation</th>"
+                  f"<th>&alpha; per prompted block</th><th>&tau; per prompted block</th></tr></thead>"
+                  f"<tbody>{gate_rows}</tbody></table>") if gates else ""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<link rel="icon" href="data:,">
+<style>body{{font-family:sans-serif;margin:2em;max-width:1300px}} img{{max-width:100%}}
+table{{border-collapse:collapse;font-size:13px}} td,th{{border:1px solid #ccc;padding:3px 6px}}
+th{{cursor:pointer;background:#eee}} figure{{display:inline-block;margin:0 1em 1em 0}}</style></head>
+<body><h1>{html.escape(title)}</h1>
+<p>{len(items)} finished trials; Pareto front over final average accuracy (max), trainable
+parameters and test FLOPs per image (min). Click a column header to sort.</p>
+{''.join(image(name) for name in figures)}
+<h2>Trials</h2><table id="trials"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>
+{gate_table}
+<script>{SORT_SCRIPT}</script></body></html>
+"""
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.2f}"
+    return str(value)
+
+
+def report_from_mlflow(tracking_uri: str, experiment: str, out_dir: Path, *,
+                       log_to_parent: bool = True) -> Path:
+    """Export, build, and log the report back to the study's (latest) parent run."""
+    from promptcl.study.tracking import PARENT_TAG, client
+
+    rows = export_study(tracking_uri, experiment)
+    write_table(rows, out_dir / "study.parquet")
+    page = build_report(rows, out_dir, title=f"Study {experiment}")
+    if log_to_parent:
+        c = client(tracking_uri)
+        found = c.get_experiment_by_name(experiment)
+        parents = [r for r in c.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"])
+                   if PARENT_TAG not in r.data.tags]
+        if parents:
+            c.log_artifacts(parents[0].info.run_id, str(out_dir), "report")
+    return page
+
+
+def report_from_table(path: Path, out_dir: Path, *, title: Optional[str] = None) -> Path:
+    return build_report(read_table(path), out_dir, title=title or f"Study report ({Path(path).name})")

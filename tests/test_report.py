@@ -1,0 +1,62 @@
+"""The study report from a tidy table: export rows, trials rebuilt, figures, HTML in Chromium."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from promptcl.cli import main
+from promptcl.study.report import _matrix_rows, build_report, trials, write_table
+
+
+def _trial(name, method, fa, params, flops, state=None):
+    acc = np.array([[90.0, 0, 0], [80.0, 85.0, 0], [70.0, 75.0, fa * 3 - 145.0]])
+    return {"run_id": f"id-{name}", "trial": name, "method": method, "pareto": "", "config": json.dumps({"top_k": 2}),
+            "method_state": json.dumps(state or {}), "final_average_accuracy": fa, "cumulative_average_accuracy": 80.0,
+            "forgetting": 10.0, "backward_transfer": -10.0, "trainable_params": params, "train_flops_per_image": 2.0,
+            "test_flops_per_image": flops, "backbone_flops_per_image": 1.0}, acc
+
+
+@pytest.fixture
+def rows():
+    out = []
+    usage = {"expert_usage": [[[5, 0, 3], [1, 1, 6]]], "prompt_layers": [0]}
+    gates = {"gate_activation": "tanh", "prompt_layers": [0, 1], "alpha": [1.1, 0.9], "tau": [1.0, 1.2]}
+    for trial, acc in (_trial("a", "smope", 80.0, 100, 1.0, usage), _trial("b", "norga", 90.0, 1000, 2.0, gates),
+                       _trial("c", "l2p", 70.0, 500, 2.0)):
+        out.extend(_matrix_rows(trial, acc))
+    return out
+
+
+def test_tidy_rows_rebuild_each_trial(rows, tmp_path):
+    assert len(rows) == 3 * 6  # three trials x the lower triangle of a 3-task matrix
+    path = write_table(rows, tmp_path / "study.parquet")
+    table = pq.read_table(path)
+    assert {"run_id", "method", "train_task", "eval_task", "accuracy", "final_average_accuracy"} <= set(table.column_names)
+    rebuilt = trials(table.to_pylist())
+    assert [t["trial"] for t in rebuilt] == ["b", "a", "c"]  # best FA first
+    assert rebuilt[1]["accuracy_matrix"][1, 0] == 80.0 and np.isnan(rebuilt[1]["accuracy_matrix"][0, 1])
+    assert rebuilt[0]["method_state"]["tau"] == [1.0, 1.2]
+
+
+def test_report_from_parquet_renders_in_chromium_without_console_errors(rows, tmp_path):
+    write_table(rows, tmp_path / "study.parquet")
+    assert main(["report", "--from-parquet", str(tmp_path / "study.parquet"), "--out", str(tmp_path / "r")]) == 0
+    out = tmp_path / "r"
+    for name in ("tradeoff.png", "forgetting.png", "task_curves.png", "accuracy_matrix.png", "expert_usage.png"):
+        assert (out / name).stat().st_size > 5_000
+    text = (out / "index.html").read_text()
+    assert text.count("<tr>") == 1 + 3 + 1 + 1  # trial table header + 3 trials, gate table header + 1
+    import browser
+
+    page = browser.load((out / "index.html").as_uri(), screenshot="report_from_parquet.png", wait_for_text="Trials")
+    assert page.errors == []
+    assert "NoRGa gates after training" in page.text and "1.100, 0.900" in page.text
+
+
+def test_report_of_a_missing_table_fails_clearly(tmp_path, capsys):
+    assert main(["report", "--from-parquet", str(tmp_path / "nope.parquet"), "--out", str(tmp_path / "r")]) == 2
+    assert "no report table" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no finished trials"):
+        build_report([], tmp_path / "empty", title="empty")
