@@ -60,3 +60,11 @@ def test_report_of_a_missing_table_fails_clearly(tmp_path, capsys):
     assert "no report table" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no finished trials"):
         build_report([], tmp_path / "empty", title="empty")
+
+
+def test_the_map_uses_the_front_the_study_tagged(rows, tmp_path):
+    tagged = [{**r, "pareto": "true" if r["trial"] == "c" else "false"} for r in rows]
+    page = build_report(tagged, tmp_path / "r", title="t").read_text()
+    assert "Pareto front of the study&#x27;s objectives" in page
+    rows_html = [r for r in page.split("<tr>") if 'data-v="yes"' in r]
+    assert len(rows_html) == 1 and rows_html[0].startswith('<td data-v="c">')

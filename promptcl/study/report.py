@@ -101,10 +101,13 @@ def build_report(rows: list[dict[str, Any]], out_dir: Path, *, title: str) -> Pa
     items = trials(rows)
     if not items:
         raise ValueError("the study has no finished trials to report")
-    front = pareto_mask(items, ACCURACY_AND_COST)
+    if all(t["pareto"] in ("true", "false") for t in items):  # the front the study searched for
+        front, front_label = [t["pareto"] == "true" for t in items], "Pareto front of the study's objectives"
+    else:
+        front, front_label = pareto_mask(items, ACCURACY_AND_COST), "Pareto front (FA, params, FLOPs)"
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = {
-        "tradeoff.png": _tradeoff_figure(items, front),
+        "tradeoff.png": _tradeoff_figure(items, front, front_label),
         "forgetting.png": _forgetting_figure(items),
         "task_curves.png": _curves_figure(items),
         "accuracy_matrix.png": _heatmap_figure(items[0]),
@@ -114,7 +117,7 @@ def build_report(rows: list[dict[str, Any]], out_dir: Path, *, title: str) -> Pa
         figures["expert_usage.png"] = _usage_figure(smope)
     for name, fig in figures.items():
         fig.savefig(out_dir / name, dpi=110)
-    page = _html(title, items, front, out_dir, list(figures))
+    page = _html(title, items, front, front_label, out_dir, list(figures))
     (out_dir / "index.html").write_text(page)
     import matplotlib.pyplot as plt
 
@@ -141,7 +144,7 @@ def _log_if_wide(ax, values, axis: str) -> None:
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
 
 
-def _tradeoff_figure(items, front):
+def _tradeoff_figure(items, front, front_label: str):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
@@ -154,7 +157,7 @@ def _tradeoff_figure(items, front):
                        color=colour, label=method)
         on = [t for t, f in zip(items, front) if f]
         ax.scatter([t[key] for t in on], [t["final_average_accuracy"] for t in on], marker="*", s=220,
-                   facecolors="none", edgecolors="black", label="Pareto front (FA, params, FLOPs)")
+                   facecolors="none", edgecolors="black", label=front_label)
         for t in on:
             ax.annotate(_label(t), (t[key], t["final_average_accuracy"]), fontsize=7, xytext=(4, 4),
                         textcoords="offset points")
@@ -251,7 +254,7 @@ document.querySelectorAll('th').forEach((th, col) => th.addEventListener('click'
 """
 
 
-def _html(title: str, items, front, out_dir: Path, figures: list[str]) -> str:
+def _html(title: str, items, front, front_label: str, out_dir: Path, figures: list[str]) -> str:
     def image(name: str) -> str:
         data = base64.b64encode((out_dir / name).read_bytes()).decode()
         return f'<figure><img alt="{name}" src="data:image/png;base64,{data}"><figcaption>{name}</figcaption></figure>'
@@ -281,8 +284,8 @@ def _html(title: str, items, front, out_dir: Path, figures: list[str]) -> str:
 table{{border-collapse:collapse;font-size:13px}} td,th{{border:1px solid #ccc;padding:3px 6px}}
 th{{cursor:pointer;background:#eee}} figure{{display:inline-block;margin:0 1em 1em 0}}</style></head>
 <body><h1>{html.escape(title)}</h1>
-<p>{len(items)} finished trials; Pareto front over final average accuracy (max), trainable
-parameters and test FLOPs per image (min). Click a column header to sort.</p>
+<p>{len(items)} finished trials; stars and the Pareto column: {html.escape(front_label)}. Click a
+column header to sort.</p>
 {''.join(image(name) for name in figures)}
 <h2>Trials</h2><table id="trials"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>
 {gate_table}
