@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from promptcl.cli import main
-from promptcl.config import ConfigError, apply_overrides
+from promptcl.config import apply_overrides
 from promptcl.core.backbone import build_backbone, encode, encode_tokens
 from promptcl.core.prompts import batch_majority, pull_constraint
 from promptcl.data.benchmarks import ClassIncremental, load_dataset

@@ -123,7 +123,8 @@ class CODAPrompt(PromptMethod):
         numerator = torch.einsum("bd,lmd->lbm", query, A * F.normalize(K, dim=-1))
         norm = torch.einsum("bd,lmd->lbm", query.square(), A.square()).sqrt().clamp_min(1e-12)
         composed = torch.einsum("lbm,lmkpd->lbkpd", numerator / norm, P)  # [layer, B, 2, length, D]
-        prompts = {layer: prefix_prompt(composed[i], self.num_heads) for i, layer in enumerate(self.config.prompt_layers)}
+        prompts = {layer: prefix_prompt(composed[i], self.num_heads)
+                   for i, layer in enumerate(self.config.prompt_layers)}
         return encode(self.backbone, images, prompts)
 
     def orthogonality_loss(self, trainable_from: int) -> torch.Tensor:

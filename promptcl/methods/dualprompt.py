@@ -89,7 +89,8 @@ class DualPrompt(PromptMethod):
     def features(self, images: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         prompts = self.g_prompt.prompts(len(images))
         chosen = self.e_prompts[slots]  # [B, layer, 2, length, D]
-        prompts.update({layer: prefix_prompt(chosen[:, i], self.num_heads) for i, layer in enumerate(self.config.e_layers)})
+        prompts.update({layer: prefix_prompt(chosen[:, i], self.num_heads)
+                        for i, layer in enumerate(self.config.e_layers)})
         return encode(self.backbone, images, prompts)
 
     def infer_slots(self, images: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,8 @@ class L2PConfig:
     def __post_init__(self) -> None:
         require(self.form in ("prompt", "prefix"), f"form must be 'prompt' or 'prefix', got {self.form!r}")
         require(self.pool_size >= 1 and self.prompt_length >= 1, "pool_size and prompt_length must be >= 1")
-        require(1 <= self.top_k <= self.pool_size, f"top_k={self.top_k} must be between 1 and pool_size={self.pool_size}")
+        require(1 <= self.top_k <= self.pool_size,
+                f"top_k={self.top_k} must be between 1 and pool_size={self.pool_size}")
         require_layers("prefix_layers", self.prefix_layers)
         require(len(self.init_range) == 2 and self.init_range[0] < self.init_range[1],
                 f"init_range must be (low, high) with low < high, got {self.init_range}")

@@ -71,7 +71,8 @@ def virtual_outliers(features: torch.Tensor, *, count: int, neighbours: int, bou
     point, as the code), and the ``count`` candidates farthest from the data by that distance.
     ``around_origin``: the official code's candidates (offsets alone, boundary points dropped)."""
     normed = F.normalize(features.float(), dim=1)
-    boundary = normed[kth_neighbour_distance(normed, normed, neighbours).topk(min(boundary_points, len(normed))).indices]
+    spread = kth_neighbour_distance(normed, normed, neighbours)
+    boundary = normed[spread.topk(min(boundary_points, len(normed))).indices]
     offsets = noise_scale * torch.randn(candidates_per_point, normed.shape[1], generator=generator)
     offsets = offsets.to(normed.device)
     centres = torch.zeros_like(boundary) if around_origin else boundary

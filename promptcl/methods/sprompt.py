@@ -46,7 +46,8 @@ class SPromptConfig:
     def __post_init__(self) -> None:
         require(self.prompt_length >= 1 and self.centroids_per_task >= 1,
                 "prompt_length and centroids_per_task must be >= 1")
-        require(self.centroid_distance in ("l1", "l2"), f"centroid_distance must be l1 or l2, got {self.centroid_distance!r}")
+        require(self.centroid_distance in ("l1", "l2"),
+                f"centroid_distance must be l1 or l2, got {self.centroid_distance!r}")
         require(self.epochs >= 1 and self.batch_size >= 1 and self.lr > 0, "epochs, batch_size, lr must be positive")
         require(self.weight_decay >= 0 and self.first_task_weight_decay >= 0, "weight decays must be >= 0")
 

@@ -78,7 +78,8 @@ class StudySpec:
         return {**self.fixed_overrides, **self.per_method_overrides.get(method, {})}
 
     def resolved_tracking_uri(self) -> str:
-        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri(self.runs_dir)
+        return (self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                or tracking.default_tracking_uri(self.runs_dir))
 
     def resolved_storage_path(self) -> str:
         return self.storage_path or str((Path(self.runs_dir) / "ray_results").resolve())
@@ -451,7 +452,8 @@ def study_parser(description: str, *, name: str, num_samples: int, objectives: t
     p.add_argument("--gpus-per-worker", type=float, default=1.0, help="with --use-gpu")
     p.add_argument("--cpus-per-worker", type=float, default=None,
                    help="default: 0.99 on CPU workers (two trials share a 2-core box), 1 with --use-gpu")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast on the worker's device")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: autocast on the worker's device")
     p.add_argument("--max-failures", type=int, default=0,
                    help="restarts of a trial's Train run after a worker dies (from the last task checkpoint)")
     p.add_argument("--resume", action="store_true",
@@ -460,7 +462,8 @@ def study_parser(description: str, *, name: str, num_samples: int, objectives: t
                    help="custom resource the trial drivers request instead of CPU (a cluster's head node)")
     p.add_argument("--asha", action="store_true", help="stop weak trials early at task boundaries")
     p.add_argument("--objectives", type=objectives_arg, default=objectives, metavar="METRIC:max|min,...",
-                   help=f"what Optuna optimises; several give a Pareto front (default {','.join(map(str, objectives))})")
+                   help="what Optuna optimises; several give a Pareto front "
+                        f"(default {','.join(map(str, objectives))})")
     p.add_argument("--optuna-storage", default=None, metavar="URL",
                    help="SQLAlchemy URL of the persistent Optuna study (default sqlite:///RUNS_DIR/optuna.db)")
     p.add_argument("--name", default=name)
