@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
@@ -330,7 +331,9 @@ def fresh_optuna_storage(spec: StudySpec):
     metrics, modes = (metric, mode) if isinstance(metric, list) else ([metric], [mode])
     study = optuna.create_study(study_name=spec.name, storage=storage,
                                 directions=["maximize" if m == "max" else "minimize" for m in modes])
-    study.set_metric_names(metrics)
+    with warnings.catch_warnings():  # set_metric_names is marked experimental by Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(metrics)
     return storage
 
 
