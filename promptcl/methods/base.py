@@ -14,6 +14,7 @@ from typing import Callable, ClassVar, Iterable, Literal, Optional
 import torch
 from torch import nn
 
+from promptcl.config import require
 from promptcl.core.backbone import attention_geometry
 
 
@@ -115,8 +116,6 @@ class PromptMethod(nn.Module):
         """Raise ConfigError when the config does not fit the backbone (e.g. layer indices)."""
 
     def require_layers_fit(self, name: str, layers: tuple[int, ...]) -> None:
-        from promptcl.config import require
-
         require(not layers or max(layers) < self.depth, f"{name} {layers} exceed the backbone's {self.depth} blocks")
 
     # --- the per-task contract -------------------------------------------------------------
