@@ -19,7 +19,8 @@ from promptcl.methods import get_method, method_names
 from promptcl.study import tracking
 from promptcl.study.objectives import ACCURACY_AND_COST
 from promptcl.study.comparison import format_method_table, method_table, write_method_table
-from promptcl.study.tuner import run_study, spec_from_args, stored_parent_run, study_parser, validate_study
+from promptcl.study.tuner import (print_study_paths, run_study, spec_from_args, stored_parent_run, study_parser,
+                                  validate_study)
 from promptcl.study.trainer import fault_from_env
 
 # --smoke: the short version of every schedule, applied to each method that has the setting.
@@ -66,7 +67,8 @@ def main(argv=None) -> int:
         for path in paths:
             tracking.client(spec.resolved_tracking_uri()).log_artifact(parent, str(path))
     print(f"\n{spec.dataset}: {len(rows)} runs, seeds {list(seeds)}\n" + format_method_table(table))
-    print(f"\nTable: {paths[1]}  MLflow: {spec.resolved_tracking_uri()} (experiment {spec.name!r})")
+    print(f"\nTable:  {paths[1]}")
+    print_study_paths(spec, report=spec.report and bool(rows))
     return 0 if len(rows) == len(methods) * len(seeds) else 1
 
 

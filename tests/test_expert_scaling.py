@@ -145,7 +145,7 @@ def test_smoke_grid_study_logs_accuracy_and_cost(local_ray, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    assert expert_scaling.main(["--smoke", "--grid", "--num-samples", "2", "--runs-dir", str(tmp_path),
+    assert expert_scaling.main(["--smoke", "--grid", "--num-samples", "2", "--no-report", "--runs-dir", str(tmp_path),
                                 "--mlflow-uri", uri]) == 0
     out = capsys.readouterr().out
     assert "Best trial per method" in out and "test MFLOPs/img" in out and "num_experts" in out

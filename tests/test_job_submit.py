@@ -73,6 +73,11 @@ def test_job_submit_runs_the_smoke_study(tmp_path):
             head.kill()
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout
+    # the job's log holds the study console (one line per trial event), Ray's output its own log file
+    assert sum("] trial " in line and " finished " in line for line in job.stdout.splitlines()) == 2
+    log = (tmp_path / "smope_topk_smoke.log").read_text()
+    assert "Trial status" not in job.stdout and "pid=" not in job.stdout
+    assert "Trial status" in log and "TrainController pid=" in log  # Tune's tables and the workers' lines
     # the job's study wrote its runs where it was told, outside the uploaded working directory
     from mlflow.tracking import MlflowClient
 

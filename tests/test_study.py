@@ -18,7 +18,7 @@ def test_gate_study_compares_hide_and_norga(local_ray, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    assert norga_gate.main(["--smoke", "--runs-dir", str(tmp_path), "--mlflow-uri", uri]) == 0
+    assert norga_gate.main(["--smoke", "--no-report", "--runs-dir", str(tmp_path), "--mlflow-uri", uri]) == 0
     assert "Best trial per method" in capsys.readouterr().out
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("norga_gate_smoke").experiment_id])
@@ -38,7 +38,7 @@ def test_bad_study_input_fails_before_ray_starts(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "r").exists()
 
 
-def test_asha_stops_trials_at_task_boundaries_and_ranks_them_below_finished_ones(local_ray, tmp_path):
+def test_asha_stops_trials_at_task_boundaries_and_ranks_them_below_finished_ones(local_ray, tmp_path, capsys):
     """ASHA compares trials at the same task; a stopped trial ends KILLED in MLflow, tagged with
     the task it stopped at, and its searcher score ranks below every trial that finished."""
     import smope_topk
@@ -46,8 +46,9 @@ def test_asha_stops_trials_at_task_boundaries_and_ranks_them_below_finished_ones
     from ray.tune import ExperimentAnalysis
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    assert smope_topk.main(["--smoke", "--asha", "--num-samples", "5", "--max-concurrent", "1",
+    assert smope_topk.main(["--smoke", "--asha", "--num-samples", "5", "--max-concurrent", "1", "--no-report",
                             "--runs-dir", str(tmp_path), "--mlflow-uri", uri]) == 0
+    out = capsys.readouterr().out
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("smope_topk_smoke").experiment_id])
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
@@ -67,6 +68,10 @@ def test_asha_stops_trials_at_task_boundaries_and_ranks_them_below_finished_ones
         assert len(steps) < 5 and len(steps) == len(set(steps))
     for run in finished:
         assert "final_average_accuracy" in run.data.metrics
+    # the console says which trials the scheduler stopped, and after which task
+    stopped = sorted(line.split()[2:4] for line in out.splitlines() if "stopped   by the scheduler" in line)
+    assert stopped == sorted([r.info.run_name.removeprefix("trial_"), "stopped"] for r in killed)
+    assert "Report:" not in out
     # what the searcher saw: a stopped trial's best score is below every finished trial's
     trials = ExperimentAnalysis(str(tmp_path / "ray_results" / "smope_topk_smoke")).trial_dataframes
     final_scores = [df["search_score"].iloc[-1] for df in trials.values() if df["task"].iloc[-1] == 5]
@@ -81,7 +86,7 @@ def test_method_comparison_grid_runs_every_method_and_seed_once(local_ray, tmp_p
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     assert method_comparison.main(["--smoke", "--methods", "simplecil,ovor", "--seeds", "2", "--max-concurrent", "4",
-                                   "--runs-dir", str(tmp_path), "--mlflow-uri", uri]) == 0
+                                   "--no-report", "--runs-dir", str(tmp_path), "--mlflow-uri", uri]) == 0
     out = capsys.readouterr().out
     assert "| simplecil |" in out and "| ovor |" in out and "±" in out
 
@@ -161,6 +166,18 @@ def test_smoke_study_over_http_logs_runs_and_a_persistent_multi_objective_optuna
     assert "Best trial per top_k" in out and "test MFLOPs/img" in out
     assert "Pareto front of final_average_accuracy:max, trainable_params:min" in out
     assert f"optuna-dashboard {storage}" in out
+    # The console: one line per trial event (off a terminal, per task too), Ray's output in the log,
+    # the paths of the log, the report and the MLflow store last.
+    lines = out.strip().splitlines()
+    events = [line.split("] ", 1)[1].split()[2] for line in lines if line.startswith("[") and "] trial " in line]
+    assert Counter(events) == {"started": 4, "task": 4 * 4, "finished": 4}
+    assert len(lines) < 60 and "pid=" not in out and "Trial status" not in out
+    log = tmp_path / "smope_topk_smoke.log"  # (worker logs too, but this cluster does not forward them)
+    assert "Trial status" in log.read_text()
+    assert [line.split(":")[0] for line in lines[-3:]] == ["Log", "Report", "MLflow"]
+    assert lines[-3].split()[-1] == str(log)
+    report = tmp_path / "smope_topk_smoke" / "report" / "index.html"
+    assert lines[-2].split()[-1] == str(report) and report.exists()
 
     study = optuna.load_study(study_name="smope_topk_smoke", storage=storage)
     trials = study.get_trials()
@@ -198,6 +215,7 @@ def test_smoke_study_over_http_logs_runs_and_a_persistent_multi_objective_optuna
         values(r) for r in children if r.data.tags["pareto"] == "true")
     assert {r.data.tags["pareto"] for r in children} <= {"true", "false"}
     assert len(parent.data.tags["pareto_trials"].split(",")) == len(study.best_trials)
+    assert "report/index.html" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
 
     assert study.metric_names == ["final_average_accuracy", "trainable_params"]
 

@@ -24,8 +24,8 @@ TRIAL_METRICS = ("final_average_accuracy", "cumulative_average_accuracy", "forge
                  "trainable_params", "train_flops_per_image", "test_flops_per_image", "backbone_flops_per_image")
 
 
-def export_study(tracking_uri: str, experiment: str) -> list[dict[str, Any]]:
-    """Tidy rows of every finished child run of ``experiment``."""
+def export_study(tracking_uri: str, experiment: str, *, parent_run_id: Optional[str] = None) -> list[dict[str, Any]]:
+    """Tidy rows of every finished child run of ``experiment`` (of one study run: ``parent_run_id``)."""
     from promptcl.study.tracking import PARENT_TAG, client
 
     import os
@@ -39,6 +39,8 @@ def export_study(tracking_uri: str, experiment: str) -> list[dict[str, Any]]:
     runs = c.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'")
     for run in runs:
         if PARENT_TAG not in run.data.tags or "final_average_accuracy" not in run.data.metrics:
+            continue
+        if parent_run_id is not None and run.data.tags[PARENT_TAG] != parent_run_id:
             continue
         with tempfile.TemporaryDirectory() as tmp:
             summary = json.loads(Path(c.download_artifacts(run.info.run_id, "summary.json", tmp)).read_text())
@@ -299,20 +301,23 @@ def _fmt(value: Any) -> str:
 
 
 def report_from_mlflow(tracking_uri: str, experiment: str, out_dir: Path, *,
-                       log_to_parent: bool = True) -> Path:
-    """Export, build, and log the report back to the study's (latest) parent run."""
+                       log_to_parent: bool = True, parent_run_id: Optional[str] = None) -> Path:
+    """Export, build, and log the report back to the study's parent run. ``parent_run_id``: the
+    report of that study run only; default: every trial of the experiment, logged to its latest parent."""
     from promptcl.study.tracking import PARENT_TAG, client
 
-    rows = export_study(tracking_uri, experiment)
+    rows = export_study(tracking_uri, experiment, parent_run_id=parent_run_id)
     write_table(rows, out_dir / "study.parquet")
     page = build_report(rows, out_dir, title=f"Study {experiment}")
     if log_to_parent:
         c = client(tracking_uri)
-        found = c.get_experiment_by_name(experiment)
-        parents = [r for r in c.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"])
-                   if PARENT_TAG not in r.data.tags]
-        if parents:
-            c.log_artifacts(parents[0].info.run_id, str(out_dir), "report")
+        if parent_run_id is None:
+            found = c.get_experiment_by_name(experiment)
+            parents = [r for r in c.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"])
+                       if PARENT_TAG not in r.data.tags]
+            parent_run_id = parents[0].info.run_id if parents else None
+        if parent_run_id is not None:
+            c.log_artifacts(parent_run_id, str(out_dir), "report")
     return page
 
 

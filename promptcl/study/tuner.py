@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -26,6 +27,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from promptcl.engine import FINAL_METRICS, RunSpec, resolve_run
 from promptcl.study import tracking
+from promptcl.study.console import TrialEvents, study_console
 from promptcl.study.objectives import ACCURACY, Objective, parse_objectives, pareto_mask
 from promptcl.study.trainer import Scaling, fault_from_env, make_trainer
 
@@ -58,6 +60,8 @@ class StudySpec:
     grid: Optional[dict[str, tuple]] = None
     per_method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # on top of fixed ones
     objectives: tuple[Objective, ...] = ACCURACY  # what Optuna optimises; several: a Pareto front
+    verbose: bool = False  # Ray's tables and worker logs on the console, not only in the study log
+    report: bool = True  # study scripts build the HTML report at the end
     optuna_storage: Optional[str] = None  # SQLAlchemy URL of the Optuna study; default sqlite in runs_dir
 
     def resolved_optuna_storage(self) -> str:
@@ -84,6 +88,13 @@ class StudySpec:
 
     def resolved_storage_path(self) -> str:
         return self.storage_path or str((Path(self.runs_dir) / "ray_results").resolve())
+
+    def log_path(self) -> Path:
+        """Where Ray's tables and worker logs go (appended to, so a resumed study keeps one log)."""
+        return Path(self.runs_dir).resolve() / f"{self.name}.log"
+
+    def num_trials(self) -> int:
+        return math.prod(len(v) for v in self.grid.values()) if self.grid is not None else self.num_samples
 
     def experiment_path(self) -> str:
         return f"{self.resolved_storage_path().rstrip('/')}/{self.name}"
@@ -239,20 +250,29 @@ def _as_uri(path: str) -> str:
 
 
 def run_study(spec: StudySpec) -> list[dict[str, Any]]:
-    """Run (or with ``resume``, continue) the study; return one row per completed trial."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
+    """Run (or with ``resume``, continue) the study; return one row per completed trial. The
+    console gets one line per trial event; the rest of the output goes to ``spec.log_path()``."""
     run_spec = validate_study(spec)
     num_tasks = resolve_run(run_spec).num_tasks
     runs_dir = Path(spec.runs_dir).resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
-    uri = spec.resolved_tracking_uri()
-    experiment_id = tracking.ensure_experiment(uri, spec.name, artifact_dir=runs_dir / "mlartifacts")
-    if spec.dataset == "digits":
-        from promptcl.core.pretrain import digits_backbone_checkpoint
+    with study_console(spec.log_path(), total=spec.num_trials(), num_tasks=num_tasks,
+                       verbose=spec.verbose) as console:
+        console.note(f"{spec.name}: {spec.num_trials()} trials of {', '.join(spec.methods())} on {spec.dataset} "
+                     f"({num_tasks} tasks), {spec.max_concurrent} at a time"
+                     + ("" if spec.verbose else f"; Ray's tables and worker logs: {spec.log_path()}"))
+        uri = spec.resolved_tracking_uri()
+        experiment_id = tracking.ensure_experiment(uri, spec.name, artifact_dir=runs_dir / "mlartifacts")
+        if spec.dataset == "digits":
+            from promptcl.core.pretrain import digits_backbone_checkpoint
 
-        digits_backbone_checkpoint()  # made once here, not raced for by concurrent trials
+            digits_backbone_checkpoint()  # made once here, not raced for by concurrent trials
+        return _run_tuner(spec, run_spec, num_tasks, uri, experiment_id)
+
+
+def _run_tuner(spec: StudySpec, run_spec: RunSpec, num_tasks: int, uri: str, experiment_id: str) -> list[dict]:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     ensure_ray()
     resuming = spec.resume and tune.Tuner.can_restore(spec.experiment_path())
@@ -290,7 +310,7 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
             param_space=search.pop("param_space"),
             tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, scheduler=scheduler, **search),
             run_config=tune.RunConfig(name=spec.name, storage_path=spec.resolved_storage_path(),
-                                      callbacks=[TrialRunStatus(uri, experiment_id, parent)]),
+                                      callbacks=[TrialRunStatus(uri, experiment_id, parent), TrialEvents()]),
         )
     try:
         with _lenient_metric_check(spec.objectives != ACCURACY):
@@ -449,6 +469,9 @@ def study_parser(description: str, *, name: str, num_samples: int, objectives: t
     p.add_argument("--mlflow-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite in --runs-dir")
     p.add_argument("--storage-path", default=None, help="Ray results; shared storage on a cluster")
     p.add_argument("--progress", action="store_true", help="per-epoch progress bars in worker logs")
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray's status tables and worker logs on the console (default: in RUNS_DIR/NAME.log)")
+    p.add_argument("--no-report", action="store_true", help="skip the HTML report at the end")
     p.add_argument("--workers-per-trial", type=int, default=1,
                    help="Ray Train workers per trial (data-parallel; the method's batch size is the global one)")
     p.add_argument("--use-gpu", action="store_true", help="give each Train worker GPUs (NCCL between them)")
@@ -488,7 +511,8 @@ def spec_from_args(args, *, method: str, search_space: SearchSpace, smoke_overri
                         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
                         max_failures=args.max_failures),
         precision=args.precision, resume=args.resume, driver_resource=args.driver_resource,
-        progress=args.progress, scheduler="asha" if args.asha else "fifo",
+        progress=args.progress, verbose=args.verbose, report=not args.no_report,
+        scheduler="asha" if args.asha else "fifo",
         objectives=args.objectives, optuna_storage=args.optuna_storage,
     )
 
@@ -512,7 +536,21 @@ def run_study_script(spec: StudySpec, *, table_params: list[str], best_by: str, 
         front = [r for r, on in zip(rows, pareto_mask(rows, spec.objectives)) if on]
         print(f"\nPareto front of {', '.join(map(str, spec.objectives))} (MLflow tag pareto=true):\n"
               + format_table(sorted(front, key=lambda r: r["trainable_params"]), table_params))
-    print(f"\nMLflow: {spec.resolved_tracking_uri()} (experiment {spec.name!r})")
-    print(f"Optuna: study {spec.name!r} in {spec.resolved_optuna_storage()}; "
+    print(f"\nOptuna: study {spec.name!r} in {spec.resolved_optuna_storage()}; "
           f"browse it with: optuna-dashboard {spec.resolved_optuna_storage()}")
+    print_study_paths(spec, report=spec.report and bool(rows))
     return 0 if rows else 1
+
+
+def print_study_paths(spec: StudySpec, *, report: bool) -> None:
+    """The closing lines of every study script: its log, its report (built here unless ``report``
+    is false), its MLflow store and how to open the UI."""
+    uri = spec.resolved_tracking_uri()
+    print(f"Log:    {spec.log_path()}")
+    if report:
+        from promptcl.study.report import report_from_mlflow
+
+        out = Path(spec.runs_dir).resolve() / spec.name / "report"
+        page = report_from_mlflow(uri, spec.name, out, parent_run_id=stored_parent_run(spec))
+        print(f"Report: {page}")
+    print(f"MLflow: {uri} (experiment {spec.name!r}); UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
