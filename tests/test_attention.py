@@ -5,7 +5,7 @@ import torch
 from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
-from promptcl.core.attention import Prefix, PrefixAttention, prefix_attention
+from promptcl.core.attention import Prefix, PrefixAttention, prefix_attention, prefix_attention_impl
 from promptcl.core.backbone import build_backbone, encode
 from promptcl.core.gates import LinearGate, NoRGaGate
 
@@ -92,3 +92,111 @@ def test_prefix_shape_errors_are_clear():
         Prefix(values=torch.zeros(B, H, 2, D))
     with pytest.raises(ValueError, match="do not fit queries"):
         prefix_attention(q, k, v, Prefix(values=torch.zeros(B, H + 1, 2, D), keys=torch.zeros(B, H + 1, 2, D)))
+
+
+def _both_paths(prefix_of, dtype, seed=0):
+    """Output and gradients (queries, keys, values, prefix tensors, gate scalars) of the eager and
+    the fused path on the same inputs."""
+    g = torch.Generator().manual_seed(seed)
+    results = {}
+    for impl in ("eager", "fused"):
+        g.manual_seed(seed)
+        q, k, v = (torch.randn(B, H, 33, D, generator=g).to(dtype).requires_grad_() for _ in range(3))
+        prefix, leaves = prefix_of(g, dtype)
+        with prefix_attention_impl(impl):
+            out = prefix_attention(q, k, v, prefix)
+        weights = torch.randn(out.shape, generator=g).to(dtype)
+        grads = torch.autograd.grad((out * weights).sum(), [q, k, v, *leaves])
+        results[impl] = (out, grads)
+    return results["eager"], results["fused"]
+
+
+def _gated_keys(num_prompts, activation="tanh"):
+    gate = NoRGaGate(activation, alpha=0.7, tau=1.9)
+
+    def make(g, dtype):
+        pk, pv = (torch.randn(B, H, num_prompts, D, generator=g).to(dtype).requires_grad_() for _ in range(2))
+        gate.to(dtype)
+        return Prefix(values=pv, keys=pk, gate=gate), [pk, pv, gate.alpha, gate.tau]
+    return make
+
+
+def _shared_logits(num_prompts, gated=False):
+    gate = NoRGaGate("sigmoid", alpha=0.5, tau=1.2) if gated else None
+
+    def make(g, dtype):
+        logits = (3 * torch.randn(B, H, num_prompts, generator=g)).to(dtype).requires_grad_()
+        pv = torch.randn(B, H, num_prompts, D, generator=g).to(dtype).requires_grad_()
+        if gate is not None:
+            gate.to(dtype)
+        return Prefix(values=pv, logits=logits, gate=gate), [logits, pv] + ([gate.alpha, gate.tau] if gate else [])
+    return make
+
+
+PREFIXES = {
+    **{f"norga_{p}": _gated_keys(p) for p in (1, 5, 8, 13)},  # below, at and above one block of 8
+    "norga_gelu": _gated_keys(5, "gelu"),
+    **{f"smope_{p}": _shared_logits(p) for p in (2, 8, 24)},
+    "shared_logits_gated": _shared_logits(4, gated=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PREFIXES))
+def test_fused_prefix_attention_equals_the_eager_path_forward_and_backward_in_fp32(name):
+    (eager, eager_grads), (fused, fused_grads) = _both_paths(PREFIXES[name], torch.float32)
+    torch.testing.assert_close(fused, eager, atol=1e-5, rtol=0)
+    for a, b in zip(fused_grads, eager_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["norga_5", "smope_8"])
+def test_fused_prefix_attention_equals_the_eager_path_in_bf16(name):
+    (eager, eager_grads), (fused, fused_grads) = _both_paths(PREFIXES[name], torch.bfloat16)
+    reference, reference_grads = _both_paths(PREFIXES[name], torch.float32)[0]
+    # bf16 tolerance: the fused path is about as far from the fp32 result as the eager path is.
+    # Not compared: the gate scalars' gradients, sums of B*H*N*P bf16 products that mostly cancel,
+    # whose error is the accumulation's in either path (training keeps them in fp32 under autocast).
+    pairs = list(zip(fused_grads, eager_grads, reference_grads))[:5]  # q, k, v and the two prefix tensors
+    for ours, theirs, exact in [(fused, eager, reference), *pairs]:
+        scale = exact.abs().max().clamp_min(1.0)
+        fused_error = ((ours.float() - exact).abs().max() / scale).item()
+        eager_error = ((theirs.float() - exact).abs().max() / scale).item()
+        assert fused_error <= 2 * eager_error + 1e-2, (fused_error, eager_error)
+
+
+def test_auto_is_the_fused_path_and_an_unknown_choice_is_refused():
+    from promptcl.core import attention
+
+    assert attention._IMPL == "auto"
+    with prefix_attention_impl("eager"):
+        assert attention._IMPL == "eager"
+    assert attention._IMPL == "auto"
+    with pytest.raises(ValueError, match="unknown prefix attention implementation 'flash'"):
+        with prefix_attention_impl("flash"):
+            pass
+
+
+@pytest.mark.parametrize("method", ["norga", "smope"])
+def test_a_prompted_model_is_the_same_through_either_path(method):
+    """Whole prompted forward and its prompt gradients on the digits backbone, eager vs fused."""
+    from promptcl.methods import get_method
+
+    cls = get_method(method)
+    torch.manual_seed(0)
+    model = cls(cls.PRESETS["digits"], backbone=build_backbone("vit_digits", pretrained=False), num_classes=10,
+                num_tasks=5)
+    x = torch.randn(6, 1, 8, 8)
+    forward = {"norga": lambda: model.features(x, torch.tensor([0, 1, 2, 3, 4, 0])),
+               "smope": lambda: model.features(x, mode="sparse")}[method]
+    results = {}
+    for impl in ("eager", "fused"):
+        model.zero_grad()
+        with prefix_attention_impl(impl):
+            out = forward()
+        out.square().sum().backward()
+        results[impl] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (eager, eager_grads), (fused, fused_grads) = results["eager"], results["fused"]
+    torch.testing.assert_close(fused, eager, atol=1e-5, rtol=0)
+    assert eager_grads.keys() == fused_grads.keys() and eager_grads
+    for name in eager_grads:
+        torch.testing.assert_close(fused_grads[name], eager_grads[name], atol=1e-5, rtol=1e-4)

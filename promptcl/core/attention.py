@@ -8,8 +8,9 @@ prefix columns and the token columns are joined in ONE softmax. ``PrefixAttentio
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Iterator, Literal, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,24 @@ class LayerPrompt(Protocol):
     def __call__(self, q: torch.Tensor) -> Prefix: ...
 
 
+PrefixAttentionImpl = Literal["auto", "fused", "eager"]
+_IMPL: PrefixAttentionImpl = "auto"
+
+
+@contextlib.contextmanager
+def prefix_attention_impl(impl: PrefixAttentionImpl) -> Iterator[None]:
+    """Choose how gated and token-shared prefixes are computed: ``fused`` (one SDPA kernel),
+    ``eager`` (the explicit softmax, the reference path) or ``auto`` (fused)."""
+    global _IMPL
+    if impl not in ("auto", "fused", "eager"):
+        raise ValueError(f"unknown prefix attention implementation {impl!r}; choose auto, fused or eager")
+    previous, _IMPL = _IMPL, impl
+    try:
+        yield
+    finally:
+        _IMPL = previous
+
+
 def prefix_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -77,11 +96,42 @@ def prefix_attention(
         prefix_scores = prefix.logits.unsqueeze(2).expand(-1, -1, q.shape[2], -1)
     if gate is not None:
         prefix_scores = gate(prefix_scores)
-    token_scores = (q * scale) @ k.transpose(-2, -1)  # [B, H, N, N]
+    if _IMPL == "eager":
+        return _eager_prefix_attention(q, k, v, prefix_scores, prefix.values, dropout_p)
+    return _fused_prefix_attention(q, k, v, prefix_scores, prefix.values, dropout_p)
+
+
+def _eager_prefix_attention(q, k, v, prefix_scores, prefix_values, dropout_p: float) -> torch.Tensor:
+    """The reference path: the [N, P + N] logits and their softmax made explicitly."""
+    token_scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, H, N, N]
     attn = torch.cat([prefix_scores, token_scores], dim=-1).softmax(dim=-1)
     if dropout_p:
         attn = F.dropout(attn, p=dropout_p)
-    return attn @ torch.cat([prefix.values, v], dim=2)
+    return attn @ torch.cat([prefix_values, v], dim=2)
+
+
+def _fused_prefix_attention(q, k, v, prefix_scores, prefix_values, dropout_p: float) -> torch.Tensor:
+    """The same attention through one fused SDPA call, exactly.
+
+    The prefix columns' logits ``z`` (gated, or token-shared) are arbitrary [N, P] numbers, which
+    no kernel takes as such; they become dot products instead: each query gains P coordinates
+    ``z * sqrt(d)``, each prefix key is the unit vector on its own coordinate (zero elsewhere),
+    each token key is zero there. With the scale 1/sqrt(d) a prefix column scores ``z`` and a token
+    column ``q . k / sqrt(d)``, as in the eager path. The extra width is rounded up to a multiple
+    of 8 and the values zero-padded to it, as fused kernels need equal, aligned head sizes; only
+    the small [N, P] logits are ever materialised.
+    """
+    B, H, N, d = q.shape
+    P = prefix_scores.shape[-1]
+    width = -(-P // 8) * 8
+    zeros = q.new_zeros
+    unit_keys = torch.eye(P, width, dtype=q.dtype, device=q.device).expand(B, H, P, width)
+    queries = torch.cat([q, prefix_scores.to(q.dtype) * d ** 0.5, zeros(B, H, N, width - P)], dim=-1)
+    keys = torch.cat([torch.cat([zeros(B, H, P, d), unit_keys], dim=-1),
+                      torch.cat([k, zeros(B, H, k.shape[2], width)], dim=-1)], dim=2)
+    values = torch.cat([torch.cat([prefix_values, v], dim=2), zeros(B, H, P + v.shape[2], width)], dim=-1)
+    out = F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p, scale=d ** -0.5)
+    return out[..., :d]
 
 
 def _check_prefix(prefix: Prefix, q: torch.Tensor) -> None:
