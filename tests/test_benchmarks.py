@@ -6,12 +6,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
-def test_prefix_overhead_prints_a_ratio_row(capsys):
-    import prefix_overhead
+def test_prompted_step_times_every_method_and_both_paths_where_they_differ(tmp_path, capsys):
+    import json
 
-    prefix_overhead.main(["--backbones", "vit_digits", "--batch-sizes", "4", "--repeats", "1"])
-    row = capsys.readouterr().out.strip().splitlines()[-1]
-    assert row.startswith("vit_digits | 4 |") and row.count("x)") == 2
+    import prompted_step
+
+    out = tmp_path / "prompted_step.json"
+    report = prompted_step.main(["--backbone", "vit_digits", "--batch", "4", "--repeats", "1",
+                                 "--methods", "smope", "hide", "simplecil", "--json", str(out)])
+    assert json.loads(out.read_text()) == report
+    paths = [(r["method"], r["path"]) for r in report["rows"]]
+    # SMoPE's token-shared logits differ between eager and fused; HiDe's linear prefix is one SDPA
+    assert paths == [("smope", "eager"), ("smope", "fused"), ("hide", "sdpa"), ("simplecil", "sdpa")]
+    hide = report["rows"][2]
+    assert hide["passes"] == 2 and hide["per_pass_ratio"] == hide["forward_ratio"] / 2
+    assert report["rows"][3]["step_ratio"] is None  # SimpleCIL does not train
+    assert all(r["forward_ratio"] > 0 for r in report["rows"])
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("simplecil | sdpa | 1 |")
 
 
 def test_embedded_methods_prints_a_row_per_method(capsys):

@@ -91,3 +91,32 @@ def test_a_killed_worker_restarts_from_its_task_checkpoint_in_the_same_mlflow_ru
     uninterrupted = json.loads((two_workers / "summary.json").read_text())["accuracy_matrix"]
     assert restarted == uninterrupted
     assert children[0].data.tags["restarted_from_task"] == "02"  # the fault did fire, once
+
+
+def test_an_inline_trial_killed_mid_run_restarts_from_its_tune_checkpoint(local_ray, one_worker, tmp_path,
+                                                                          monkeypatch, capsys):
+    """A one-worker trial runs in the Tune trial itself (no worker group); its process exits hard
+    after task 2, Tune restarts the trial from the task-2 checkpoint it reported, and the run ends
+    with the single-process accuracy matrix, in one MLflow child run."""
+    from mlflow.tracking import MlflowClient
+
+    from promptcl.study.tuner import StudySpec, run_study
+
+    monkeypatch.setenv("PROMPTCL_INJECT_WORKER_FAULT", "task=2,rank=0")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = StudySpec(name="inline_fault", method="smope", dataset="digits", search_space=fixed_configuration,
+                     num_samples=1, runs_dir=tmp_path, tracking_uri=uri, scaling=Scaling(max_failures=1))
+    assert spec.inline_trials()
+    rows = run_study(spec)
+    assert len(rows) == 1
+    client = MlflowClient(uri)
+    children = [r for r in client.search_runs([client.get_experiment_by_name("inline_fault").experiment_id])
+                if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    child = children[0]
+    assert child.data.tags["restarted_from_task"] == "02" and child.data.params["run/num_workers"] == "1"
+    assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "average_accuracy")) == [0, 1, 2, 3, 4]
+    restarted = json.loads(Path(client.download_artifacts(child.info.run_id, "accuracy_matrix.json",
+                                                          str(tmp_path))).read_text())
+    assert restarted == json.loads((one_worker / "summary.json").read_text())["accuracy_matrix"]
+    assert "restarts  from its checkpoint after task 3/5" in capsys.readouterr().out

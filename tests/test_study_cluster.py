@@ -97,9 +97,9 @@ def test_trials_run_on_a_worker_node_that_joins_mid_study(tmp_path):
                       head_node_args={"num_cpus": 1, "object_store_memory": 128 * 2**20,
                                       "include_dashboard": False})
     try:
-        # 1 CPU: two trial drivers (0.01 each) and one 0.9-CPU worker; the second worker must wait
+        # 1 CPU: two trial drivers (0.01 each) and one 0.9-CPU Train worker; the second worker must wait
         study = _study(cluster.address, tmp_path, "--num-samples", "3", "--max-concurrent", "2",
-                       "--cpus-per-worker", "0.9")
+                       "--cpus-per-worker", "0.9", "--trial-runner", "train")
         _wait_for(lambda: _runs_started(tmp_path) >= 1 or study.poll() is not None, 300, "a first trial")
         joined = cluster.add_node(num_cpus=1, object_store_memory=128 * 2**20)
         assert study.wait(600) == 0

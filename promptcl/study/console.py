@@ -85,6 +85,9 @@ class StudyConsole:
         self._line(f"trial {trial_id} stopped   by the scheduler after task {task}/{self.num_tasks} "
                    f"({self._took(trial_id)})")
 
+    def trial_restarting(self, trial_id: str, task: int) -> None:
+        self._line(f"trial {trial_id} restarts  from its checkpoint after task {task}/{self.num_tasks} (a failure)")
+
     def trial_failed(self, trial_id: str, error: str) -> None:
         self._forget(trial_id)
         self._line(f"trial {trial_id} FAILED    {error}")
@@ -162,6 +165,10 @@ class TrialEvents(Callback):
         else:
             self._update(trials, lambda c: c.trial_stopped(trial.trial_id, int(last.get("task", 0))),
                          finished=trial)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        task = int((trial.last_result or {}).get("task", 0))
+        self._update(trials, lambda c: c.trial_restarting(trial.trial_id, task))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._update(trials, lambda c: c.trial_failed(trial.trial_id, _error_summary(trial.error_file)),

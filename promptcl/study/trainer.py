@@ -5,7 +5,9 @@
 and reports after every task, rank 0 attaching the task checkpoint. After a worker dies, Ray
 Train restarts the whole group (``Scaling.max_failures``) and every rank continues from the last
 reported checkpoint. :func:`make_trainer` builds the ``TorchTrainer`` for ``promptcl run
---num-workers`` and for each study trial.
+--num-workers`` and for each study trial. :func:`run_reported` is the same run with its reporting
+behind a session, so a single-process study trial can run it in the Tune trial itself
+(:class:`TuneSession`) without starting a worker group.
 """
 
 from __future__ import annotations
@@ -80,11 +82,57 @@ def fault_from_env() -> Optional[dict[str, int]]:
     return fault
 
 
-def _restored_checkpoint() -> Optional[Path]:
-    """The last reported task checkpoint after a restart, copied locally."""
-    import ray.train
+class TrainSession:
+    """Where a CL run reports to and restores from when it runs on a Ray Train worker."""
 
-    restored = ray.train.get_checkpoint()
+    def __init__(self) -> None:
+        import ray.train
+
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[str], name: str) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+    def checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def barrier(self) -> None:
+        import ray.train
+
+        ray.train.collective.barrier()
+
+
+class TuneSession:
+    """The same for a single-process run inside the Tune trial itself: results and task
+    checkpoints go straight to Tune, which restores the trial from its last one (after a failure
+    within ``max_failures``, or when a study resumes)."""
+
+    rank, world_size = 0, 1
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[str], name: str) -> None:
+        import ray.tune
+
+        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir
+                        else None)
+
+    def checkpoint(self):
+        import ray.tune
+
+        return ray.tune.get_checkpoint()
+
+    def barrier(self) -> None:
+        pass
+
+
+def _restored_checkpoint(session) -> Optional[Path]:
+    """The last reported task checkpoint after a restart, copied locally."""
+    restored = session.checkpoint()
     if restored is None:
         return None
     with restored.as_directory() as d:
@@ -109,21 +157,25 @@ def cost_metrics(cost: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_worker(cfg: dict) -> None:
-    """One CL sequence on a Ray Train worker. ``cfg``: ``spec`` (RunSpec fields), optional
-    ``tracking`` (MLflow child run of a study trial: uri, experiment_id, parent_run_id, key, name),
-    ``progress``, ``fault``."""
+    """One CL sequence on a Ray Train worker (see :func:`run_reported`)."""
+    run_reported(cfg, TrainSession())
+
+
+def run_reported(cfg: dict, session) -> None:
+    """One CL sequence reporting after every task to ``session`` (:class:`TrainSession` on a Train
+    worker, :class:`TuneSession` in a single-process trial). ``cfg``: ``spec`` (RunSpec fields),
+    optional ``tracking`` (MLflow child run of a study trial: uri, experiment_id, parent_run_id,
+    key, name), ``progress``, ``fault``."""
     import ray
-    import ray.train
     import torch
-    from ray.train import Checkpoint
 
     from promptcl.engine import run_sequence
 
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
     torch.set_num_threads(max(1, int(round(cpus))))  # a reused worker keeps its first thread count
     run = resolve_run(RunSpec(**cfg["spec"]))
-    rank0 = ray.train.get_context().get_world_rank() == 0
-    resume_from = _restored_checkpoint()
+    rank0 = session.rank == 0
+    resume_from = _restored_checkpoint(session)
     track = cfg.get("tracking") if rank0 else None
     run_id = None
     if track:
@@ -135,17 +187,15 @@ def train_worker(cfg: dict) -> None:
         if resume_from is not None:  # a restarted worker group: say from where
             tracking.client(track["uri"]).set_tag(run_id, "restarted_from_task", resume_from.stem.split("_")[1])
         if created:
-            tracking.log_params(track["uri"], run_id, {**run.flat_params(), "run/num_workers":
-                                                       ray.train.get_context().get_world_size()})
+            tracking.log_params(track["uri"], run_id, {**run.flat_params(), "run/num_workers": session.world_size})
     fault = cfg.get("fault")
 
     def report(metrics: dict[str, Any], files: list[Path]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for f in files:
                 shutil.copy2(f, tmp)
-            checkpoint = Checkpoint.from_directory(tmp) if rank0 else None
-            ray.train.report({**metrics, "mlflow_run_id": run_id or ""}, checkpoint=checkpoint,
-                             checkpoint_dir_name=f"task_{metrics['task'] - 1:02d}")
+            session.report({**metrics, "mlflow_run_id": run_id or ""}, tmp if rank0 else None,
+                           f"task_{metrics['task'] - 1:02d}")
 
     def on_task_end(r) -> None:
         if track:
@@ -153,8 +203,8 @@ def train_worker(cfg: dict) -> None:
         if r.task < r.num_tasks - 1:  # the last task is reported with the final metrics below
             report({**task_metrics(r.accuracy), **cost_metrics(r.cost)}, [r.checkpoint] if rank0 else [])
         if fault and fault["task"] == r.task and resume_from is None:
-            ray.train.collective.barrier()  # every rank's report is in before one of them dies
-            if ray.train.get_context().get_world_rank() == fault["rank"]:
+            session.barrier()  # every rank's report is in before one of them dies
+            if session.rank == fault["rank"]:
                 os._exit(1)
 
     out_dir = Path(tempfile.mkdtemp(prefix="promptcl-run-"))

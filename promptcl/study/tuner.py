@@ -29,7 +29,7 @@ from promptcl.engine import FINAL_METRICS, RunSpec, resolve_run
 from promptcl.study import tracking
 from promptcl.study.console import TrialEvents, study_console
 from promptcl.study.objectives import ACCURACY, Objective, parse_objectives, pareto_mask
-from promptcl.study.trainer import Scaling, fault_from_env, make_trainer
+from promptcl.study.trainer import Scaling, TuneSession, fault_from_env, make_trainer, run_reported
 
 SearchSpace = Callable[[Any], Optional[dict]]  # optuna.Trial -> constants (define-by-run)
 
@@ -62,6 +62,9 @@ class StudySpec:
     objectives: tuple[Objective, ...] = ACCURACY  # what Optuna optimises; several: a Pareto front
     verbose: bool = False  # Ray's tables and worker logs on the console, not only in the study log
     report: bool = True  # study scripts build the HTML report at the end
+    # "train": every trial fits a Ray Train TorchTrainer; "inline": the trial runs its one-process CL
+    # sequence itself (no worker group to start); "auto": inline for one CPU worker per trial
+    trial_runner: Literal["auto", "inline", "train"] = "auto"
     optuna_storage: Optional[str] = None  # SQLAlchemy URL of the Optuna study; default sqlite in runs_dir
 
     def resolved_optuna_storage(self) -> str:
@@ -88,6 +91,11 @@ class StudySpec:
 
     def resolved_storage_path(self) -> str:
         return self.storage_path or str((Path(self.runs_dir) / "ray_results").resolve())
+
+    def inline_trials(self) -> bool:
+        if self.trial_runner == "auto":
+            return self.scaling.num_workers == 1 and not self.scaling.use_gpu and self.driver_resource is None
+        return self.trial_runner == "inline"
 
     def log_path(self) -> Path:
         """Where Ray's tables and worker logs go (appended to, so a resumed study keeps one log)."""
@@ -118,8 +126,9 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
 
 
 def _trial_driver(config: dict, *, context: dict) -> None:
-    """A Tune trial: one ``TorchTrainer`` fit whose results reach Tune through TuneReportCallback.
-    The Train run is named after the trial id, so a restarted or resumed trial continues it."""
+    """A Tune trial: one CL run, in this process (inline trials) or as a ``TorchTrainer`` fit whose
+    results reach Tune through TuneReportCallback. The Train run is named after the trial id, so a
+    restarted or resumed trial continues it; an inline trial continues from its Tune checkpoint."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -130,9 +139,14 @@ def _trial_driver(config: dict, *, context: dict) -> None:
     spec = RunSpec(**{**context["spec"], "method": method, "seed": seed,
                       "overrides": {**context["spec"]["overrides"], **context["per_method"].get(method, {}),
                                     **overrides}})
+    tracking_info = {**context["tracking"], "key": trial_id, "name": f"trial_{trial_id}"}
+    if context["inline"]:
+        run_reported({"spec": dataclasses.asdict(spec), "tracking": tracking_info, "progress": context["progress"],
+                      "fault": context["fault"]}, TuneSession())
+        return
     trainer = make_trainer(spec, context["scaling"], name=f"train-{trial_id}", storage_path=context["storage_path"],
                            callbacks=[TuneReportCallback()], progress=context["progress"], fault=context["fault"],
-                           tracking_info={**context["tracking"], "key": trial_id, "name": f"trial_{trial_id}"})
+                           tracking_info=tracking_info)
     trainer.fit()
 
 
@@ -144,6 +158,9 @@ def validate_study(spec: StudySpec) -> RunSpec:
         raise ValueError(f"a study grid needs at least one value per key, got {spec.grid}")
     if (spec.grid is None) == (spec.search_space is None):
         raise ValueError("a study takes either a search space or a grid")
+    if spec.trial_runner == "inline" and (spec.scaling.num_workers != 1 or spec.scaling.use_gpu):
+        raise ValueError("inline trials run one CPU process; use --trial-runner train for "
+                         f"{spec.scaling.num_workers} workers{' with GPUs' if spec.scaling.use_gpu else ''}")
     if spec.grid is not None and spec.optuna_storage is not None:
         raise ValueError("a grid study runs no Optuna search, so it keeps no Optuna study (--optuna-storage)")
     if spec.scheduler == "asha" and spec.objectives != ACCURACY:
@@ -281,11 +298,13 @@ def _run_tuner(spec: StudySpec, run_spec: RunSpec, num_tasks: int, uri: str, exp
         "spec": {**dataclasses.asdict(run_spec)},
         "tracking": {"uri": uri, "experiment_id": experiment_id, "parent_run_id": parent},
         "storage_path": spec.resolved_storage_path(), "scaling": spec.scaling, "progress": spec.progress,
-        "fault": fault_from_env(), "per_method": spec.per_method_overrides,
+        "fault": fault_from_env(), "per_method": spec.per_method_overrides, "inline": spec.inline_trials(),
     }
-    # The trial is only a driver; its Train workers hold the CPUs (or GPUs).
-    driver = {spec.driver_resource: 0.01} if spec.driver_resource else {"CPU": 0.01}
-    trainable = tune.with_resources(tune.with_parameters(_trial_driver, context=context), driver)
+    if spec.inline_trials():  # the trial is the worker
+        resources = spec.scaling.resources_per_worker()
+    else:  # the trial is only a driver; its Train workers hold the CPUs (or GPUs)
+        resources = {spec.driver_resource: 0.01} if spec.driver_resource else {"CPU": 0.01}
+    trainable = tune.with_resources(tune.with_parameters(_trial_driver, context=context), resources)
     if resuming:
         tuner = tune.Tuner.restore(spec.experiment_path(), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False)
@@ -310,7 +329,11 @@ def _run_tuner(spec: StudySpec, run_spec: RunSpec, num_tasks: int, uri: str, exp
             param_space=search.pop("param_space"),
             tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, scheduler=scheduler, **search),
             run_config=tune.RunConfig(name=spec.name, storage_path=spec.resolved_storage_path(),
-                                      callbacks=[TrialRunStatus(uri, experiment_id, parent), TrialEvents()]),
+                                      callbacks=[TrialRunStatus(uri, experiment_id, parent), TrialEvents()],
+                                      # inline trials restart from their last task checkpoint (Train
+                                      # workers are restarted by their TorchTrainer instead)
+                                      failure_config=tune.FailureConfig(
+                                          max_failures=spec.scaling.max_failures if spec.inline_trials() else 0)),
         )
     try:
         with _lenient_metric_check(spec.objectives != ACCURACY):
@@ -472,6 +495,9 @@ def study_parser(description: str, *, name: str, num_samples: int, objectives: t
     p.add_argument("--verbose", action="store_true",
                    help="Ray's status tables and worker logs on the console (default: in RUNS_DIR/NAME.log)")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report at the end")
+    p.add_argument("--trial-runner", choices=("auto", "inline", "train"), default="auto",
+                   help="train: each trial fits a Ray Train TorchTrainer; inline: a one-worker trial runs in the "
+                        "Tune trial itself; auto (default): inline for one CPU worker per trial")
     p.add_argument("--workers-per-trial", type=int, default=1,
                    help="Ray Train workers per trial (data-parallel; the method's batch size is the global one)")
     p.add_argument("--use-gpu", action="store_true", help="give each Train worker GPUs (NCCL between them)")
@@ -511,7 +537,7 @@ def spec_from_args(args, *, method: str, search_space: SearchSpace, smoke_overri
                         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
                         max_failures=args.max_failures),
         precision=args.precision, resume=args.resume, driver_resource=args.driver_resource,
-        progress=args.progress, verbose=args.verbose, report=not args.no_report,
+        progress=args.progress, verbose=args.verbose, report=not args.no_report, trial_runner=args.trial_runner,
         scheduler="asha" if args.asha else "fifo",
         objectives=args.objectives, optuna_storage=args.optuna_storage,
     )

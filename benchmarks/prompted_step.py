@@ -1,0 +1,161 @@
+"""Prompted vs plain ViT, per method: the test forward and the train step, eager vs fused prefix attention.
+
+    python benchmarks/prompted_step.py [--backbone vit_base_patch16_224] [--batch 16] [--repeats 2]
+                                       [--methods smope norga ...] [--json runs/benchmarks/prompted_step.json]
+
+Every variant is timed in this one run, interleaved (each repeat times every variant of every method
+once, so drift hits all alike), median of ``--repeats`` after a warm-up; random-init weights (speed does not depend
+on them). Ratios:
+
+- ``forward``: the method's test forward (``logits``, inference mode) ÷ a plain frozen forward,
+  and ``per pass``: the same ÷ (its backbone passes × the plain forward) (query-based methods make
+  a frozen query pass before the prompted one).
+- ``train step``: the method's first-task loss and backward (the backbone frozen) ÷ a plain timm
+  fine-tuning step (forward, cross-entropy, backward into every weight) on the same batch.
+- ``eager`` rows use the explicit-softmax reference path; ``fused`` the fused one (the default).
+  Methods whose prompts are plain prefixes (linear gate) take the same SDPA path in both, so they
+  are timed once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from promptcl.core import attention
+from promptcl.core.backbone import build_backbone, encode, input_shape
+from promptcl.methods import get_method, method_names
+from promptcl.methods.base import TaskInfo
+
+
+def uses_gated_prefix(forward: Callable[[], object]) -> bool:
+    """Whether a forward goes through the gated / token-shared prefix path (where eager and
+    fused differ), found by counting calls of that path's fused function."""
+    calls = []
+    real = attention._fused_prefix_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    attention._fused_prefix_attention = counting
+    try:
+        with torch.inference_mode():
+            forward()
+    finally:
+        attention._fused_prefix_attention = real
+    return bool(calls)
+
+
+def time_interleaved(variants: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each variant."""
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for fn in variants.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for key, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default="vit_base_patch16_224")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = p.parse_args(argv)
+    methods = args.methods or list(method_names())
+    num_tasks, classes_per_task = 10, 10
+
+    torch.manual_seed(0)
+    vit = build_backbone(args.backbone, pretrained=False).eval()
+    x = torch.randn(args.batch, *input_shape(args.backbone))
+    labels = torch.randint(0, classes_per_task, (args.batch,))
+
+    tuned = build_backbone(args.backbone, pretrained=False).train()  # the plain fine-tuning step's model
+    tuned.requires_grad_(True)
+    head = torch.nn.Linear(tuned.num_features, num_tasks * classes_per_task)
+
+    def plain_forward() -> None:
+        with torch.inference_mode():
+            encode(vit, x)
+
+    def plain_step() -> None:
+        loss = torch.nn.functional.cross_entropy(head(encode(tuned, x)), labels)
+        loss.backward()
+        tuned.zero_grad(set_to_none=True)
+        head.zero_grad(set_to_none=True)
+
+    variants: dict[str, Callable[[], None]] = {"plain forward": plain_forward, "plain step": plain_step}
+    timed = []  # (method, its class, impls, trains)
+    for name in methods:
+        cls = get_method(name)
+        torch.manual_seed(0)
+        preset = cls.preset_for("digits" if args.backbone == "vit_digits" else None)  # a config that fits
+        method = cls(preset, backbone=vit, num_classes=num_tasks * classes_per_task, num_tasks=num_tasks)
+        task = TaskInfo(index=0, classes=range(0, classes_per_task), num_tasks=num_tasks)
+        method.begin_task(task)
+        phases = method.phases(task)  # none for a method that does not train (SimpleCIL)
+        method.train()
+        method.backbone.eval()
+
+        def forward(method=method) -> None:
+            with torch.inference_mode():
+                method.logits(x)
+
+        def step(method=method, task=task, phases=phases) -> None:
+            loss, _ = method.training_loss(x, labels, task, phases[0])
+            loss.backward()
+            method.zero_grad(set_to_none=True)
+
+        impls = ("eager", "fused") if uses_gated_prefix(forward) else ("fused",)
+        for impl in impls:
+            variants[f"{name} {impl} forward"] = lambda impl=impl, forward=forward: _with_impl(impl, forward)
+            if phases:
+                variants[f"{name} {impl} step"] = lambda impl=impl, step=step: _with_impl(impl, step)
+        timed.append((name, cls, impls, bool(phases)))
+    seconds = time_interleaved(variants, args.repeats)
+
+    rows = []
+    for name, cls, impls, trains in timed:
+        for impl in impls:
+            forward_ratio = seconds[f"{name} {impl} forward"] / seconds["plain forward"]
+            rows.append({"method": name, "path": impl if len(impls) > 1 else "sdpa", "passes": cls.TEST_PASSES,
+                         "forward_ratio": forward_ratio, "per_pass_ratio": forward_ratio / cls.TEST_PASSES,
+                         "step_ratio": seconds[f"{name} {impl} step"] / seconds["plain step"] if trains else None})
+
+    report = {"backbone": args.backbone, "batch": args.batch, "repeats": args.repeats, "device": "cpu",
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "plain_forward_ms": seconds["plain forward"] * 1e3, "plain_step_ms": seconds["plain step"] * 1e3,
+              "rows": rows}
+    print(f"{args.backbone}, batch {args.batch}, torch {torch.__version__}, {torch.get_num_threads()} threads, cpu, "
+          f"median of {args.repeats}; plain forward {report['plain_forward_ms']:.0f} ms, "
+          f"plain fine-tuning step {report['plain_step_ms']:.0f} ms")
+    print("method | path | passes | forward ÷ plain | per pass | train step ÷ plain fine-tuning step")
+    print("--- | --- | --- | --- | --- | ---")
+    for r in rows:
+        print(f"{r['method']} | {r['path']} | {r['passes']} | {r['forward_ratio']:.2f}x | {r['per_pass_ratio']:.2f}x | "
+              + (f"{r['step_ratio']:.2f}x" if r["step_ratio"] is not None else "– (no training)"))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _with_impl(impl: str, fn: Callable[[], None]) -> None:
+    with attention.prefix_attention_impl(impl):
+        fn()
+
+
+if __name__ == "__main__":
+    main()

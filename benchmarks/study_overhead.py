@@ -1,0 +1,79 @@
+"""A study's wall time against its ideal, per trial runner: how much of a study is Ray's fixed cost.
+
+    python benchmarks/study_overhead.py [--num-samples 12] [--max-concurrent 2] [--smoke]
+                                        [--runners train inline] [--json runs/benchmarks/study_overhead.json]
+
+Runs the default study (``studies/smope_topk.py``'s search, search seed 0) once per trial runner, in
+this one process on one local Ray instance started beforehand (so neither pays Ray's start-up),
+and prints for each: the study's wall time, the CL compute of its trials (each run's own
+``wall_seconds``: data, backbone, training, evaluation), the ideal wall time (that compute ÷ the
+concurrency), their ratio, and the fixed cost per trial ((wall × concurrency − compute) ÷ trials).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def measure(runner: str, args) -> dict:
+    sys.path.insert(0, str(ROOT / "studies"))
+    import smope_topk
+
+    from promptcl.study.tuner import run_study, spec_from_args, study_parser
+
+    with tempfile.TemporaryDirectory() as runs:
+        flags = ["--runs-dir", runs, "--num-samples", str(args.num_samples), "--max-concurrent",
+                 str(args.max_concurrent), "--trial-runner", runner, "--no-report",
+                 "--name", f"overhead_{runner}", *(["--smoke"] if args.smoke else [])]
+        parsed = study_parser("", name="overhead", num_samples=args.num_samples).parse_args(flags)
+        spec = spec_from_args(parsed, method="smope", search_space=smope_topk.search_space,
+                              smoke_overrides={"epochs": 2, "ca_epochs": 5})
+        start = time.perf_counter()
+        rows = run_study(spec)
+        wall = time.perf_counter() - start
+    compute = sum(r["wall_seconds"] for r in rows)
+    ideal = compute / args.max_concurrent
+    return {"runner": runner, "trials": len(rows), "wall_s": wall, "trial_compute_s": compute, "ideal_s": ideal,
+            "wall_over_ideal": wall / ideal,
+            "fixed_cost_per_trial_s": (wall * args.max_concurrent - compute) / max(1, len(rows))}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-samples", type=int, default=12)
+    p.add_argument("--max-concurrent", type=int, default=2)
+    p.add_argument("--smoke", action="store_true", help="the studies' short trials")
+    p.add_argument("--runners", nargs="+", choices=("train", "inline"), default=["train", "inline"])
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    from promptcl.study.tuner import ensure_ray
+
+    start = time.perf_counter()
+    ensure_ray()
+    ray_start = time.perf_counter() - start
+    rows = [measure(runner, args) for runner in args.runners]
+    report = {"num_samples": args.num_samples, "max_concurrent": args.max_concurrent, "smoke": args.smoke,
+              "ray_start_s": ray_start, "rows": rows}
+    print(f"{args.num_samples} trials, {args.max_concurrent} at a time{', smoke' if args.smoke else ''}; "
+          f"Ray start-up {ray_start:.1f} s (not counted)")
+    print("runner | trials | wall s | trial compute s | ideal s | wall ÷ ideal | fixed cost per trial s")
+    print("--- | --- | --- | --- | --- | --- | ---")
+    for r in rows:
+        print(f"{r['runner']} | {r['trials']} | {r['wall_s']:.1f} | {r['trial_compute_s']:.1f} | {r['ideal_s']:.1f} | "
+              f"{r['wall_over_ideal']:.2f}x | {r['fixed_cost_per_trial_s']:.1f}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
