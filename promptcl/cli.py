@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto")
     run.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                      help="bf16: autocast on the run's device (CUDA or CPU)")
+    run.add_argument("--feature-cache", default=None, metavar="DIR",
+                     help="store of un-prompted backbone features shared by runs (a directory or URI)")
     dist = run.add_argument_group("Ray Train (data-parallel across workers; starts or joins a local Ray)")
     dist.add_argument("--num-workers", type=int, default=None,
                       help="run on N Ray Train workers; the method's batch size is the global one")
@@ -131,9 +133,9 @@ def _run(args) -> int:
     try:
         progress = sys.stderr.isatty() if args.progress is None else args.progress
         if scaling is None:
-            summary = run_sequence(run, tmp, progress=progress)
+            summary = run_sequence(run, tmp, progress=progress, feature_cache=args.feature_cache)
         else:
-            summary = _run_on_ray(spec, scaling, tmp, progress=progress)
+            summary = _run_on_ray(spec, scaling, tmp, progress=progress, feature_cache=args.feature_cache)
         os.replace(tmp, args.out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -144,7 +146,7 @@ def _run(args) -> int:
     return 0
 
 
-def _run_on_ray(spec, scaling, out: Path, *, progress: bool) -> dict:
+def _run_on_ray(spec, scaling, out: Path, *, progress: bool, feature_cache: Optional[str]) -> dict:
     """The run on Ray Train workers; the reported checkpoints become ``out``'s files."""
     from promptcl.study.tuner import ensure_ray
     from promptcl.study.trainer import fault_from_env, make_trainer
@@ -152,7 +154,7 @@ def _run_on_ray(spec, scaling, out: Path, *, progress: bool) -> dict:
     ensure_ray()
     storage = out / "ray_storage"
     result = make_trainer(spec, scaling, name="run", storage_path=str(storage), progress=progress,
-                          fault=fault_from_env()).fit()
+                          fault=fault_from_env(), feature_cache=feature_cache).fit()
     (out / "checkpoints").mkdir()
     for checkpoint, _metrics in result.best_checkpoints:
         with checkpoint.as_directory() as d:

@@ -30,7 +30,8 @@ from promptcl.methods.base import Phase, PromptMethod, TaskInfo
 # The scalar results of a run that trackers and studies report (summary.json has them all).
 FINAL_METRICS = ("final_average_accuracy", "cumulative_average_accuracy", "forgetting", "backward_transfer",
                  "trainable_params", "total_params", "train_flops_per_image", "test_flops_per_image",
-                 "backbone_flops_per_image", "wall_seconds", "num_workers")
+                 "backbone_flops_per_image", "wall_seconds", "num_workers", "frozen_images_computed",
+                 "frozen_images_reused")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -324,8 +325,12 @@ def run_sequence(
     on_task_end: Optional[Callable[[TaskReport], None]] = None,
     progress: bool = False,
     resume_from: Optional[Path] = None,
+    feature_cache: Optional[str] = None,
 ) -> dict[str, Any]:
     """Train and evaluate a whole CL sequence; write results.parquet, summary.json, checkpoints.
+
+    ``feature_cache`` (a directory or URI): a :class:`~promptcl.core.feature_store.FeatureStore`
+    root shared by the runs of a study, so un-prompted backbone passes are made once per image.
 
     ``resume_from`` (a ``task_XX.pt`` of the same run config) continues after that task with the
     model, statistics, accuracy matrices and RNG state it holds, so the result equals an
@@ -350,6 +355,8 @@ def run_sequence(
         cost = measure_cost(run.method_cls, run.config, run.backbone, setup.num_classes, setup.image_shape,
                             num_tasks=T)
     autocast = lambda: precision_context(device, spec.precision)  # noqa: E731
+    store = _feature_store(feature_cache, run, method, device) if feature_cache else None
+    method.feature_store = store
 
     matrices: dict[str, np.ndarray] = {"accuracy": np.zeros((T, T))}
     first_task = 0
@@ -371,6 +378,8 @@ def run_sequence(
 
     for t in range(first_task, T):
         task = TaskInfo(index=t, classes=scenario.task_classes(t), num_tasks=T)
+        if store is not None:
+            store.refresh()  # what concurrent runs have stored meanwhile
         method.begin_task(task)
         loader = scenario.train_loader(t, batch_size=batch_size, seed=spec.seed,
                                        cumulative=method.TRAINS_ON_SEEN_TASKS)
@@ -382,6 +391,8 @@ def run_sequence(
                             lambda name: evaluate_seen(t, name))
         broadcast_from_main(method.checkpoint_state().values())
         evaluate_seen(t, "accuracy")
+        if store is not None:
+            store.flush()
         ckpt = out_dir / "checkpoints" / f"task_{t:02d}.pt" if main_rank else None
         if ckpt is not None:
             save_task_checkpoint(ckpt, task=t, method=method, run=run, matrices=matrices)
@@ -394,6 +405,9 @@ def run_sequence(
         **cost,
         "wall_seconds": time.perf_counter() - started,
         "num_workers": world()[1],
+        # un-prompted backbone passes, per image: made by this run, and read from the feature store
+        "frozen_images_computed": store.computed if store is not None else method.frozen_images_computed,
+        "frozen_images_reused": store.reused if store is not None else 0,
         "accuracy_matrix": acc.tolist(),
         "method_state": method.report_state(),
         "class_order": scenario.class_order,
@@ -410,6 +424,15 @@ def run_sequence(
         write_results(out_dir / "results.parquet", rows)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _feature_store(root: str, run: ResolvedRun, method: PromptMethod, device: torch.device):
+    """The store of this run's frozen features: everything that determines them but the image."""
+    from promptcl.core.feature_store import FeatureStore, weights_digest
+
+    return FeatureStore(root, {"backbone": run.backbone, "weights": weights_digest(method.backbone),
+                               "precision": run.spec.precision, "device": device.type,
+                               "torch": torch.__version__.split("+")[0]})
 
 
 def write_results(path: Path, rows: list[dict]) -> None:

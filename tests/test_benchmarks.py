@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
@@ -31,3 +33,34 @@ def test_embedded_methods_prints_a_row_per_method(capsys):
     embedded_methods.main(["--seeds", "0", "--methods", "smope"])
     row = capsys.readouterr().out.strip().splitlines()[-1]
     assert row.startswith("smope | digits preset |") and "| 1 |" in row
+
+
+@pytest.mark.ray
+def test_feature_cache_benchmark_counts_passes_with_and_without_the_store(local_ray, tmp_path, capsys):
+    """Two SimpleCIL seeds one after the other: with the store the second run passes no image
+    again, and every accuracy is the same as without it."""
+    import json
+
+    import feature_cache
+
+    report = feature_cache.main(["--methods", "simplecil", "--seeds", "0", "1", "--json", str(tmp_path / "f.json")])
+    assert json.loads((tmp_path / "f.json").read_text()) == report
+    without, with_store = report["without"], report["with"]
+    assert without["frozen_images_reused"] == 0 and with_store["frozen_images_reused"] > 0
+    assert with_store["frozen_images_computed"] * 2 == without["frozen_images_computed"]
+    assert report["passes_ratio"] == 0.5 and report["same_accuracy"]
+    assert "with ÷ without: un-prompted passes 0.50x" in capsys.readouterr().out
+
+
+@pytest.mark.ray
+def test_study_overhead_benchmark_reports_wall_against_ideal(local_ray, tmp_path):
+    import json
+
+    import study_overhead
+
+    report = study_overhead.main(["--smoke", "--num-samples", "1", "--max-concurrent", "1", "--runners", "inline",
+                                  "--json", str(tmp_path / "o.json")])
+    assert json.loads((tmp_path / "o.json").read_text()) == report
+    (row,) = report["rows"]
+    assert row["runner"] == "inline" and row["trials"] == 1
+    assert row["wall_s"] > row["trial_compute_s"] > 0 and row["wall_over_ideal"] > 1

@@ -2,7 +2,8 @@
 
 - Prefix prompts kept in embedding space, ``[..., 2, length, embed_dim]`` (key half, value half),
   split into heads for the prefix-attention core (the L2P/DualPrompt/CODA layout).
-- The frozen query: the un-prompted [CLS] feature of the same backbone (one extra pass).
+- The frozen query is ``PromptMethod.frozen_features``: the un-prompted [CLS] feature of the same
+  backbone (one extra pass, or none when a study's feature store already has it).
 - Key-query matching by cosine similarity, per sample.
 """
 
@@ -15,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptcl.core.attention import LayerPrompt, static_prompt
-from promptcl.core.backbone import encode
 
 
 def prefix_prompt(kv: torch.Tensor, num_heads: int, gate: Optional[nn.Module] = None) -> LayerPrompt:
@@ -28,12 +28,6 @@ def prefix_prompt(kv: torch.Tensor, num_heads: int, gate: Optional[nn.Module] = 
                          f"{num_heads} heads, got {tuple(kv.shape)}")
     heads = kv.reshape(B, 2, length, num_heads, dim // num_heads).transpose(2, 3)  # [B, 2, H, length, d]
     return static_prompt(heads[:, 0], heads[:, 1], gate)
-
-
-@torch.no_grad()
-def frozen_query(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The query of query-based prompt selection: the frozen, un-prompted [CLS] feature."""
-    return encode(backbone, images)
 
 
 def cosine_similarity_matrix(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

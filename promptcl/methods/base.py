@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from promptcl.config import require
-from promptcl.core.backbone import attention_geometry
+from promptcl.core.backbone import attention_geometry, encode
+from promptcl.core.feature_store import FeatureStore
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,8 @@ class PromptMethod(nn.Module):
         self.depth, self.num_heads, self.head_dim = attention_geometry(backbone)
         self.embed_dim = backbone.num_features
         self.seen_classes = 0
+        self.feature_store: Optional[FeatureStore] = None  # attached by the engine for a study-wide cache
+        self.frozen_images_computed = 0  # un-prompted passes made without a store (per image)
         self.validate_for_backbone()
 
     @classmethod
@@ -169,6 +172,16 @@ class PromptMethod(nn.Module):
         self.seen_classes = seen_classes
 
     # --- helpers for subclasses --------------------------------------------------------------
+    @torch.no_grad()
+    def frozen_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen backbone's un-prompted [CLS] feature: the query of query-based selection,
+        task-identity and prototype inputs. Read from the run's feature store when it has one
+        (the engine attaches it), so a study computes it once per image."""
+        if self.feature_store is None:
+            self.frozen_images_computed += len(images)
+            return encode(self.backbone, images)
+        return self.feature_store.features(images, lambda x: encode(self.backbone, x))
+
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from promptcl.config import require, require_layers
 from promptcl.core.backbone import encode
-from promptcl.core.prompts import frozen_query, prefix_prompt
+from promptcl.core.prompts import prefix_prompt
 from promptcl.methods import register_method
 from promptcl.methods.base import Phase, PromptMethod, TaskInfo, coda_cosine, mask_logits
 
@@ -118,7 +118,7 @@ class CODAPrompt(PromptMethod):
         """Prompted [CLS] features; components before ``trainable_from`` are used detached."""
         start = int(self.active) if trainable_from is None else trainable_from
         P, K, A = (self.pool(p, start) for p in (self.components, self.keys, self.attention))
-        query = frozen_query(self.backbone, images)
+        query = self.frozen_features(images)
         # alpha[l, b, m] = cos(q_b * A_lm, K_lm), without materialising q * A: [layer, B, M]
         numerator = torch.einsum("bd,lmd->lbm", query, A * F.normalize(K, dim=-1))
         norm = torch.einsum("bd,lmd->lbm", query.square(), A.square()).sqrt().clamp_min(1e-12)

@@ -23,7 +23,7 @@ from torch import nn
 
 from promptcl.config import require, require_layers
 from promptcl.core.backbone import encode
-from promptcl.core.prompts import (SharedPrefix, batch_majority, cosine_similarity_matrix, frozen_query,
+from promptcl.core.prompts import (SharedPrefix, batch_majority, cosine_similarity_matrix,
                                    prefix_prompt, pull_constraint)
 from promptcl.methods import register_method
 from promptcl.methods.base import Phase, PromptMethod, TaskInfo, mask_logits
@@ -95,7 +95,7 @@ class DualPrompt(PromptMethod):
 
     def infer_slots(self, images: torch.Tensor) -> torch.Tensor:
         """Each sample's E-prompt: the seen task whose key is most similar to its query."""
-        similarity = cosine_similarity_matrix(frozen_query(self.backbone, images), self.keys[:int(self.seen_tasks)])
+        similarity = cosine_similarity_matrix(self.frozen_features(images), self.keys[:int(self.seen_tasks)])
         slots = similarity.argmax(dim=1, keepdim=True)
         if self.config.batchwise_prompt:
             slots = batch_majority(slots, int(self.seen_tasks))
@@ -128,6 +128,6 @@ class DualPrompt(PromptMethod):
         t = task.index
         slots = torch.full((len(images),), t, dtype=torch.long, device=images.device)
         ce = F.cross_entropy(mask_logits(self.head(self.features(images, slots)), task.classes), labels)
-        similarity = cosine_similarity_matrix(frozen_query(self.backbone, images), self.keys)
+        similarity = cosine_similarity_matrix(self.frozen_features(images), self.keys)
         pull = pull_constraint(similarity, slots[:, None])
         return ce + self.config.pull_weight * pull, {"ce": ce.detach().item(), "pull": pull.detach().item()}

@@ -219,7 +219,7 @@ class HiDePrompt(PromptMethod):
         seen = range(0, task.num_seen)
         # Stage A: task-identity inference on frozen features, computed once for all epochs (each
         # rank encodes its shard; the MLP trains on all of them, in the single-process order).
-        frozen, labels = collect_features(lambda x: encode(self.backbone, x), train_batches(), device)
+        frozen, labels = collect_features(self.frozen_features, train_batches(), device)
         self.tii.stats.fit(frozen, labels)
         frozen, labels = gather_in_order(frozen), gather_in_order(labels)
         with torch.enable_grad():
@@ -246,7 +246,7 @@ class HiDePrompt(PromptMethod):
     def infer_tasks(self, images: torch.Tensor) -> torch.Tensor:
         """Pass 1: the frozen backbone and the TII classifier pick a class, hence a task."""
         seen = range(0, self.seen_classes)
-        classes = mask_logits(self.tii(encode(self.backbone, images)), seen).argmax(-1)
+        classes = mask_logits(self.tii(self.frozen_features(images)), seen).argmax(-1)
         return self.task_of_class[classes]
 
     @torch.no_grad()

@@ -23,7 +23,7 @@ from torch import nn
 
 from promptcl.config import require, require_layers
 from promptcl.core.backbone import encode_tokens
-from promptcl.core.prompts import (batch_majority, cosine_similarity_matrix, frozen_query, prefix_prompt,
+from promptcl.core.prompts import (batch_majority, cosine_similarity_matrix, prefix_prompt,
                                    pull_constraint, top_keys)
 from promptcl.methods import register_method
 from promptcl.methods.base import Phase, PromptMethod, TaskInfo, coda_cosine, mask_logits
@@ -95,7 +95,7 @@ class L2P(PromptMethod):
     # --- forward -----------------------------------------------------------------------------
     def select(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(similarities ``[B, pool]``, picked prompt indices ``[B, top_k]``)."""
-        similarity = cosine_similarity_matrix(frozen_query(self.backbone, images), self.keys)
+        similarity = cosine_similarity_matrix(self.frozen_features(images), self.keys)
         picked = top_keys(similarity.detach(), self.config.top_k)
         if self.config.batchwise_prompt:
             picked = batch_majority(picked, self.config.pool_size)

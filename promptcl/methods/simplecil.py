@@ -13,7 +13,6 @@ from torch import nn
 
 from promptcl.config import require
 from promptcl.core.alignment import ClassGaussians, collect_features
-from promptcl.core.backbone import encode
 from promptcl.methods import register_method
 from promptcl.methods.base import Phase, PromptMethod, TaskInfo
 
@@ -44,8 +43,8 @@ class SimpleCIL(PromptMethod):
     @torch.no_grad()
     def end_task(self, task: TaskInfo, train_batches, snapshot) -> None:
         self.eval()
-        self.prototypes.fit(*collect_features(lambda x: encode(self.backbone, x), train_batches(), self.device()))
+        self.prototypes.fit(*collect_features(self.frozen_features, train_batches(), self.device()))
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Cosine similarity to every class prototype (unseen classes are masked by ``predict``)."""
-        return F.normalize(encode(self.backbone, images), dim=1) @ F.normalize(self.prototypes.mean, dim=1).T
+        return F.normalize(self.frozen_features(images), dim=1) @ F.normalize(self.prototypes.mean, dim=1).T

@@ -23,7 +23,6 @@ from torch import nn
 from promptcl.config import require
 from promptcl.core.alignment import collect_features
 from promptcl.core.backbone import encode_tokens
-from promptcl.core.prompts import frozen_query
 from promptcl.distributed import gather_in_order
 from promptcl.methods import register_method
 from promptcl.methods.base import Phase, PromptMethod, TaskInfo, mask_logits, per_epoch
@@ -96,7 +95,7 @@ class SPrompt(PromptMethod):
 
     def infer_tasks(self, images: torch.Tensor) -> torch.Tensor:
         """The task of each sample's nearest centroid among the seen tasks."""
-        query = F.normalize(frozen_query(self.backbone, images), dim=1)
+        query = F.normalize(self.frozen_features(images), dim=1)
         seen = self.centroids[:int(self.seen_tasks)]  # [T, K, D]
         p = 1 if self.config.centroid_distance == "l1" else 2
         distance = torch.cdist(query, seen.flatten(0, 1), p=p).reshape(len(query), *seen.shape[:2])
@@ -138,7 +137,7 @@ class SPrompt(PromptMethod):
     @torch.no_grad()
     def end_task(self, task: TaskInfo, train_batches, snapshot) -> None:
         self.eval()
-        feats, _ = collect_features(lambda x: F.normalize(frozen_query(self.backbone, x), dim=1),
+        feats, _ = collect_features(lambda x: F.normalize(self.frozen_features(x), dim=1),
                                     train_batches(), self.device())
         centroids = kmeans_centroids(gather_in_order(feats), self.config.centroids_per_task)
         # fewer distinct points than K: repeat the last centroid (a duplicate never changes the min)

@@ -21,7 +21,7 @@ from torch import nn
 from promptcl.config import require, require_layers
 from promptcl.core.alignment import ClassGaussians, collect_features
 from promptcl.core.backbone import encode
-from promptcl.core.prompts import frozen_query, prefix_prompt
+from promptcl.core.prompts import prefix_prompt
 from promptcl.methods import register_method
 from promptcl.methods.base import Phase, PromptMethod, TaskInfo, mask_logits
 from promptcl.methods.recipes import AlignedRecipe
@@ -98,7 +98,7 @@ class VQPrompt(PromptMethod):
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompted [CLS] features, the codebook loss)."""
-        used, codebook = self.quantised_prompts(frozen_query(self.backbone, images))
+        used, codebook = self.quantised_prompts(self.frozen_features(images))
         prompts = {layer: prefix_prompt(used[i], self.num_heads) for i, layer in enumerate(self.config.prompt_layers)}
         return encode(self.backbone, images, prompts), codebook
 

@@ -165,7 +165,7 @@ def run_reported(cfg: dict, session) -> None:
     """One CL sequence reporting after every task to ``session`` (:class:`TrainSession` on a Train
     worker, :class:`TuneSession` in a single-process trial). ``cfg``: ``spec`` (RunSpec fields),
     optional ``tracking`` (MLflow child run of a study trial: uri, experiment_id, parent_run_id,
-    key, name), ``progress``, ``fault``."""
+    key, name), ``progress``, ``fault``, ``feature_cache``."""
     import ray
     import torch
 
@@ -218,7 +218,7 @@ def run_reported(cfg: dict, session) -> None:
             summary = json.loads((out_dir / "summary.json").read_text())
         else:
             summary = run_sequence(run, out_dir, on_task_end=on_task_end, progress=cfg.get("progress", False),
-                                   resume_from=resume_from)
+                                   resume_from=resume_from, feature_cache=cfg.get("feature_cache"))
         final = {k: summary[k] for k in (*FINAL_METRICS, "task_identity_accuracy") if k in summary}
         if track:
             tracking.log_run_outputs(track["uri"], run_id, summary, out_dir)
@@ -269,7 +269,7 @@ def evaluate_on_workers(spec: RunSpec, checkpoint: Path, scaling: Scaling, *, st
 
 def make_trainer(spec: RunSpec, scaling: Scaling, *, name: str, storage_path: str, callbacks=(),
                  tracking_info: Optional[dict] = None, progress: bool = False,
-                 fault: Optional[dict[str, int]] = None):
+                 fault: Optional[dict[str, int]] = None, feature_cache: Optional[str] = None):
     """A ``TorchTrainer`` running ``spec`` on ``scaling.num_workers`` workers. A fixed ``name``
     under ``storage_path`` makes a new fit of the same name continue from its last checkpoint."""
     import ray.train
@@ -280,7 +280,7 @@ def make_trainer(spec: RunSpec, scaling: Scaling, *, name: str, storage_path: st
     return TorchTrainer(
         train_worker,
         train_loop_config={"spec": dataclasses.asdict(spec), "tracking": tracking_info, "progress": progress,
-                           "fault": fault},
+                           "fault": fault, "feature_cache": feature_cache},
         torch_config=torch_config, scaling_config=scaling_config,
         run_config=ray.train.RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks),
                                        failure_config=FailureConfig(max_failures=scaling.max_failures)),

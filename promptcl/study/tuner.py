@@ -65,6 +65,7 @@ class StudySpec:
     # "train": every trial fits a Ray Train TorchTrainer; "inline": the trial runs its one-process CL
     # sequence itself (no worker group to start); "auto": inline for one CPU worker per trial
     trial_runner: Literal["auto", "inline", "train"] = "auto"
+    feature_cache: bool = True  # trials share un-prompted backbone features (see resolved_feature_cache)
     optuna_storage: Optional[str] = None  # SQLAlchemy URL of the Optuna study; default sqlite in runs_dir
 
     def resolved_optuna_storage(self) -> str:
@@ -91,6 +92,11 @@ class StudySpec:
 
     def resolved_storage_path(self) -> str:
         return self.storage_path or str((Path(self.runs_dir) / "ray_results").resolve())
+
+    def resolved_feature_cache(self) -> Optional[str]:
+        """Where the study's trials share un-prompted backbone features (beside Ray's results, so
+        on a cluster on the shared storage path), unless ``feature_cache`` is off."""
+        return f"{self.resolved_storage_path().rstrip('/')}/feature_cache" if self.feature_cache else None
 
     def inline_trials(self) -> bool:
         if self.trial_runner == "auto":
@@ -121,7 +127,9 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         # The dashboard serves the State API, which Ray Train's placement-group cleaner needs to
         # free the resources of a trial a scheduler stopped (without it they stay reserved).
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+        # address="local": a new instance even when another one runs on this machine (joining that
+        # one is what RAY_ADDRESS is for)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  object_store_memory=256 * 2**20)
 
 
@@ -142,11 +150,11 @@ def _trial_driver(config: dict, *, context: dict) -> None:
     tracking_info = {**context["tracking"], "key": trial_id, "name": f"trial_{trial_id}"}
     if context["inline"]:
         run_reported({"spec": dataclasses.asdict(spec), "tracking": tracking_info, "progress": context["progress"],
-                      "fault": context["fault"]}, TuneSession())
+                      "fault": context["fault"], "feature_cache": context["feature_cache"]}, TuneSession())
         return
     trainer = make_trainer(spec, context["scaling"], name=f"train-{trial_id}", storage_path=context["storage_path"],
                            callbacks=[TuneReportCallback()], progress=context["progress"], fault=context["fault"],
-                           tracking_info=tracking_info)
+                           tracking_info=tracking_info, feature_cache=context["feature_cache"])
     trainer.fit()
 
 
@@ -299,6 +307,7 @@ def _run_tuner(spec: StudySpec, run_spec: RunSpec, num_tasks: int, uri: str, exp
         "tracking": {"uri": uri, "experiment_id": experiment_id, "parent_run_id": parent},
         "storage_path": spec.resolved_storage_path(), "scaling": spec.scaling, "progress": spec.progress,
         "fault": fault_from_env(), "per_method": spec.per_method_overrides, "inline": spec.inline_trials(),
+        "feature_cache": spec.resolved_feature_cache(),
     }
     if spec.inline_trials():  # the trial is the worker
         resources = spec.scaling.resources_per_worker()
@@ -495,6 +504,8 @@ def study_parser(description: str, *, name: str, num_samples: int, objectives: t
     p.add_argument("--verbose", action="store_true",
                    help="Ray's status tables and worker logs on the console (default: in RUNS_DIR/NAME.log)")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report at the end")
+    p.add_argument("--no-feature-cache", action="store_true",
+                   help="trials make their own un-prompted backbone passes (default: shared via the storage path)")
     p.add_argument("--trial-runner", choices=("auto", "inline", "train"), default="auto",
                    help="train: each trial fits a Ray Train TorchTrainer; inline: a one-worker trial runs in the "
                         "Tune trial itself; auto (default): inline for one CPU worker per trial")
@@ -538,6 +549,7 @@ def spec_from_args(args, *, method: str, search_space: SearchSpace, smoke_overri
                         max_failures=args.max_failures),
         precision=args.precision, resume=args.resume, driver_resource=args.driver_resource,
         progress=args.progress, verbose=args.verbose, report=not args.no_report, trial_runner=args.trial_runner,
+        feature_cache=not args.no_feature_cache,
         scheduler="asha" if args.asha else "fifo",
         objectives=args.objectives, optuna_storage=args.optuna_storage,
     )
