@@ -7,6 +7,7 @@ Every variant is timed in this one run, interleaved (each repeat times every var
 once, so drift hits all alike), median of ``--repeats`` after a warm-up; random-init weights (speed does not depend
 on them). Ratios:
 
+- ``test FLOPs``: the method's counted test FLOPs per image ÷ one plain backbone pass (no timing).
 - ``forward``: the method's test forward (``logits``, inference mode) ÷ a plain frozen forward,
   and ``per pass``: the same ÷ (its backbone passes × the plain forward) (query-based methods make
   a frozen query pass before the prompted one).
@@ -30,6 +31,7 @@ import torch
 
 from promptcl.core import attention
 from promptcl.core.backbone import build_backbone, encode, input_shape
+from promptcl.cost import measure_cost
 from promptcl.methods import get_method, method_names
 from promptcl.methods.base import TaskInfo
 
@@ -118,19 +120,23 @@ def main(argv=None) -> dict:
             loss.backward()
             method.zero_grad(set_to_none=True)
 
+        flops = measure_cost(cls, preset, args.backbone, num_tasks * classes_per_task, input_shape(args.backbone),
+                             num_tasks=num_tasks)
+        flops_ratio = flops["test_flops_per_image"] / flops["backbone_flops_per_image"]
         impls = ("eager", "fused") if uses_gated_prefix(forward) else ("fused",)
         for impl in impls:
             variants[f"{name} {impl} forward"] = lambda impl=impl, forward=forward: _with_impl(impl, forward)
             if phases:
                 variants[f"{name} {impl} step"] = lambda impl=impl, step=step: _with_impl(impl, step)
-        timed.append((name, cls, impls, bool(phases)))
+        timed.append((name, cls, impls, bool(phases), flops_ratio))
     seconds = time_interleaved(variants, args.repeats)
 
     rows = []
-    for name, cls, impls, trains in timed:
+    for name, cls, impls, trains, flops_ratio in timed:
         for impl in impls:
             forward_ratio = seconds[f"{name} {impl} forward"] / seconds["plain forward"]
             rows.append({"method": name, "path": impl if len(impls) > 1 else "sdpa", "passes": cls.TEST_PASSES,
+                         "test_flops_ratio": flops_ratio,
                          "forward_ratio": forward_ratio, "per_pass_ratio": forward_ratio / cls.TEST_PASSES,
                          "step_ratio": seconds[f"{name} {impl} step"] / seconds["plain step"] if trains else None})
 
@@ -141,10 +147,12 @@ def main(argv=None) -> dict:
     print(f"{args.backbone}, batch {args.batch}, torch {torch.__version__}, {torch.get_num_threads()} threads, cpu, "
           f"median of {args.repeats}; plain forward {report['plain_forward_ms']:.0f} ms, "
           f"plain fine-tuning step {report['plain_step_ms']:.0f} ms")
-    print("method | path | passes | forward ÷ plain | per pass | train step ÷ plain fine-tuning step")
-    print("--- | --- | --- | --- | --- | ---")
+    print("method | path | passes | test FLOPs ÷ plain | forward ÷ plain | per pass | "
+          "train step ÷ plain fine-tuning step")
+    print("--- | --- | --- | --- | --- | --- | ---")
     for r in rows:
-        print(f"{r['method']} | {r['path']} | {r['passes']} | {r['forward_ratio']:.2f}x | {r['per_pass_ratio']:.2f}x | "
+        print(f"{r['method']} | {r['path']} | {r['passes']} | {r['test_flops_ratio']:.3f}x | "
+              f"{r['forward_ratio']:.2f}x | {r['per_pass_ratio']:.2f}x | "
               + (f"{r['step_ratio']:.2f}x" if r["step_ratio"] is not None else "– (no training)"))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

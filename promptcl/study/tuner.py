@@ -336,7 +336,9 @@ def _run_tuner(spec: StudySpec, run_spec: RunSpec, num_tasks: int, uri: str, exp
         tuner = tune.Tuner(
             trainable,
             param_space=search.pop("param_space"),
-            tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, scheduler=scheduler, **search),
+            # an inline trial's process (torch, timm, the backbone's files warm) serves the next trial
+            tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, scheduler=scheduler,
+                                        reuse_actors=spec.inline_trials(), **search),
             run_config=tune.RunConfig(name=spec.name, storage_path=spec.resolved_storage_path(),
                                       callbacks=[TrialRunStatus(uri, experiment_id, parent), TrialEvents()],
                                       # inline trials restart from their last task checkpoint (Train
