@@ -2,7 +2,9 @@
 
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode``. Its registry has no formula
 for the CPU SDPA kernel, which would count attention as zero, so one is registered here; every
-forward pass a method needs at test time is counted (``predict`` runs them all).
+forward pass a method needs at test time is counted (``predict`` runs them all). Counting runs the
+reference (eager) prefix-attention path: the fused one pads each query and key with the prefix
+logits' coordinates, arithmetic of the kernel layout, not of the method.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from promptcl.core.attention import prefix_attention_impl
 from promptcl.core.backbone import build_backbone, encode
 from promptcl.methods.base import TaskInfo
 
@@ -57,6 +60,12 @@ def measure_cost(method_cls, config, backbone: str, num_classes: int,
 
     Parameters count everything the method trains over a whole sequence of ``num_tasks`` tasks.
     """
+    with prefix_attention_impl("eager"):
+        return _measure_cost(method_cls, config, backbone, num_classes, image_shape, num_tasks=num_tasks)
+
+
+def _measure_cost(method_cls, config, backbone: str, num_classes: int,
+                  image_shape: tuple[int, int, int], *, num_tasks: int) -> dict[str, int]:
     vit = build_backbone(backbone)
     method = method_cls(config, backbone=vit, num_classes=num_classes, num_tasks=num_tasks)
     out = parameter_counts(method)

@@ -66,3 +66,18 @@ def test_cost_command_rejects_bad_input(capsys):
                  "--set", "top_k=99"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "not a timm VisionTransformer" in err[0] and "top_k=99" in err[1]
+
+
+def test_flops_count_the_method_not_the_fused_kernel_layout():
+    """NoRGa's gated prefix runs through the fused path (queries padded with the prefix logits'
+    coordinates), yet its counted test FLOPs equal HiDe's linear prefix of the same geometry: cost
+    accounting counts the reference arithmetic, whichever path is active."""
+    from promptcl.core.attention import prefix_attention_impl
+
+    costs = {}
+    for name in ("hide", "norga"):
+        cls = get_method(name)
+        with prefix_attention_impl("fused"):
+            costs[name] = measure_cost(cls, cls.PRESETS["digits"], "vit_digits", 10, (1, 8, 8), num_tasks=5)
+    assert costs["norga"]["test_flops_per_image"] == costs["hide"]["test_flops_per_image"]
+    assert costs["norga"]["test_flops_per_image"] > 2 * costs["norga"]["backbone_flops_per_image"]
