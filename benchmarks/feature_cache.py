@@ -14,10 +14,11 @@ backbone finds the images an earlier one passed; concurrent trials share what th
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
+
+from report_table import print_table, write_json
 
 from promptcl.study.tuner import StudySpec, ensure_ray, run_study
 
@@ -53,17 +54,13 @@ def main(argv=None) -> dict:
               "same_accuracy": on["final_average_accuracy"] == off["final_average_accuracy"]}
     print(f"digits, methods {' '.join(args.methods)} x seeds {' '.join(map(str, args.seeds))}, "
           f"{args.max_concurrent} at a time")
-    print("feature store | trials | images through un-prompted passes | read from the store | wall s")
-    print("--- | --- | --- | --- | ---")
-    for r in (off, on):
-        print(f"{'on' if r['feature_cache'] else 'off'} | {r['trials']} | {r['frozen_images_computed']:,} | "
-              f"{r['frozen_images_reused']:,} | {r['wall_s']:.1f}")
+    rows = [["on" if r["feature_cache"] else "off", str(r["trials"]), f"{r['frozen_images_computed']:,}",
+             f"{r['frozen_images_reused']:,}", f"{r['wall_s']:.1f}"] for r in (off, on)]
+    print_table(["feature store", "trials", "images through un-prompted passes", "read from the store", "wall s"],
+                rows)
     print(f"with ÷ without: un-prompted passes {report['passes_ratio']:.2f}x, wall {report['wall_ratio']:.2f}x; "
           f"same accuracies: {report['same_accuracy']}")
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-    return report
+    return write_json(report, args.json)
 
 
 if __name__ == "__main__":

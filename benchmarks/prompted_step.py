@@ -21,13 +21,13 @@ on them). Ratios:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+from report_table import print_table, write_json
 
 from promptcl.core import attention
 from promptcl.core.backbone import build_backbone, encode, input_shape
@@ -147,17 +147,12 @@ def main(argv=None) -> dict:
     print(f"{args.backbone}, batch {args.batch}, torch {torch.__version__}, {torch.get_num_threads()} threads, cpu, "
           f"median of {args.repeats}; plain forward {report['plain_forward_ms']:.0f} ms, "
           f"plain fine-tuning step {report['plain_step_ms']:.0f} ms")
-    print("method | path | passes | test FLOPs ÷ plain | forward ÷ plain | per pass | "
-          "train step ÷ plain fine-tuning step")
-    print("--- | --- | --- | --- | --- | --- | ---")
-    for r in rows:
-        print(f"{r['method']} | {r['path']} | {r['passes']} | {r['test_flops_ratio']:.3f}x | "
-              f"{r['forward_ratio']:.2f}x | {r['per_pass_ratio']:.2f}x | "
-              + (f"{r['step_ratio']:.2f}x" if r["step_ratio"] is not None else "– (no training)"))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-    return report
+    print_table(["method", "path", "passes", "test FLOPs ÷ plain", "forward ÷ plain", "per pass",
+                 "train step ÷ plain fine-tuning step"],
+                [[r["method"], r["path"], str(r["passes"]), f"{r['test_flops_ratio']:.3f}x",
+                  f"{r['forward_ratio']:.2f}x", f"{r['per_pass_ratio']:.2f}x",
+                  f"{r['step_ratio']:.2f}x" if r["step_ratio"] is not None else "– (no training)"] for r in rows])
+    return write_json(report, args.json)
 
 
 def _with_impl(impl: str, fn: Callable[[], None]) -> None:

@@ -13,11 +13,12 @@ concurrency), their ratio, and the fixed cost per trial ((wall × concurrency �
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from report_table import print_table, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,15 +65,11 @@ def main(argv=None) -> dict:
               "ray_start_s": ray_start, "rows": rows}
     print(f"{args.num_samples} trials, {args.max_concurrent} at a time{', smoke' if args.smoke else ''}; "
           f"Ray start-up {ray_start:.1f} s (not counted)")
-    print("runner | trials | wall s | trial compute s | ideal s | wall ÷ ideal | fixed cost per trial s")
-    print("--- | --- | --- | --- | --- | --- | ---")
-    for r in rows:
-        print(f"{r['runner']} | {r['trials']} | {r['wall_s']:.1f} | {r['trial_compute_s']:.1f} | {r['ideal_s']:.1f} | "
-              f"{r['wall_over_ideal']:.2f}x | {r['fixed_cost_per_trial_s']:.1f}")
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-    return report
+    print_table(["runner", "trials", "wall s", "trial compute s", "ideal s", "wall ÷ ideal", "fixed cost per trial s"],
+                [[r["runner"], str(r["trials"]), f"{r['wall_s']:.1f}", f"{r['trial_compute_s']:.1f}",
+                  f"{r['ideal_s']:.1f}", f"{r['wall_over_ideal']:.2f}x", f"{r['fixed_cost_per_trial_s']:.1f}"]
+                 for r in rows])
+    return write_json(report, args.json)
 
 
 if __name__ == "__main__":
