@@ -77,7 +77,11 @@ def test_job_submit_runs_the_smoke_study(tmp_path):
     assert sum("] trial " in line and " finished " in line for line in job.stdout.splitlines()) == 2
     log = (tmp_path / "smope_topk_smoke.log").read_text()
     assert "Trial status" not in job.stdout and "pid=" not in job.stdout
-    assert "Trial status" in log and "TrainController pid=" in log  # Tune's tables and the workers' lines
+    assert "Trial status" in log  # Tune's tables
+    worker_lines = [line for line in log.splitlines() if "pid=" in line and ": smope on digits" in line]
+    # the trials' own lines, forwarded from their processes (Ray folds lines alike but for numbers
+    # into one "[repeated Nx]" line, printed later, so at least one is certain)
+    assert worker_lines
     # the job's study wrote its runs where it was told, outside the uploaded working directory
     from mlflow.tracking import MlflowClient
 

@@ -176,6 +176,11 @@ def run_reported(cfg: dict, session) -> None:
     run = resolve_run(RunSpec(**cfg["spec"]))
     rank0 = session.rank == 0
     resume_from = _restored_checkpoint(session)
+    # one line per worker in the study log (Ray prefixes it with the process): what runs where
+    trial = f"trial {cfg['tracking']['key']}: " if cfg.get("tracking") else ""
+    print(f"promptcl: {trial}{run.spec.method} on {run.spec.dataset}, seed {run.spec.seed}, rank {session.rank} "
+          f"of {session.world_size}" + (f", resuming after {resume_from.stem}" if resume_from is not None else ""),
+          flush=True)
     track = cfg.get("tracking") if rank0 else None
     run_id = None
     if track:
