@@ -102,6 +102,7 @@ def _report(args) -> int:
 
 def _run(args) -> int:
     from promptcl.config import parse_overrides
+    from promptcl.core.feature_store import check_root
     from promptcl.engine import RunSpec, resolve_run, run_sequence
     from promptcl.study.trainer import Scaling, fault_from_env
 
@@ -121,6 +122,8 @@ def _run(args) -> int:
             fault_from_env()
         elif args.use_gpu or args.max_failures or args.cpus_per_worker is not None:
             raise ValueError("--use-gpu, --cpus-per-worker and --max-failures need --num-workers")
+        if args.feature_cache is not None:
+            check_root(args.feature_cache)
         if args.out.exists():
             raise ValueError(f"output directory {str(args.out)!r} already exists")
         if not args.out.parent.is_dir():

@@ -90,6 +90,15 @@ def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, capsys, args, m
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_a_feature_cache_that_is_a_file_is_refused_before_the_run(tmp_path, capsys):
+    (tmp_path / "cache").write_text("not a directory")
+    assert main(["run", "--method", "simplecil", "--dataset", "digits", "--out", str(tmp_path / "out"),
+                 "--feature-cache", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "feature cache" in err and "is not a directory" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
 def test_existing_output_directory_is_refused(tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     assert run_cli(tmp_path / "taken") == 2

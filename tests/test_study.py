@@ -38,6 +38,24 @@ def test_bad_study_input_fails_before_ray_starts(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--trial-runner", "inline", "--workers-per-trial", "2"],
+     "inline trials run one CPU process; use --trial-runner train for 2 workers"),
+    (["--storage-path", "STORAGE"], "feature cache"),
+])
+def test_bad_trial_runner_or_feature_cache_fails_before_ray_starts(tmp_path, capsys, flags, message):
+    import smope_topk
+
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    (storage / "feature_cache").write_text("a file where the store's directory goes")
+    flags = [str(storage) if f == "STORAGE" else f for f in flags]
+    assert smope_topk.main(["--smoke", "--runs-dir", str(tmp_path / "r"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
 def test_asha_stops_trials_at_task_boundaries_and_ranks_them_below_finished_ones(local_ray, tmp_path, capsys):
     """ASHA compares trials at the same task; a stopped trial ends KILLED in MLflow, tagged with
     the task it stopped at, and its searcher score ranks below every trial that finished."""

@@ -54,6 +54,13 @@ def sample_keys(images: torch.Tensor) -> list[bytes]:
     return [hashlib.blake2b(prefix + row.tobytes(), digest_size=16).digest() for row in flat]
 
 
+def check_root(root: str | Path) -> None:
+    """Raise ValueError when a local store root cannot be a directory (checked before a run starts;
+    a URI is checked by its file system when the store opens)."""
+    if "://" not in str(root) and Path(root).exists() and not Path(root).is_dir():
+        raise ValueError(f"feature cache {str(root)!r} exists and is not a directory")
+
+
 def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
     return hashlib.blake2b(json.dumps(fingerprint, sort_keys=True).encode(), digest_size=12).hexdigest()
 

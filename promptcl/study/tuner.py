@@ -25,6 +25,7 @@ from typing import Any, Callable, Literal, Optional
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
+from promptcl.core.feature_store import check_root
 from promptcl.engine import FINAL_METRICS, RunSpec, resolve_run
 from promptcl.study import tracking
 from promptcl.study.console import TrialEvents, study_console
@@ -169,6 +170,8 @@ def validate_study(spec: StudySpec) -> RunSpec:
     if spec.trial_runner == "inline" and (spec.scaling.num_workers != 1 or spec.scaling.use_gpu):
         raise ValueError("inline trials run one CPU process; use --trial-runner train for "
                          f"{spec.scaling.num_workers} workers{' with GPUs' if spec.scaling.use_gpu else ''}")
+    if spec.feature_cache:
+        check_root(spec.resolved_feature_cache())
     if spec.grid is not None and spec.optuna_storage is not None:
         raise ValueError("a grid study runs no Optuna search, so it keeps no Optuna study (--optuna-storage)")
     if spec.scheduler == "asha" and spec.objectives != ACCURACY:
