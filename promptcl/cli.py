@@ -1,4 +1,5 @@
-"""``promptcl`` command line: ``run`` a CL sequence, ``cost`` of a method without training, ``report`` of a study."""
+"""``promptcl`` command line: ``run`` a CL sequence, ``cost`` of a method without training, ``report`` of a
+study, ``pretrain`` a project-made backbone, ``probe`` a backbone's frozen features against raw pixels."""
 
 from __future__ import annotations
 
@@ -67,6 +68,19 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--mlflow-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///runs/mlflow.db")
     report.add_argument("--out", type=Path, required=True, help="directory for study.parquet, PNGs, index.html")
     report.add_argument("--no-log", action="store_true", help="do not log the report to the study's parent run")
+
+    pretrain = sub.add_parser("pretrain", help="(re)make a project-made backbone's weights, offline, deterministically")
+    pretrain.add_argument("name", help="a local backbone (vit_glyphs28, vit_digits)")
+    pretrain.add_argument("--out", type=Path, default=None,
+                          help="weights file to write (+ .json manifest); default: under $PROMPTCL_CACHE")
+    pretrain.add_argument("--steps", type=int, default=None, help="fewer steps than the recipe (a smoke test)")
+
+    probe = sub.add_parser("probe", help="linear probe of a frozen backbone's features vs raw pixels")
+    probe.add_argument("--dataset", required=True)
+    probe.add_argument("--backbone", default=None, help="default: the dataset's")
+    probe.add_argument("--checkpoint-file", type=Path, default=None, help="backbone weights from a local file")
+    probe.add_argument("--data-dir", type=Path, default=None)
+    probe.add_argument("--json", action="store_true")
     return parser
 
 
@@ -81,7 +95,69 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _run(args)
     if args.command == "report":
         return _report(args)
+    if args.command == "pretrain":
+        return _pretrain(args)
+    if args.command == "probe":
+        return _probe(args)
     return _cost(args)
+
+
+def _pretrain(args) -> int:
+    import time
+
+    from promptcl.core import pretrain
+
+    try:
+        spec = pretrain.local_backbone(args.name)
+        if args.steps is not None and args.steps < 1:
+            raise ValueError("--steps must be >= 1")
+        spec.check_sources()  # e.g. a missing font package fails now, with the install command
+        out = args.out or pretrain.cache_dir() / f"{args.name}_{spec.version}.safetensors"
+        if args.out is not None and (args.out.exists() or not args.out.parent.is_dir()):
+            raise ValueError(f"--out {str(args.out)!r} exists or its directory does not")
+    except ValueError as err:
+        return _fail(str(err))
+    started = time.perf_counter()
+
+    def progress(step: int, total: int, loss: float) -> None:
+        if step % 100 == 0 or step == total:
+            print(f"pretrain {args.name}: step {step}/{total}  loss {loss:.3f}  {time.perf_counter() - started:.0f} s",
+                  file=sys.stderr, flush=True)
+
+    manifest = pretrain.write_checkpoint(*pretrain.pretrain(args.name, steps=args.steps, progress=progress), out)
+    print(f"weights: {out}  sha256 {manifest['sha256']}")
+    if spec.delivery == "shipped" and args.steps is None:
+        shipped = json.loads(pretrain.shipped_checkpoint(args.name).with_suffix(".json").read_text())["sha256"]
+        if shipped != manifest["sha256"]:
+            print(f"differs from the shipped weights (sha256 {shipped}): see the manifests for torch, "
+                  "fonts and machine", file=sys.stderr)
+            return 1
+        print("identical to the shipped weights, bit for bit")
+    return 0
+
+
+def _probe(args) -> int:
+    from promptcl.core.backbone import check_backbone_name
+    from promptcl.data.benchmarks import check_data_dir, dataset_spec
+    from promptcl.probe import PRETRAINED_MARGIN, probe
+
+    try:
+        dataset_spec(args.dataset)
+        check_data_dir(args.dataset, args.data_dir)
+        if args.backbone is not None:
+            check_backbone_name(args.backbone)
+        result = probe(args.dataset, backbone=args.backbone, checkpoint_file=args.checkpoint_file,
+                       data_dir=args.data_dir)
+    except (ValueError, ImportError) as err:
+        return _fail(str(err))
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    verdict = "pretrained for" if result.pretrained else "NOT pretrained for"
+    print(f"{result.dataset}: backbone {result.backbone} {result.backbone_accuracy:.2f} %  "
+          f"pixels {result.pixel_accuracy:.2f} %  margin {result.margin:+.2f}  -> {verdict} {result.dataset} "
+          f"(needs >= +{PRETRAINED_MARGIN:.1f})")
+    return 0
 
 
 def _report(args) -> int:

@@ -20,8 +20,10 @@ from tqdm.auto import tqdm
 from promptcl import metrics
 from promptcl.distributed import all_reduce_sum, broadcast_from_main, is_main, sync_gradients, world
 from promptcl.core.backbone import LOCAL_BACKBONES, build_backbone, check_backbone_name, read_checkpoint
+from promptcl.core.pretrain import local_backbone, verified_shipped_checkpoint
 from promptcl.config import apply_overrides, as_flat_dict
-from promptcl.data.benchmarks import ClassIncremental, check_data_dir, dataset_spec, load_dataset
+from promptcl.data.benchmarks import (ClassIncremental, check_data_dir, dataset_spec, load_dataset,
+                                      scenario_class_order)
 from promptcl.methods import get_method
 from promptcl.methods.base import Phase, PromptMethod, TaskInfo
 
@@ -98,8 +100,12 @@ def resolve_run(spec: RunSpec) -> ResolvedRun:
     checkpoint_file = Path(spec.checkpoint_file) if spec.checkpoint_file else None
     if checkpoint_file is not None:
         read_checkpoint(checkpoint_file)  # a corrupt or foreign file fails now, not mid-run
+    elif spec.pretrained and backbone in LOCAL_BACKBONES and local_backbone(backbone).delivery == "shipped":
+        verified_shipped_checkpoint(backbone)
     config = apply_overrides(method_cls.preset_for(spec.dataset, backbone, spec.preset), spec.overrides)
     num_tasks = _num_tasks(ds.num_classes, spec.increment, ds.default_increment)
+    if ds.domain_size is not None and spec.increment not in (None, ds.domain_size):
+        raise ValueError(f"{spec.dataset} has one task per source: increment must be {ds.domain_size}")
     # Build the method on a meta-device backbone: config/backbone mismatches surface now, for free.
     with torch.device("meta"):
         # A local backbone's weights are also checked against its architecture (keys, shapes).
@@ -292,7 +298,7 @@ def _set_up(run: ResolvedRun) -> _Setup:
     device = pick_device(spec.device)
     data = load_dataset(spec.dataset, Path(spec.data_dir) if spec.data_dir else None)
     increment = spec.increment or dataset_spec(spec.dataset).default_increment
-    scenario = ClassIncremental(data, increments=increment, seed=spec.seed)
+    scenario = ClassIncremental(data, increments=increment, class_order=scenario_class_order(spec.dataset, spec.seed))
     seed_everything(spec.seed)
     method = build_method(run, data.num_classes, scenario.num_tasks, device)
     return _Setup(device, scenario, method, data.num_classes, data.image_shape)

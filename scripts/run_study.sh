@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up .venv (first call) and run the default study: the SMoPE top-k sweep on the embedded
-# digits benchmark, local Ray, MLflow in runs/mlflow.db. Extra arguments go to the study.
+# Set up .venv (first call) and run the default study: the SMoPE top-k sweep on the offline
+# mnist5k benchmark, local Ray, MLflow in runs/mlflow.db. Extra arguments go to the study.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/bootstrap.sh"

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from promptcl.study.objectives import ACCURACY_AND_COST
-from promptcl.study.tuner import run_study_script, spec_from_args, study_parser
+from promptcl.study.tuner import run_study_script, spec_from_args, study_dataset, study_parser
 
 METHODS = ("smope", "hide", "norga")
 
@@ -102,7 +102,7 @@ class ScalingSpace:
         return {"prompt_layers": first_blocks(layers), **self.extra.get(method, {})}
 
 
-def make_search_space(dataset: str = "digits", *, smoke: bool = False) -> ScalingSpace:
+def make_search_space(dataset: str, *, smoke: bool = False) -> ScalingSpace:
     return ScalingSpace(method_depths(dataset), dict(SMOKE_PER_METHOD) if smoke else {})
 
 
@@ -111,7 +111,7 @@ def layer_counts(depth: int) -> tuple[int, ...]:
     return tuple(sorted({1, max(1, depth // 2), depth}))
 
 
-def grid_points(dataset: str = "digits") -> tuple[dict[str, Any], ...]:
+def grid_points(dataset: str) -> tuple[dict[str, Any], ...]:
     """The full grid, as points of the search space (what Optuna's ``enqueue_trial`` takes).
 
     Per method cheapest first (fewest layers, then smallest size), and interleaved across the
@@ -134,8 +134,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="evaluate the full grid first (default --num-samples: the grid's size)")
     args = parser.parse_args(argv)
     try:
-        space = make_search_space(args.dataset, smoke=args.smoke)
-        grid = grid_points(args.dataset) if args.grid else ()
+        space = make_search_space(study_dataset(args), smoke=args.smoke)
+        grid = grid_points(study_dataset(args)) if args.grid else ()
     except ValueError as err:  # an unknown dataset or backbone: the same exit as the other checks
         print(f"expert_scaling: error: {err}", file=sys.stderr)
         return 2

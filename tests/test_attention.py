@@ -183,7 +183,7 @@ def test_a_prompted_model_is_the_same_through_either_path(method):
 
     cls = get_method(method)
     torch.manual_seed(0)
-    model = cls(cls.PRESETS["digits"], backbone=build_backbone("vit_digits", pretrained=False), num_classes=10,
+    model = cls(cls.PRESETS["small"], backbone=build_backbone("vit_digits", pretrained=False), num_classes=10,
                 num_tasks=5)
     x = torch.randn(6, 1, 8, 8)
     forward = {"norga": lambda: model.features(x, torch.tensor([0, 1, 2, 3, 4, 0])),

@@ -1,5 +1,6 @@
 """The benchmark scripts still run against the library (tiny settings; no timing asserted)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -9,8 +10,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 def test_prompted_step_times_every_method_and_both_paths_where_they_differ(tmp_path, capsys):
-    import json
-
     import prompted_step
 
     out = tmp_path / "prompted_step.json"
@@ -31,12 +30,27 @@ def test_prompted_step_times_every_method_and_both_paths_where_they_differ(tmp_p
     assert 1 < flops["smope"] < 1.1
 
 
-def test_embedded_methods_prints_a_row_per_method(capsys):
-    import embedded_methods
+def test_method_table_prints_and_writes_a_row_per_method(capsys, tmp_path):
+    import method_table
 
-    embedded_methods.main(["--seeds", "0", "--methods", "smope"])
-    row = capsys.readouterr().out.strip().splitlines()[-1]
-    assert row.startswith("smope | digits preset |") and "| 1 |" in row
+    report = method_table.main(["--dataset", "digits", "--seeds", "0", "--methods", "simplecil", "smope",
+                                "--json", str(tmp_path / "t.json")])
+    rows = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert rows[0].startswith("simplecil | preset |") and rows[1].startswith("smope | preset |")
+    assert "| 1 |" in rows[1]
+    written = json.loads((tmp_path / "t.json").read_text())
+    assert written == report and [r["method"] for r in written["rows"]] == ["simplecil", "smope"]
+    assert written["rows"][0]["backbone"] == "vit_digits" and written["rows"][1]["runs"][0]["seed"] == 0
+    assert 0 < written["rows"][1]["runs"][0]["final_average_accuracy"] <= 100
+
+
+def test_method_table_validates_every_row_before_training(capsys):
+    import method_table
+
+    with pytest.raises(ValueError, match="top_k"):
+        method_table.main(["--dataset", "digits", "--seeds", "0", "--methods", "simplecil",
+                           "--set", "smope:top_k=99"])
+    assert "simplecil |" not in capsys.readouterr().out  # nothing ran
 
 
 @pytest.mark.ray
@@ -44,7 +58,6 @@ def test_feature_cache_benchmark_counts_passes_with_and_without_the_store(local_
     """Two SimpleCIL seeds one after the other. Without the store every prototype and query pass is
     made (test images again after every task); with it each of the 1,797 digits images passes the
     backbone once in the whole study, and every accuracy is the same."""
-    import json
 
     import feature_cache
 
@@ -60,7 +73,6 @@ def test_feature_cache_benchmark_counts_passes_with_and_without_the_store(local_
 
 @pytest.mark.ray
 def test_study_overhead_benchmark_reports_wall_against_ideal(local_ray, tmp_path):
-    import json
 
     import study_overhead
 

@@ -33,7 +33,7 @@ def test_backbone_flops_match_the_analytic_count_with_fused_and_plain_attention(
 
 def test_smope_costs_on_the_digits_preset():
     smope = get_method("smope")
-    config = smope.PRESETS["digits"]
+    config = smope.PRESETS["small"]
     cost = measure_cost(smope, config, "vit_digits", 10, (1, 8, 8))
     vit = build_backbone("vit_digits", pretrained=False)
     backbone_params = sum(p.numel() for p in vit.parameters())
@@ -78,6 +78,6 @@ def test_flops_count_the_method_not_the_fused_kernel_layout():
     for name in ("hide", "norga"):
         cls = get_method(name)
         with prefix_attention_impl("fused"):
-            costs[name] = measure_cost(cls, cls.PRESETS["digits"], "vit_digits", 10, (1, 8, 8), num_tasks=5)
+            costs[name] = measure_cost(cls, cls.PRESETS["small"], "vit_digits", 10, (1, 8, 8), num_tasks=5)
     assert costs["norga"]["test_flops_per_image"] == costs["hide"]["test_flops_per_image"]
     assert costs["norga"]["test_flops_per_image"] > 2 * costs["norga"]["backbone_flops_per_image"]

@@ -19,7 +19,7 @@ T = 5
 def make(name="hide", **overrides):
     torch.manual_seed(0)
     cls = get_method(name)
-    config = cls.PRESETS["digits"].__class__(**{**cls.PRESETS["digits"].__dict__, **overrides})
+    config = cls.PRESETS["small"].__class__(**{**cls.PRESETS["small"].__dict__, **overrides})
     method = cls(config, backbone=build_backbone("vit_digits", pretrained=False), num_classes=10, num_tasks=T)
     return method.eval()
 

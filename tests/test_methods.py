@@ -28,7 +28,7 @@ NEW_METHODS = ("l2p", "dualprompt", "sprompt", "coda", "ovor", "vqprompt", "simp
 def make(name, backbone=None, **overrides):
     torch.manual_seed(0)
     cls = get_method(name)
-    config = apply_overrides(cls.PRESETS["digits"], overrides)
+    config = apply_overrides(cls.PRESETS["small"], overrides)
     vit = backbone or build_backbone("vit_digits", pretrained=True)
     return cls(config, backbone=vit, num_classes=10, num_tasks=T).eval()
 

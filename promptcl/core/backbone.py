@@ -1,7 +1,8 @@
 """Frozen timm ViT backbones built with the prefix-attention layers.
 
-Any timm Vision Transformer name (prefer the full ``arch.tag``) is accepted; ``vit_digits`` is a
-small random-init ViT sized for the embedded 8x8 digits benchmark. Pretrained weights come from
+Any timm Vision Transformer name (prefer the full ``arch.tag``) is accepted, and the project's own
+small ViTs (``vit_digits`` for the 8x8 digits fixture, ``vit_glyphs28`` for the 28-px benchmarks),
+whose weights promptcl.core.pretrain makes offline. Pretrained weights come from
 timm (``pretrained=True``) or from a local checkpoint file, through timm's own loading path.
 """
 
@@ -14,21 +15,11 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from promptcl.core import pretrain
 from promptcl.core.attention import LayerPrompt, PrefixAttention, PromptBlock
 
-# Small backbones defined here, for benchmarks that ship with the project. Their "pretrained"
-# weights are made offline by promptcl.core.pretrain (see there for why and how).
-LOCAL_BACKBONES: dict[str, dict] = {
-    "vit_digits": dict(img_size=8, patch_size=2, in_chans=1, embed_dim=64, depth=4, num_heads=4,
-                       mlp_ratio=2.0),
-}
-
-
-def _local_weights(name: str) -> Path:
-    from promptcl.core.pretrain import digits_backbone_checkpoint
-
-    makers = {"vit_digits": digits_backbone_checkpoint}
-    return makers[name]()
+# Architecture of each project-made backbone (their weights: promptcl.core.pretrain).
+LOCAL_BACKBONES: dict[str, dict] = {name: spec.architecture for name, spec in pretrain.LOCAL_BACKBONES.items()}
 
 
 def check_backbone_name(name: str) -> None:
@@ -66,7 +57,7 @@ def build_backbone(
     layers = dict(block_fn=PromptBlock, attn_layer=PrefixAttention, num_classes=0)
     if name in LOCAL_BACKBONES:
         if pretrained and checkpoint_file is None:
-            checkpoint_file = _local_weights(name)
+            checkpoint_file = pretrain.local_checkpoint(name)
         model = VisionTransformer(**{**LOCAL_BACKBONES[name], **overrides, **layers})
         if checkpoint_file is not None:
             state = read_checkpoint(checkpoint_file)

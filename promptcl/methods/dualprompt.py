@@ -57,15 +57,14 @@ class DualPromptConfig:
 
 PAPER = DualPromptConfig()
 IMAGENET_R = dataclasses.replace(PAPER, e_length=20, epochs=50, lr=0.00046875)
-DIGITS = dataclasses.replace(PAPER, g_layers=(0,), g_length=2, e_layers=(1, 2), e_length=2, epochs=6,
+SMALL = dataclasses.replace(PAPER, g_layers=(0,), g_length=2, e_layers=(1, 2), e_length=2, epochs=6,
                              batch_size=32, lr=0.01)
 
 
 @register_method("dualprompt")
 class DualPrompt(PromptMethod):
     Config = DualPromptConfig
-    PRESETS = {"paper": PAPER, "imagenet-r": IMAGENET_R, "digits": DIGITS}
-    DATASET_PRESETS = {"digits": "digits"}
+    PRESETS = {"paper": PAPER, "imagenet-r": IMAGENET_R, "small": SMALL}
     TEST_PASSES = 2
 
     def __init__(self, config: DualPromptConfig, *, backbone: nn.Module, num_classes: int, num_tasks: int) -> None:

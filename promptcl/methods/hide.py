@@ -88,8 +88,8 @@ def reference_presets(base: HiDeConfig) -> dict[str, HiDeConfig]:
         "cub200": r(base, prompt_length=20, reg=0.01, head_lr=0.015, tii_lr=5e-3),
         "5datasets": r(base, prompt_length=40, epochs=20, schedule="constant", grad_clip=2.0,
                        tii_structure=(4, 4), tii_lr=5e-4, batchwise_prompt=True),
-        # Scaled to the embedded digits benchmark (4-block micro ViT, tasks of ~290 images).
-        "digits": r(base, prompt_layers=(0, 1, 2), prompt_length=2, epochs=5, batch_size=32, lr=0.01,
+        # Scaled to the small offline ViTs (4-6 blocks) and their benchmarks (tasks of 300-3,000 images).
+        "small": r(base, prompt_layers=(0, 1, 2), prompt_length=2, epochs=5, batch_size=32, lr=0.01,
                     head_lr=0.001, schedule="constant", tap_lr=0.01, tap_epochs=10, tap_samples_per_class=160,
                     tii_lr=1e-3, tii_epochs=10, tii_ca_lr=1e-2, tii_ca_epochs=10, tii_ca_samples_per_class=32),
     }
@@ -117,7 +117,6 @@ COSINE_MIN_LR = 1e-5  # the reference's timm cosine floor (absolute, per group)
 class HiDePrompt(PromptMethod):
     Config = HiDeConfig
     PRESETS = reference_presets(HiDeConfig())
-    DATASET_PRESETS = {"digits": "digits"}
     # The reference's Sup-21K checkpoint is the original in21k ViT-B/16, not AugReg.
     DEFAULT_BACKBONES = {"cifar100": "vit_base_patch16_224.orig_in21k"}
     TEST_PASSES = 2

@@ -66,16 +66,15 @@ L2P_PLUS = dataclasses.replace(PAPER, form="prefix", pool_size=30, prompt_length
                                pull_weight=1.0, init_range=(0.0, 1.0), epochs=20, lr=1e-3,
                                schedule="coda_cosine", grad_clip=0.0)
 DEEP_L2P_PLUS = dataclasses.replace(L2P_PLUS, prefix_layers=(0, 1, 2, 3, 4))
-# Scaled to the embedded digits benchmark (4-block micro ViT, tasks of ~290 images).
-DIGITS = dataclasses.replace(PAPER, pool_size=10, prompt_length=2, top_k=3, epochs=6, batch_size=32, lr=0.01)
+# Scaled to the small offline ViTs (4-6 blocks) and their benchmarks (tasks of 300-3,000 images).
+SMALL = dataclasses.replace(PAPER, pool_size=10, prompt_length=2, top_k=3, epochs=6, batch_size=32, lr=0.01)
 
 
 @register_method("l2p")
 class L2P(PromptMethod):
     Config = L2PConfig
     PRESETS = {"paper": PAPER, "l2p++": L2P_PLUS, "deep-l2p++": DEEP_L2P_PLUS,
-               "imagenet-r": dataclasses.replace(PAPER, epochs=50), "digits": DIGITS}
-    DATASET_PRESETS = {"digits": "digits"}
+               "imagenet-r": dataclasses.replace(PAPER, epochs=50), "small": SMALL}
     TEST_PASSES = 2
 
     def __init__(self, config: L2PConfig, *, backbone: nn.Module, num_classes: int, num_tasks: int) -> None:

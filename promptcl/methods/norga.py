@@ -43,7 +43,7 @@ def _norga_presets() -> dict[str, NoRGaConfig]:
     presets["imagenet-r"] = r(presets["imagenet-r"], tap_lr=0.005, tap_epochs=30)
     presets["cub200"] = r(presets["cub200"], tii_ca_lr=0.025)
     presets["5datasets"] = r(presets["5datasets"], tap_lr=0.005, tap_epochs=30, gate_activation="tanh")
-    presets["digits"] = r(presets["digits"], tap_lr=0.01, tap_epochs=10, gate_activation="tanh")
+    presets["small"] = r(presets["small"], tap_lr=0.01, tap_epochs=10, gate_activation="tanh")
     return presets
 
 

@@ -25,7 +25,7 @@ from promptcl.core.alignment import collect_features
 from promptcl.distributed import gather_in_order
 from promptcl.methods import register_method
 from promptcl.methods.base import Phase, TaskInfo, mask_logits, per_epoch
-from promptcl.methods.oneprompt import DIGITS_SHAPE, OnePromptConfig, OnePromptMethod
+from promptcl.methods.oneprompt import SMALL_SHAPE, OnePromptConfig, OnePromptMethod
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,7 +92,7 @@ class OVOR(OnePromptMethod):
     PRESETS = {
         "paper": OVORConfig(),
         "imagenet-r": OVORConfig(epochs=40, vor_epochs=10),
-        "digits": OVORConfig(**DIGITS_SHAPE, epochs=5, vor_epochs=2, neighbours=10, boundary_points=20,
+        "small": OVORConfig(**SMALL_SHAPE, epochs=5, vor_epochs=2, neighbours=10, boundary_points=20,
                              candidates_per_point=100, outliers_per_class=20),
     }
 

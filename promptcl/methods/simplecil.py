@@ -28,8 +28,7 @@ class SimpleCILConfig:
 @register_method("simplecil")
 class SimpleCIL(PromptMethod):
     Config = SimpleCILConfig
-    PRESETS = {"paper": SimpleCILConfig(), "digits": SimpleCILConfig(batch_size=32)}
-    DATASET_PRESETS = {"digits": "digits"}
+    PRESETS = {"paper": SimpleCILConfig(), "small": SimpleCILConfig(batch_size=32)}
     TEST_PASSES = 1
 
     def __init__(self, config: SimpleCILConfig, *, backbone: nn.Module, num_classes: int, num_tasks: int) -> None:

@@ -50,8 +50,8 @@ class SMoPEConfig(AlignedRecipe):
 
 
 PAPER = SMoPEConfig()
-# Scaled to the embedded 8x8 digits benchmark and its 4-block, 4-head micro ViT (head_dim 16).
-DIGITS = dataclasses.replace(
+# Scaled to the small offline ViTs (vit_digits: 4 blocks; vit_glyphs28: 6 blocks) and their benchmarks.
+SMALL = dataclasses.replace(
     PAPER, prompt_layers=(0, 1, 2), num_experts=8, top_k=2, router_weight=1e-4, proto_weight=1e-4,
     epochs=6, batch_size=32, lr=0.01, lr_hold_iters=0, ca_epochs=20, ca_samples_per_class=32,
     ca_lr=1e-3, ca_min_lr=1e-5,
@@ -61,8 +61,7 @@ DIGITS = dataclasses.replace(
 @register_method("smope")
 class SMoPE(PromptMethod):
     Config = SMoPEConfig
-    PRESETS = {"paper": PAPER, "digits": DIGITS}
-    DATASET_PRESETS = {"digits": "digits"}
+    PRESETS = {"paper": PAPER, "small": SMALL}
     TEST_PASSES = 1
 
     def __init__(self, config: SMoPEConfig, *, backbone: nn.Module, num_classes: int, num_tasks: int) -> None:

@@ -52,7 +52,7 @@ class SPromptConfig:
 
 
 PAPER = SPromptConfig()
-DIGITS = dataclasses.replace(PAPER, prompt_length=4, epochs=6, batch_size=32, lr=0.05)
+SMALL = dataclasses.replace(PAPER, prompt_length=4, epochs=6, batch_size=32, lr=0.05)
 
 
 def kmeans_centroids(features: torch.Tensor, k: int) -> torch.Tensor:
@@ -68,8 +68,7 @@ def kmeans_centroids(features: torch.Tensor, k: int) -> torch.Tensor:
 @register_method("sprompt")
 class SPrompt(PromptMethod):
     Config = SPromptConfig
-    PRESETS = {"paper": PAPER, "digits": DIGITS}
-    DATASET_PRESETS = {"digits": "digits"}
+    PRESETS = {"paper": PAPER, "small": SMALL}
     TEST_PASSES = 2
 
     def __init__(self, config: SPromptConfig, *, backbone: nn.Module, num_classes: int, num_tasks: int) -> None:

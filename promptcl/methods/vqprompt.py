@@ -51,7 +51,7 @@ class VQPromptConfig(AlignedRecipe):
 
 PAPER = VQPromptConfig()
 IMAGENET_R = dataclasses.replace(PAPER, batch_size=64, lr_hold_iters=40, ca_samples_per_class=256)
-DIGITS = dataclasses.replace(PAPER, prompt_layers=(0, 1, 2), prompt_length=2, pool_size=8, epochs=6, batch_size=32,
+SMALL = dataclasses.replace(PAPER, prompt_layers=(0, 1, 2), prompt_length=2, pool_size=8, epochs=6, batch_size=32,
                              lr=0.01, lr_hold_iters=0, ca_epochs=20, ca_samples_per_class=32, ca_lr=1e-3,
                              ca_min_lr=1e-5)
 
@@ -66,8 +66,7 @@ def quantise(continuous: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
 @register_method("vqprompt")
 class VQPrompt(PromptMethod):
     Config = VQPromptConfig
-    PRESETS = {"paper": PAPER, "imagenet-r": IMAGENET_R, "digits": DIGITS}
-    DATASET_PRESETS = {"digits": "digits"}
+    PRESETS = {"paper": PAPER, "imagenet-r": IMAGENET_R, "small": SMALL}
     TEST_PASSES = 2
 
     def __init__(self, config: VQPromptConfig, *, backbone: nn.Module, num_classes: int, num_tasks: int) -> None:

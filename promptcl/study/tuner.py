@@ -25,7 +25,9 @@ from typing import Any, Callable, Literal, Optional
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
+from promptcl.core.backbone import LOCAL_BACKBONES
 from promptcl.core.feature_store import check_root
+from promptcl.core.pretrain import local_checkpoint
 from promptcl.engine import FINAL_METRICS, RunSpec, resolve_run
 from promptcl.study import tracking
 from promptcl.study.console import TrialEvents, study_console
@@ -281,7 +283,8 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
     """Run (or with ``resume``, continue) the study; return one row per completed trial. The
     console gets one line per trial event; the rest of the output goes to ``spec.log_path()``."""
     run_spec = validate_study(spec)
-    num_tasks = resolve_run(run_spec).num_tasks
+    resolved = resolve_run(run_spec)
+    num_tasks = resolved.num_tasks
     runs_dir = Path(spec.runs_dir).resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
     with study_console(spec.log_path(), total=spec.num_trials(), num_tasks=num_tasks,
@@ -291,10 +294,8 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
                      + ("" if spec.verbose else f"; Ray's tables and worker logs: {spec.log_path()}"))
         uri = spec.resolved_tracking_uri()
         experiment_id = tracking.ensure_experiment(uri, spec.name, artifact_dir=runs_dir / "mlartifacts")
-        if spec.dataset == "digits":
-            from promptcl.core.pretrain import digits_backbone_checkpoint
-
-            digits_backbone_checkpoint()  # made once here, not raced for by concurrent trials
+        if resolved.backbone in LOCAL_BACKBONES and run_spec.pretrained and not run_spec.checkpoint_file:
+            local_checkpoint(resolved.backbone)  # made once here, not raced for by concurrent trials
         return _run_tuner(spec, run_spec, num_tasks, uri, experiment_id)
 
 
@@ -496,7 +497,8 @@ def study_parser(description: str, *, name: str, num_samples: int, objectives: t
             raise argparse.ArgumentTypeError(str(err)) from None
 
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="digits")
+    p.add_argument("--dataset", default=None,
+                   help=f"default: {DEFAULT_STUDY_DATASET} (the offline benchmark), {SMOKE_DATASET} with --smoke")
     p.add_argument("--num-samples", type=int, default=None, help=f"trials (default {num_samples}; 2 with --smoke)")
     p.set_defaults(default_num_samples=num_samples)
     p.add_argument("--max-concurrent", type=int, default=2)
@@ -535,15 +537,24 @@ def study_parser(description: str, *, name: str, num_samples: int, objectives: t
     p.add_argument("--optuna-storage", default=None, metavar="URL",
                    help="SQLAlchemy URL of the persistent Optuna study (default sqlite:///RUNS_DIR/optuna.db)")
     p.add_argument("--name", default=name)
-    p.add_argument("--smoke", action="store_true", help="2 short trials (about a minute on 2 cores)")
+    p.add_argument("--smoke", action="store_true",
+                   help=f"2 short trials on {SMOKE_DATASET} unless --dataset (about a minute on 2 cores)")
     return p
+
+
+DEFAULT_STUDY_DATASET = "mnist5k"  # real images, a backbone that beats pixels on them (README)
+SMOKE_DATASET = "digits"  # the fast fixture
+
+
+def study_dataset(args) -> str:
+    return args.dataset or (SMOKE_DATASET if args.smoke else DEFAULT_STUDY_DATASET)
 
 
 def spec_from_args(args, *, method: str, search_space: SearchSpace, smoke_overrides: dict[str, Any],
                    baseline_points: tuple[dict[str, Any], ...] = ()) -> StudySpec:
     return StudySpec(
         baseline_points=baseline_points,
-        name=args.name + ("_smoke" if args.smoke else ""), method=method, dataset=args.dataset,
+        name=args.name + ("_smoke" if args.smoke else ""), method=method, dataset=study_dataset(args),
         search_space=search_space,
         num_samples=args.num_samples or (2 if args.smoke else args.default_num_samples),
         max_concurrent=args.max_concurrent, seed=args.seed, search_seed=args.search_seed,
