@@ -13,6 +13,7 @@ from promptcl.core.backbone import build_backbone
 from promptcl.data import glyphs
 from promptcl.data.benchmarks import letters, load_dataset, scenario_class_order
 from promptcl.engine import RunSpec, resolve_run, run_sequence
+from promptcl.methods import method_names
 from promptcl.probe import PRETRAINED_MARGIN, linear_probe, probe
 
 OFFLINE_BENCHMARKS = ("mnist5k", "multidomain_lite")
@@ -132,6 +133,13 @@ def test_corrupt_shipped_weights_are_refused_before_any_work(monkeypatch, tmp_pa
     weights.unlink()
     with pytest.raises(ValueError, match="promptcl pretrain vit_glyphs28"):
         resolve_run(RunSpec(method="smope", dataset="mnist5k"))
+
+
+@pytest.mark.parametrize("dataset", OFFLINE_BENCHMARKS)
+def test_every_method_resolves_on_every_offline_benchmark(dataset):
+    for method in method_names():
+        run = resolve_run(RunSpec(method=method, dataset=dataset))
+        assert run.backbone == "vit_glyphs28" and run.num_tasks == {"mnist5k": 5, "multidomain_lite": 3}[dataset]
 
 
 def test_mnist5k_split():
