@@ -112,7 +112,13 @@ def _pretrain(args) -> int:
         if args.steps is not None and args.steps < 1:
             raise ValueError("--steps must be >= 1")
         spec.check_sources()  # e.g. a missing font package fails now, with the install command
-        out = args.out or pretrain.cache_dir() / f"{args.name}_{spec.version}.safetensors"
+        if args.out is not None:
+            out = args.out
+        elif spec.delivery == "cached" and args.steps is None:
+            out = pretrain.cached_checkpoint(args.name)  # the file runs load
+        else:  # never where runs look: a shortened run or a remake to compare with the shipped file
+            steps = args.steps or spec.recipe.steps
+            out = pretrain.cache_dir() / f"{args.name}_{spec.version}_remade_steps{steps}.safetensors"
         if args.out is not None and (args.out.exists() or not args.out.parent.is_dir()):
             raise ValueError(f"--out {str(args.out)!r} exists or its directory does not")
     except ValueError as err:

@@ -185,3 +185,10 @@ def test_finetune_forgets_and_joint_learns_on_mnist5k(tmp_path):
     joint = run_sequence(resolve_run(RunSpec(method="joint", dataset="mnist5k", overrides=short)), tmp_path / "j")
     assert finetune["forgetting"] >= 30
     assert joint["final_average_accuracy"] >= 85 > finetune["final_average_accuracy"] + 30
+
+
+def test_a_shortened_pretraining_never_lands_where_runs_load_weights(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("PROMPTCL_CACHE", str(tmp_path))
+    assert main(["pretrain", "vit_digits", "--steps", "2"]) == 0
+    assert not pretrain.cached_checkpoint("vit_digits").exists()
+    assert "remade_steps2" in capsys.readouterr().out
