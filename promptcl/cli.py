@@ -143,15 +143,9 @@ def _pretrain(args) -> int:
 
 
 def _probe(args) -> int:
-    from promptcl.core.backbone import check_backbone_name
-    from promptcl.data.benchmarks import check_data_dir, dataset_spec
     from promptcl.probe import PRETRAINED_MARGIN, probe
 
-    try:
-        dataset_spec(args.dataset)
-        check_data_dir(args.dataset, args.data_dir)
-        if args.backbone is not None:
-            check_backbone_name(args.backbone)
+    try:  # probe() checks the dataset, its data and the backbone before any work
         result = probe(args.dataset, backbone=args.backbone, checkpoint_file=args.checkpoint_file,
                        data_dir=args.data_dir)
     except (ValueError, ImportError) as err:

@@ -20,7 +20,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -66,7 +66,7 @@ class LocalBackbone:
     version: str
     description: str = ""
     check_sources: Callable[[], object] = lambda: None  # raises ValueError when the bank cannot be made
-    store_dtype: torch.dtype = field(default=torch.float32)
+    store_dtype: torch.dtype = torch.float32
 
 
 def _digits_bank() -> tuple[torch.Tensor, torch.Tensor, dict]:
