@@ -1,19 +1,29 @@
 """Frozen timm ViT backbones built with the prefix-attention layers.
 
-Any timm Vision Transformer name (prefer the full ``arch.tag``) is accepted, and the project's own
-small ViTs (``vit_digits`` for the 8x8 digits fixture, ``vit_glyphs28`` for the 28-px benchmarks),
-whose weights promptcl.core.pretrain makes offline. Pretrained weights come from
-timm (``pretrained=True``) or from a local checkpoint file, through timm's own loading path.
+A backbone name is one of:
+
+* an alias of ``SEED_BACKBONES``: the ViT-B/16 backbones the seed papers (NoRGa/HiDe, SMoPE) report on,
+  supervised ones from the timm hub and self-supervised ones (iBOT, DINO, MoCo v3) from their
+  release files, whose nested layouts are converted to timm keys here;
+* any timm Vision Transformer name (prefer the full ``arch.tag``);
+* the project's own small ViTs (``vit_digits`` for the 8x8 digits fixture, ``vit_glyphs28`` for the
+  28-px benchmarks), whose weights promptcl.core.pretrain makes offline.
+
+A timm-layout checkpoint file loads through timm's own pretrained path; every file is first checked
+(keys, shapes) against the model the name builds, on the meta device, so a wrong file fails before any work.
 """
 
 from __future__ import annotations
 
+import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import timm
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from timm.models import clean_state_dict
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from promptcl.core import pretrain
 from promptcl.core.attention import LayerPrompt, PrefixAttention, PromptBlock
@@ -22,13 +32,78 @@ from promptcl.core.attention import LayerPrompt, PrefixAttention, PromptBlock
 LOCAL_BACKBONES: dict[str, dict] = {name: spec.architecture for name, spec in pretrain.LOCAL_BACKBONES.items()}
 
 
+@dataclass(frozen=True)
+class SeedBackbone:
+    """A backbone a seed paper reports on: its timm architecture and where its weights come from."""
+
+    paper_name: str
+    arch: str
+    tag: Optional[str]  # timm pretrained tag; None: no hub weights, the release file is required
+    layout: str  # a key of CHECKPOINT_LAYOUTS: how the release file nests its tensors
+    source: str
+    release_file: Optional[str] = None  # the file to pass as checkpoint_file when there is no hub tag
+    arch_overrides: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    # model keys no release file holds: they keep their default init, as in the reference
+    untrained_prefixes: tuple[str, ...] = ()
+
+    @property
+    def timm_name(self) -> str:
+        return f"{self.arch}.{self.tag}" if self.tag else self.arch
+
+
+SEED_BACKBONES: dict[str, SeedBackbone] = {
+    "sup21k": SeedBackbone(
+        "Sup-21K", "vit_base_patch16_224", "orig_in21k", "timm",
+        source="original (non-AugReg) JAX ImageNet-21k ViT-B/16 (ViT-B_16.npz, timm hub: orig_in21k), NoRGa/HiDe's"),
+    "sup1k": SeedBackbone(
+        "Sup-1K", "vit_base_patch16_224", "augreg2_in21k_ft_in1k", "timm",
+        source="AugReg2 in21k fine-tuned on in1k, SMoPE's CIFAR-100 and ImageNet-R backbone"),
+    "sup21k_augreg": SeedBackbone(
+        "Sup-21K AugReg", "vit_base_patch16_224", "augreg_in21k", "timm",
+        source="AugReg ImageNet-21k (vit_base_patch16_224_augreg_in21k.bin), SMoPE's CUB-200 backbone"),
+    "ibot21k": SeedBackbone(
+        "iBOT-21K", "vit_base_patch16_224", None, "ibot", release_file="checkpoint.pth",
+        source="iBOT ViT-B/16 ImageNet-22k full checkpoint (vitb_16_pt22k/checkpoint.pth): its 'teacher' backbone"),
+    "ibot1k": SeedBackbone(
+        "iBOT-1K", "vit_base_patch16_224", None, "ibot", release_file="checkpoint_teacher.pth",
+        source="iBOT ViT-B/16 ImageNet-1k teacher checkpoint_teacher.pth (NoRGa renames it "
+               "ibot_vitbase16_pretrain.pth)"),
+    "dino1k": SeedBackbone(
+        "DINO-1K", "vit_base_patch16_224", "dino", "dino", release_file="dino_vitbase16_pretrain.pth",
+        source="DINO ViT-B/16 release dino_vitbase16_pretrain.pth (timm hub: vit_base_patch16_224.dino)"),
+    "mocov3_1k": SeedBackbone(
+        "MoCo v3-1K", "vit_base_patch16_224", None, "mocov3", release_file="vit-b-300ep.pth.tar",
+        source="MoCo v3 ViT-B/16 300-epoch release vit-b-300ep.pth.tar, or the converted mocov3-vit-base-300ep.pth "
+               "NoRGa loads; built like the reference with fc_norm: no final norm, an LN on [CLS] whose weights "
+               "no release holds (the release's norm.* is dropped), so it keeps LayerNorm's default init",
+        arch_overrides={"fc_norm": True}, untrained_prefixes=("fc_norm.",)),
+}
+
+
+def backbone_family(name: str) -> Optional[str]:
+    """The seed alias a backbone name stands for (an alias, or a timm name with that alias's weights), else None.
+
+    An untagged timm name means timm's default tag (``vit_base_patch16_224`` is ``...augreg2_in21k_ft_in1k``)."""
+    if name in SEED_BACKBONES:
+        return name
+    if name in LOCAL_BACKBONES or not timm.is_model(name):
+        return None
+    arch, _, tag = name.partition(".")
+    tag = tag or timm.models.get_pretrained_cfg(arch).tag
+    return next((alias for alias, seed in SEED_BACKBONES.items() if seed.tag and (seed.arch, seed.tag) == (arch, tag)),
+                None)
+
+
 def check_backbone_name(name: str) -> None:
-    """Raise a clear error unless ``name`` is a local backbone or a timm Vision Transformer."""
+    """Raise a clear error unless ``name`` is a seed alias, a local backbone or a timm Vision Transformer."""
+    if name in SEED_BACKBONES:
+        name = SEED_BACKBONES[name].timm_name
     if name in LOCAL_BACKBONES:
         return
     arch, _, tag = name.partition(".")
     if not timm.is_model(arch):
-        raise ValueError(f"unknown backbone {name!r}: not a timm model nor one of {sorted(LOCAL_BACKBONES)}")
+        raise ValueError(f"unknown backbone {name!r}: not a timm model nor one of "
+                         f"{sorted(LOCAL_BACKBONES) + sorted(SEED_BACKBONES)}")
     if not _is_vision_transformer(arch):
         raise ValueError(f"backbone {name!r} is not a timm VisionTransformer")
     if tag and name not in timm.list_pretrained(f"{arch}.*"):
@@ -37,6 +112,26 @@ def check_backbone_name(name: str) -> None:
 
 def _is_vision_transformer(arch: str) -> bool:
     return timm.models.model_entrypoint(arch).__module__ == "timm.models.vision_transformer"
+
+
+def check_backbone(name: str, checkpoint_file: Optional[Path] = None, pretrained: bool = True, **overrides) -> None:
+    """Raise ValueError (one line) on any bad backbone input, before any work: an unknown name, a
+    release-only backbone without its file, a corrupt file, a file of another layout or shapes.
+
+    Costs a read of the file and a meta-device model; ``overrides`` shape that model (as for
+    build_backbone). A local backbone's own weights are checked by promptcl.core.pretrain."""
+    check_backbone_name(name)
+    if checkpoint_file is not None:
+        load_backbone_checkpoint(name, checkpoint_file, **overrides)
+        return
+    seed = SEED_BACKBONES.get(name)
+    if pretrained and seed is not None and seed.tag is None:
+        raise ValueError(_release_file_required(name, seed))
+
+
+def _release_file_required(name: str, seed: SeedBackbone) -> str:
+    return (f"backbone {name!r} ({seed.paper_name}) has no timm hub weights: pass its release file "
+            f"{seed.release_file} with --checkpoint-file (or use a random init)")
 
 
 def build_backbone(
@@ -48,50 +143,183 @@ def build_backbone(
 ) -> VisionTransformer:
     """A frozen, headless ViT whose blocks accept prefix prompts.
 
-    ``pretrained`` loads timm's published weights (for local backbones: the offline-made ones).
+    ``pretrained`` loads timm's published weights (for a seed alias: its hub tag; for local
+    backbones: the offline-made ones). A seed alias without a hub tag needs its release file.
 
-    ``checkpoint_file`` loads weights through timm's pretrained path from a local file instead of
-    the hub (``pretrained_cfg_overlay=dict(file=...)``).
+    ``checkpoint_file`` loads weights from a local file instead: a timm-layout file through timm's
+    pretrained path (``pretrained_cfg_overlay=dict(file=...)``), a release file of another layout
+    converted to timm keys. Either way the file must hold every backbone weight the model needs.
     """
     check_backbone_name(name)
-    layers = dict(block_fn=PromptBlock, attn_layer=PrefixAttention, num_classes=0)
-    if name in LOCAL_BACKBONES:
-        if pretrained and checkpoint_file is None:
-            checkpoint_file = pretrain.local_checkpoint(name)
-        model = VisionTransformer(**{**LOCAL_BACKBONES[name], **overrides, **layers})
-        if checkpoint_file is not None:
-            state = read_checkpoint(checkpoint_file)
-            state = {k: v for k, v in state.items() if not k.startswith("head.")}
-            try:
-                model.load_state_dict(state)
-            except RuntimeError as err:
-                raise ValueError(f"checkpoint file {str(checkpoint_file)!r} does not fit backbone {name!r}: "
-                                 f"{str(err).splitlines()[0]}") from err
+    seed = SEED_BACKBONES.get(name)
+    if name in LOCAL_BACKBONES and pretrained and checkpoint_file is None:
+        checkpoint_file = pretrain.local_checkpoint(name)
+    if seed is not None and pretrained and checkpoint_file is None and seed.tag is None:
+        raise ValueError(_release_file_required(name, seed))
+    if checkpoint_file is None:
+        model = _architecture(name, overrides, pretrained=pretrained)
+    elif _layout(name) == "timm" and name not in LOCAL_BACKBONES:
+        # timm loads non-strictly once the head differs (num_classes=0), so check first that nothing is missing;
+        # extra keys (a head) are then dropped even for a headless tag such as orig_in21k
+        load_backbone_checkpoint(name, checkpoint_file, **overrides)
+        model = _architecture(name, overrides, pretrained=True, pretrained_strict=False,
+                              pretrained_cfg_overlay=dict(file=str(checkpoint_file)))
     else:
-        kwargs = {**overrides, **layers}
-        if checkpoint_file is not None:
-            read_checkpoint(checkpoint_file)  # fail early and clearly on a corrupt file
-            kwargs["pretrained_cfg_overlay"] = dict(file=str(checkpoint_file))
-            pretrained = True
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        model = _architecture(name, overrides)
+        state = _fitted_state(name, checkpoint_file, model)
+        if not next(model.parameters()).is_meta:  # on the meta device (a free validation build) copying is a no-op
+            model.load_state_dict(state, strict=False)  # _fitted_state left out only untrained keys
     model.requires_grad_(False)
     model.eval()
     return model
 
 
-def read_checkpoint(path: Path) -> Mapping[str, torch.Tensor]:
+def _architecture(name: str, overrides: Mapping[str, Any], *, pretrained: bool = False,
+                  **timm_kwargs) -> VisionTransformer:
+    layers = dict(block_fn=PromptBlock, attn_layer=PrefixAttention, num_classes=0)
+    if name in LOCAL_BACKBONES:
+        return VisionTransformer(**{**LOCAL_BACKBONES[name], **overrides, **layers})
+    seed = SEED_BACKBONES.get(name)
+    timm_name, arch_overrides = (seed.timm_name, seed.arch_overrides) if seed else (name, {})
+    return timm.create_model(timm_name, pretrained=pretrained, **{**arch_overrides, **overrides, **layers},
+                             **timm_kwargs)
+
+
+def _meta_architecture(name: str, overrides: Mapping[str, Any]) -> VisionTransformer:
+    with torch.device("meta"):
+        return _architecture(name, overrides)
+
+
+def _layout(name: str) -> str:
+    return SEED_BACKBONES[name].layout if name in SEED_BACKBONES else "timm"
+
+
+def load_backbone_checkpoint(name: str, path: Path, **overrides) -> dict[str, torch.Tensor]:
+    """The backbone weights of ``name``'s checkpoint file, converted from its layout to timm keys.
+
+    Keys the model lacks (heads, projectors, the momentum encoder, iBOT's masked_embed) are dropped,
+    as the reference's loaders do; a missing backbone key or a wrong shape is a one-line ValueError.
+    ``overrides`` (e.g. a scaled-down ``embed_dim``) shape the model the file is checked against."""
+    check_backbone_name(name)
+    return _fitted_state(name, path, _meta_architecture(name, overrides))
+
+
+def _fitted_state(name: str, path: Path, model: VisionTransformer) -> dict[str, torch.Tensor]:
+    layout = CHECKPOINT_LAYOUTS[_layout(name)]
+    state = layout.to_timm_keys(_read_file(path))
+    if not state:
+        raise ValueError(f"checkpoint file {str(path)!r} is not {layout.description}")
+    if _layout(name) == "timm":
+        state = checkpoint_filter_fn(state, model)  # timm's own conversion: pos-embed resampling, old layouts
+    needed = model.state_dict()
+    untrained = SEED_BACKBONES[name].untrained_prefixes if name in SEED_BACKBONES else ()
+    missing = [k for k in needed if k not in state and not k.startswith(untrained)]
+    if missing:
+        raise ValueError(f"checkpoint file {str(path)!r} does not fit backbone {name!r}: missing {len(missing)} "
+                         f"backbone keys, e.g. {missing[0]}")
+    wrong = [k for k in needed if k in state and state[k].shape != needed[k].shape]
+    if wrong:
+        raise ValueError(f"checkpoint file {str(path)!r} does not fit backbone {name!r}: {wrong[0]} has shape "
+                         f"{tuple(state[wrong[0]].shape)}, the model needs {tuple(needed[wrong[0]].shape)}"
+                         f" ({len(wrong)} keys differ)")
+    return {k: state[k] for k in needed if k in state}
+
+
+def _tensor_dict(value: Any) -> Optional[Mapping[str, torch.Tensor]]:
+    """``value`` if it is a non-empty state dict (str -> tensor), else None."""
+    if isinstance(value, Mapping) and value and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                    for k, v in value.items()):
+        return value
+    return None
+
+
+def _under_prefix(state: Optional[Mapping[str, torch.Tensor]], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` whose keys start with ``prefix``, without it (empty for no state)."""
+    return {k[len(prefix):]: v for k, v in (state or {}).items() if k.startswith(prefix)}
+
+
+def _child(raw: Any, key: str) -> Any:
+    return raw.get(key) if isinstance(raw, Mapping) else None
+
+
+def _timm_layout(raw: Any) -> Mapping[str, torch.Tensor]:
+    """A timm/PyTorch state dict, maybe under the keys timm's file loader looks in (EMA first, as timm does)."""
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+        if _child(raw, key) is not None:
+            raw = raw[key]
+            break
+    state = _tensor_dict(raw)
+    return clean_state_dict(state) if state else {}
+
+
+def _ibot_layout(raw: Any) -> Mapping[str, torch.Tensor]:
+    """iBOT: the full checkpoint's ``teacher`` (a MultiCropWrapper: ``backbone.*`` and ``head.*``),
+    or the teacher-only release ``{'state_dict': <timm keys>}``."""
+    teacher = _under_prefix(_tensor_dict(_child(raw, "teacher")), "backbone.")
+    return teacher or _tensor_dict(_child(raw, "state_dict")) or {}
+
+
+def _dino_layout(raw: Any) -> Mapping[str, torch.Tensor]:
+    """DINO's backbone release: a flat state dict with timm key names."""
+    return _tensor_dict(raw) or {}
+
+
+def _mocov3_layout(raw: Any) -> Mapping[str, torch.Tensor]:
+    """MoCo v3: the converted ``{'model': <timm keys>}`` the reference loads, or the official release
+    ``{'state_dict': {'module.base_encoder.*', 'module.momentum_encoder.*', 'module.predictor.*'}}``,
+    whose base encoder is the backbone (its ``head.*`` is the projector, dropped as the model lacks it)."""
+    converted = _tensor_dict(_child(raw, "model"))
+    if converted:
+        return converted
+    release = clean_state_dict(_tensor_dict(_child(raw, "state_dict")) or {})  # strips DDP's module.
+    return _under_prefix(release, "base_encoder.")
+
+
+class CheckpointLayout(NamedTuple):
+    description: str  # what a file of this layout is, for the error on a file that is not
+    to_timm_keys: Callable[[Any], Mapping[str, torch.Tensor]]  # empty when the file is not of this layout
+
+
+CHECKPOINT_LAYOUTS: dict[str, CheckpointLayout] = {
+    "timm": CheckpointLayout("a state dict of tensors", _timm_layout),
+    "ibot": CheckpointLayout("an iBOT release checkpoint (no 'teacher' with backbone.* tensors "
+                             "nor a 'state_dict' of tensors)", _ibot_layout),
+    "dino": CheckpointLayout("a DINO release checkpoint (not a flat state dict of tensors)", _dino_layout),
+    "mocov3": CheckpointLayout("a MoCo v3 checkpoint (no 'model' state dict nor a 'state_dict' "
+                               "with module.base_encoder.* tensors)", _mocov3_layout),
+}
+
+
+def _read_file(path: Path) -> Any:
+    """The object a checkpoint file holds, read safely: tensors and plain containers only
+    (plus argparse.Namespace, which iBOT's full checkpoint stores its training args as)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint file {str(path)!r} does not exist")
+    if path.suffix == ".npz":
+        raise ValueError(f"checkpoint file {str(path)!r} is a JAX .npz file: use timm's converted weights "
+                         f"(its hub tag, or that tag's .safetensors file)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch/safetensors raise many types for a damaged file
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"checkpoint file {str(path)!r} is corrupt or unreadable: {first_line}") from err
+        raise ValueError(f"checkpoint file {str(path)!r} is corrupt or unreadable: {_reason(err)}") from err
+
+
+def _reason(err: Exception) -> str:
+    """One line of a load error: torch's refusal of a pickled object names it on a later line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    refusal = [line for line in lines if line.startswith("WeightsUnpickler error")]
+    return (refusal or lines or [type(err).__name__])[0]
+
+
+def read_checkpoint(path: Path) -> Mapping[str, torch.Tensor]:
+    """A flat state dict file (maybe under ``state_dict``); release layouts: load_backbone_checkpoint."""
+    state = _read_file(path)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint file {str(path)!r} is not a state dict of tensors")
@@ -150,6 +378,8 @@ def input_shape(name: str, img_size: Optional[int] = None) -> tuple[int, int, in
     if name in LOCAL_BACKBONES:
         cfg = LOCAL_BACKBONES[name]
         return (cfg["in_chans"], cfg["img_size"], cfg["img_size"])
+    if name in SEED_BACKBONES:
+        name = SEED_BACKBONES[name].arch
     size = img_size or timm.get_pretrained_cfg(name.partition(".")[0]).input_size[-1]
     return (3, size, size)
 
