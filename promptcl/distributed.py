@@ -40,10 +40,12 @@ class ShardedBatchSampler(Sampler[list[int]]):
     """The global batches of ``sampler`` (``batch_size`` each), of which this rank keeps every
     ``world``-th index starting at ``rank``. All ranks draw the same global order (same generator),
     so together they see exactly the batches a single process sees. A rank whose share of the last
-    batch is empty yields one batch fewer (see :func:`global_steps`)."""
+    batch is empty yields one batch fewer (see :func:`global_steps`). ``drop_last``: the last
+    partial global batch is left out (as some references train)."""
 
-    def __init__(self, sampler: Sampler[int], batch_size: int, rank: int, world_size: int) -> None:
-        self.batches = BatchSampler(sampler, batch_size, drop_last=False)
+    def __init__(self, sampler: Sampler[int], batch_size: int, rank: int, world_size: int,
+                 drop_last: bool = False) -> None:
+        self.batches = BatchSampler(sampler, batch_size, drop_last=drop_last)
         self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -55,7 +57,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         n, b = len(self.batches.sampler), self.batches.batch_size
         full, last = divmod(n, b)
-        return full + (1 if last > self.rank else 0)
+        return full + (1 if last > self.rank and not self.batches.drop_last else 0)
 
     def global_steps(self) -> int:
         return len(self.batches)

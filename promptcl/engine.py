@@ -19,11 +19,13 @@ from tqdm.auto import tqdm
 
 from promptcl import metrics
 from promptcl.distributed import all_reduce_sum, broadcast_from_main, is_main, sync_gradients, world
-from promptcl.core.backbone import LOCAL_BACKBONES, build_backbone, check_backbone_name, read_checkpoint
+from promptcl.core.backbone import (LOCAL_BACKBONES, SEED_BACKBONES, build_backbone, check_backbone,
+                                    check_backbone_name)
 from promptcl.core.pretrain import local_backbone, verified_shipped_checkpoint
 from promptcl.config import apply_overrides, as_flat_dict
 from promptcl.data.benchmarks import (ClassIncremental, check_data_dir, dataset_spec, load_dataset,
                                       scenario_class_order)
+from promptcl.data.preprocessing import Preprocessing, resolve_preprocessing
 from promptcl.methods import get_method
 from promptcl.methods.base import Phase, PromptMethod, TaskInfo
 
@@ -52,6 +54,9 @@ class RunSpec:
     precision: str = "fp32"  # "bf16": autocast on the run's device for every forward pass
     increment: Optional[int] = None  # None: the dataset's default
     preset: Optional[str] = None  # None: the method's preset for the dataset (and backbone)
+    # preprocessing of the benchmarks read from disk (promptcl.data.preprocessing); None: "reference"
+    protocol: Optional[str] = None
+    loader_workers: Optional[int] = None  # DataLoader worker processes; None: 4 for disk benchmarks, else 0
     overrides: dict[str, Any] = field(default_factory=dict)  # method hyperparameters
 
 
@@ -62,12 +67,17 @@ class ResolvedRun:
     config: Any
     backbone: str
     num_tasks: int
+    preprocessing: Optional[Preprocessing] = None  # None: an offline tensor benchmark (no pipeline)
 
     def to_dict(self) -> dict[str, Any]:
         spec = dataclasses.asdict(self.spec)
         spec.pop("overrides")
         spec["backbone"] = self.backbone
-        return {"run": spec, "method_config": dataclasses.asdict(self.config)}
+        spec["protocol"] = self.preprocessing.name if self.preprocessing else "native"
+        resolved = {"run": spec, "method_config": dataclasses.asdict(self.config)}
+        if self.preprocessing is not None:
+            resolved["preprocessing"] = self.preprocessing.to_dict()
+        return resolved
 
     def flat_params(self) -> dict[str, Any]:
         return as_flat_dict(self.to_dict())
@@ -87,8 +97,16 @@ def resolve_run(spec: RunSpec) -> ResolvedRun:
     method_cls = get_method(spec.method)
     ds = dataset_spec(spec.dataset)
     backbone = spec.backbone or method_cls.DEFAULT_BACKBONES.get(spec.dataset, ds.default_backbone)
-    check_backbone_name(backbone)
-    check_data_dir(spec.dataset, Path(spec.data_dir) if spec.data_dir else None)
+    check_backbone_name(backbone)  # names first: a typo is reported before anything is read
+    check_data_dir(spec.dataset, spec.data_dir)
+    preprocessing = None
+    if ds.has_pipeline:
+        preprocessing = resolve_preprocessing(spec.protocol or "reference", code_base=method_cls.REFERENCE_CODE_BASE,
+                                              backbone_mean_std=backbone_mean_std(backbone))
+    elif spec.protocol is not None:
+        raise ValueError(f"dataset {spec.dataset!r} is an offline tensor benchmark: it has no --protocol")
+    if spec.loader_workers is not None and spec.loader_workers < 0:
+        raise ValueError(f"loader_workers must be >= 0, got {spec.loader_workers}")
     if spec.checkpoint_file is not None and not Path(spec.checkpoint_file).is_file():
         raise ValueError(f"checkpoint file {spec.checkpoint_file!r} does not exist")
     if spec.eval_batch_size < 1:
@@ -98,21 +116,20 @@ def resolve_run(spec: RunSpec) -> ResolvedRun:
     if spec.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {spec.precision!r}")
     checkpoint_file = Path(spec.checkpoint_file) if spec.checkpoint_file else None
-    if checkpoint_file is not None:
-        read_checkpoint(checkpoint_file)  # a corrupt or foreign file fails now, not mid-run
-    elif spec.pretrained and backbone in LOCAL_BACKBONES and local_backbone(backbone).delivery == "shipped":
+    # A corrupt, foreign or misfitting weights file, or a release-only backbone without one, fails now.
+    check_backbone(backbone, checkpoint_file, spec.pretrained)
+    if (checkpoint_file is None and spec.pretrained and backbone in LOCAL_BACKBONES
+            and local_backbone(backbone).delivery == "shipped"):
         verified_shipped_checkpoint(backbone)
-    config = apply_overrides(method_cls.preset_for(spec.dataset, backbone, spec.preset), spec.overrides)
     num_tasks = _num_tasks(ds.num_classes, spec.increment, ds.default_increment)
+    config = apply_overrides(method_cls.preset_for(spec.dataset, backbone, spec.preset, num_tasks), spec.overrides)
     if ds.domain_size is not None and spec.increment not in (None, ds.domain_size):
         raise ValueError(f"{spec.dataset} has one task per source: increment must be {ds.domain_size}")
     # Build the method on a meta-device backbone: config/backbone mismatches surface now, for free.
     with torch.device("meta"):
-        # A local backbone's weights are also checked against its architecture (keys, shapes).
-        local_file = checkpoint_file if backbone in LOCAL_BACKBONES else None
-        vit = build_backbone(backbone, checkpoint_file=local_file)
+        vit = build_backbone(backbone)
         method_cls(config, backbone=vit, num_classes=ds.num_classes, num_tasks=num_tasks)
-    return ResolvedRun(spec, method_cls, config, backbone, num_tasks)
+    return ResolvedRun(spec, method_cls, config, backbone, num_tasks, preprocessing)
 
 
 def _num_tasks(num_classes: int, increment: Optional[int], default: int) -> int:
@@ -123,6 +140,22 @@ def _num_tasks(num_classes: int, increment: Optional[int], default: int) -> int:
 
 
 PRECISIONS = ("fp32", "bf16")
+DISK_LOADER_WORKERS = 4  # the references' num_workers
+
+
+def backbone_mean_std(backbone: str) -> tuple[tuple, tuple]:
+    """The input mean/std a backbone was pretrained with (the common protocol normalises so): timm's
+    for hub weights, ImageNet's for the self-supervised releases without a hub tag (iBOT, MoCo v3)."""
+    import timm
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    seed = SEED_BACKBONES.get(backbone)
+    if seed is not None and seed.tag is None:
+        return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    cfg = timm.get_pretrained_cfg(seed.timm_name if seed else backbone)
+    if cfg is None:  # not a timm name: the ImageNet-21k ViTs' statistics
+        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    return tuple(cfg.mean), tuple(cfg.std)
 
 
 def precision_context(device: torch.device, precision: str):
@@ -296,9 +329,15 @@ def _set_up(run: ResolvedRun) -> _Setup:
     """Device, tasks and a freshly initialised method for ``run`` (seeded)."""
     spec = run.spec
     device = pick_device(spec.device)
-    data = load_dataset(spec.dataset, Path(spec.data_dir) if spec.data_dir else None)
-    increment = spec.increment or dataset_spec(spec.dataset).default_increment
-    scenario = ClassIncremental(data, increments=increment, class_order=scenario_class_order(spec.dataset, spec.seed))
+    data = load_dataset(spec.dataset, spec.data_dir, run.preprocessing)
+    ds = dataset_spec(spec.dataset)
+    workers = spec.loader_workers
+    if workers is None:
+        workers = DISK_LOADER_WORKERS if ds.has_pipeline else 0
+    scenario = ClassIncremental(data, increments=spec.increment or ds.default_increment,
+                                class_order=scenario_class_order(spec.dataset, spec.seed), num_workers=workers,
+                                pin_memory=device.type == "cuda",
+                                drop_last=run.preprocessing is not None and run.preprocessing.drop_last)
     seed_everything(spec.seed)
     method = build_method(run, data.num_classes, scenario.num_tasks, device)
     return _Setup(device, scenario, method, data.num_classes, data.image_shape)
@@ -389,11 +428,14 @@ def run_sequence(
         method.begin_task(task)
         loader = scenario.train_loader(t, batch_size=batch_size, seed=spec.seed,
                                        cumulative=method.TRAINS_ON_SEEN_TASKS)
+        # Augmented images never repeat: their frozen features are computed, not stored.
+        method.feature_store = None if scenario.data.train_augmented is not None else store
         for phase in method.phases(task):
             train_phase(method, phase, task, loader, device, progress=progress, precision=spec.precision)
+        method.feature_store = store
         with autocast():
-            method.end_task(task, lambda: scenario.train_loader(t, batch_size=batch_size, seed=spec.seed,
-                                                                shuffle=False),
+            method.end_task(task, lambda augmented=False: scenario.train_loader(
+                                t, batch_size=batch_size, seed=spec.seed, shuffle=False, augmented=augmented),
                             lambda name: evaluate_seen(t, name))
         broadcast_from_main(method.checkpoint_state().values())
         evaluate_seen(t, "accuracy")
@@ -412,7 +454,7 @@ def run_sequence(
         "wall_seconds": time.perf_counter() - started,
         "num_workers": world()[1],
         # un-prompted backbone passes, per image: made by this run, and read from the feature store
-        "frozen_images_computed": store.computed if store is not None else method.frozen_images_computed,
+        "frozen_images_computed": (store.computed if store is not None else 0) + method.frozen_images_computed,
         "frozen_images_reused": store.reused if store is not None else 0,
         "accuracy_matrix": acc.tolist(),
         "method_state": method.report_state(),

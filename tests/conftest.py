@@ -31,3 +31,13 @@ def local_ray():
                        object_store_memory=256 * 2**20, log_to_driver=False)
     yield context.address_info["gcs_address"]
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def cifar100_files(tmp_path_factory):
+    """A data root with CIFAR-100's python pickles: 2 train and 1 test image per class. Returns
+    (root, {file: (images, labels)})."""
+    from disk_formats import write_cifar
+
+    root = tmp_path_factory.mktemp("cifar100")
+    return root, write_cifar(root, "cifar-100-python", {"train": 2, "test": 1}, "fine_labels", 100)

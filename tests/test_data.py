@@ -72,12 +72,13 @@ def test_training_loader_is_reproducible(digits):
     assert a == b
 
 
-def test_unknown_dataset_and_missing_data_dir(tmp_path):
+def test_unknown_dataset_and_missing_data_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("PROMPTCL_DATA", raising=False)
     with pytest.raises(ValueError, match="unknown dataset"):
         load_dataset("cifar1000")
     with pytest.raises(ValueError, match="needs --data-dir"):
         load_dataset("cifar100")
     with pytest.raises(ValueError, match="does not exist"):
         load_dataset("cifar100", tmp_path / "nope")
-    with pytest.raises(ValueError, match="CIFAR-100 files not found"):
+    with pytest.raises(ValueError, match="cifar100 files not found.*missing cifar-100-python/train"):
         load_dataset("cifar100", tmp_path)

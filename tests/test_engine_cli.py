@@ -117,12 +117,12 @@ def test_failed_run_leaves_nothing_behind(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_resolve_run_applies_dataset_preset_and_overrides():
+def test_resolve_run_applies_dataset_preset_and_overrides(cifar100_files):
     run = resolve_run(RunSpec(method="smope", dataset="digits", overrides={"top_k": "3", "noise_scale": 0.2}))
     assert run.config.top_k == 3 and run.config.noise_scale == 0.2
     assert run.config.num_experts == 8  # the digits preset
     assert run.backbone == "vit_digits"
-    paper = resolve_run(RunSpec(method="smope", dataset="cifar100", data_dir="/tmp"))
+    paper = resolve_run(RunSpec(method="smope", dataset="cifar100", data_dir=cifar100_files[0]))
     assert (paper.config.num_experts, paper.config.top_k, paper.config.prompt_layers) == (25, 5, (0, 1, 2, 3, 4, 5))
 
 

@@ -118,3 +118,49 @@ def test_state_survives_a_state_dict_round_trip():
 def test_top_k_larger_than_expert_count_is_rejected():
     with pytest.raises(ValueError, match="top_k=7"):
         experts(top_k=7)
+
+
+def test_compat_switch_excludes_never_used_experts_from_clean_routing_only():
+    """The reference's evaluation quirk: with usage counts, experts never used so far drop out of
+    the clean top-k (offset of twice the score range); noisy (training) routing ignores it, and
+    with no counts yet every expert is shifted alike, so nothing changes."""
+    plain, compat = experts(), experts(exclude_unused_when_clean=True)
+    q = torch.randn(8, 4, 5, 16)
+
+    def clean_selection(e, noisy=False):
+        routing = Routing()
+        e.prompts("sparse", noisy=noisy, routing=routing)[0](q)
+        return routing.selected[0]
+
+    assert torch.equal(clean_selection(plain), clean_selection(compat))  # no usage yet
+    used = clean_selection(plain)[0, 0]  # sample 0, head 0: the two it picks
+    for e in (plain, compat):
+        e.usage[0, 0, used] = 1.0  # only those two of head 0 have ever been used
+    picked = clean_selection(compat)
+    assert torch.equal(picked[:, 0].sort(-1).values, used.sort().values.expand(8, -1))
+    assert not torch.equal(picked, clean_selection(plain))  # other samples would have picked others
+    assert torch.equal(clean_selection(compat, noisy=True), clean_selection(plain, noisy=True))
+
+
+def test_smope_presets_follow_the_reference_scripts_per_benchmark_and_task_count():
+    from promptcl.methods import get_method
+
+    smope = get_method("smope")
+    by_tasks = {t: smope.preset_for("imagenet_r", "sup1k", None, t) for t in (5, 10, 20)}
+    assert {t: (c.noise_scale, c.router_weight, c.proto_weight, c.lr_hold_iters, c.ca_epochs,
+                c.ca_samples_per_class) for t, c in by_tasks.items()} == {
+        5: (0.7, 1e-4, 1e-5, 80, 60, 128), 10: (0.5, 5e-5, 1e-4, 40, 50, 384), 20: (0.3, 1e-4, 5e-5, 20, 50, 256)}
+    assert all((c.batch_size, c.lr) == (64, 0.0025) for c in by_tasks.values())
+    cub = smope.preset_for("cub200", "sup21k_augreg", None, 10)
+    assert (cub.schedule, cub.proto_weight, cub.batch_size, cub.lr) == ("epoch-cosine", 5e-5, 128, 0.005)
+    assert smope.preset_for("cifar100", "sup1k", None, 10) == smope.PRESETS["paper"]
+    assert smope.preset_for("cifar100", "sup1k", "imagenet-r", 5) == smope.PRESETS["imagenet-r"]  # explicit wins
+
+
+def test_cub_schedule_is_codas_per_epoch_cosine():
+    from promptcl.methods.smope import CUB200
+
+    groups, schedules = CUB200.param_groups([torch.nn.Parameter(torch.zeros(1))], torch.nn.Linear(1, 1), epochs=20)
+    factors = [schedules[0](it, 200) for it in range(0, 200, 10)]  # 10 iterations per epoch
+    assert factors[0] == 1.0 and all(a >= b for a, b in zip(factors, factors[1:]))
+    assert factors[-1] == pytest.approx(math.cos(99 * math.pi / 200))  # ends near 0.016, no hold

@@ -169,7 +169,7 @@ def test_tii_learns_tasks_and_realigns_on_gaussian_replays():
     assert torch.allclose(tii.stats.cov[0], tii.stats.cov[0].T) and tii.stats.cov.shape == (4, 8, 8)
 
 
-def test_presets_and_backbone_defaults():
+def test_presets_and_backbone_defaults(cifar100_files):
     norga = get_method("norga")
     assert norga.preset_for("cifar100", "vit_base_patch16_224.orig_in21k").gate_activation == "sigmoid"
     assert norga.preset_for("cifar100", "vit_base_patch16_224.dino").gate_activation == "tanh"
@@ -178,8 +178,8 @@ def test_presets_and_backbone_defaults():
     hide = get_method("hide")
     assert (hide.PRESETS["paper"].tap_lr, hide.PRESETS["paper"].tap_epochs) == (0.005, 30)
     assert hide.PRESETS["5datasets"].tii_structure == (4, 4)
-    run = resolve_run(RunSpec(method="hide", dataset="cifar100", data_dir="/tmp"))
-    assert run.backbone == "vit_base_patch16_224.orig_in21k"
+    for method in ("hide", "norga"):  # the reference's Sup-21K: the original in21k weights, not AugReg
+        assert resolve_run(RunSpec(method=method, dataset="cifar100", data_dir=cifar100_files[0])).backbone == "sup21k"
     run = resolve_run(RunSpec(method="norga", dataset="digits", preset="imagenet-r",
                               overrides={"epochs": "2", "prompt_layers": "0,1"}))
     assert run.config.prompt_length == 20 and run.config.epochs == 2
@@ -187,6 +187,56 @@ def test_presets_and_backbone_defaults():
         resolve_run(RunSpec(method="norga", dataset="digits", preset="cifar1000"))
     with pytest.raises(ValueError, match="gate_activation"):
         resolve_run(RunSpec(method="norga", dataset="digits", overrides={"gate_activation": "relu"}))
+
+
+# (dataset, backbone) -> the gate activation of NoRGa's script for it (norga.md 1.6), written out
+# in full so a table edit that drifts from the scripts fails here.
+SCRIPT_ACTIVATIONS = [
+    ("cifar100", "sup21k", "sigmoid"), ("cifar100", "ibot21k", "tanh"), ("cifar100", "ibot1k", "tanh"),
+    ("cifar100", "dino1k", "tanh"), ("cifar100", "mocov3_1k", "gelu"),
+    ("imagenet_r", "sup21k", "sigmoid"), ("imagenet_r", "ibot21k", "tanh"), ("imagenet_r", "ibot1k", "sigmoid"),
+    ("imagenet_r", "dino1k", "tanh"), ("imagenet_r", "mocov3_1k", "gelu"),
+    ("cub200", "sup21k", "sigmoid"), ("cub200", "ibot21k", "tanh"),
+    ("five_datasets", "sup21k", "tanh"), ("five_datasets", "ibot21k", "sigmoid"),
+]
+
+
+@pytest.mark.parametrize("dataset,backbone,activation", SCRIPT_ACTIVATIONS)
+def test_norga_activation_follows_the_script_for_dataset_and_backbone(dataset, backbone, activation):
+    norga = get_method("norga")
+    assert norga.preset_for(dataset, backbone).gate_activation == activation
+    timm_name = {"sup21k": "vit_base_patch16_224.orig_in21k", "dino1k": "vit_base_patch16_224.dino"}.get(backbone)
+    if timm_name:  # the same backbone under its timm name
+        assert norga.preset_for(dataset, timm_name).gate_activation == activation
+
+
+def test_self_supervised_scripts_change_more_than_the_gate():
+    """The iBOT/DINO/MoCo scripts train prompts 20 epochs with momentum 0.1 on CIFAR-100 (both
+    methods), 50 constant epochs on ImageNet-R; NoRGa's also realign differently."""
+    hide, norga = get_method("hide"), get_method("norga")
+    assert (hide.preset_for("cifar100", "ibot21k").epochs, hide.preset_for("cifar100", "ibot21k").prompt_momentum) \
+        == (20, 0.1)
+    assert hide.preset_for("cifar100", "sup21k") == hide.PRESETS["paper"]
+    ibot = norga.preset_for("cifar100", "ibot21k")
+    assert (ibot.epochs, ibot.tii_ca_lr, ibot.tap_lr, ibot.tap_epochs) == (20, 0.025, 0.005, 80)
+    imr = norga.preset_for("imagenet_r", "ibot1k")
+    assert (imr.epochs, imr.schedule, imr.tap_epochs, imr.prompt_length) == (50, "constant", 80, 20)
+    assert (norga.preset_for("cub200", "ibot21k").tii_lr, norga.preset_for("cub200", "sup21k").tii_lr) == (2.5e-4, 5e-3)
+    assert norga.preset_for("cifar100", "vit_tiny_patch16_224").gate_activation == "sigmoid"  # no script: preset's
+
+
+def test_head_and_task_identity_mlp_start_as_the_reference_initialises_them():
+    """Truncated normal (std 0.02, within +-2) weights and zero biases, not PyTorch's default init."""
+    from promptcl.core.backbone import build_backbone
+
+    torch.manual_seed(0)
+    method = get_method("hide")(get_method("hide").PRESETS["small"], backbone=build_backbone("vit_digits"),
+                                num_classes=10, num_tasks=5)
+    linears = [m for m in [*method.head.modules(), *method.tii.modules()] if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 4  # the head; the task-identity MLP (two layers) and its head
+    for layer in linears:
+        assert torch.count_nonzero(layer.bias) == 0
+        assert layer.weight.abs().max() <= 2.0 and abs(layer.weight.std().item() - 0.02) < 0.004
 
 
 def test_two_pass_cost_on_vit_base(capsys):

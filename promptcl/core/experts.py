@@ -32,13 +32,14 @@ class Routing:
 
 class SparsePromptExperts(nn.Module):
     def __init__(self, *, layers: tuple[int, ...], num_heads: int, head_dim: int, num_experts: int,
-                 top_k: int, noise_scale: float) -> None:
+                 top_k: int, noise_scale: float, exclude_unused_when_clean: bool = False) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
         self.layers = tuple(layers)
         self.top_k = top_k
         self.noise_scale = noise_scale
+        self.exclude_unused_when_clean = exclude_unused_when_clean  # the reference's evaluation-mode quirk
         shape = (len(layers), num_heads, num_experts, head_dim)
         # Uniform [0, 1) initialisation, as in the reference (CODA-style tensor prompts).
         self.keys = nn.Parameter(torch.rand(shape))
@@ -64,7 +65,8 @@ class SparsePromptExperts(nn.Module):
             if mode == "dense":
                 routing.scores.append(scores)
                 return Prefix(values=values.unsqueeze(0).expand(B, -1, -1, -1), logits=scores * scale)
-            selected = self.select(scores, self.frequent[i] if noisy else None)
+            unused = self.usage[i] == 0 if self.exclude_unused_when_clean and not noisy else None
+            selected = self.select(scores, self.frequent[i] if noisy else None, unused)
             routing.scores.append(scores)
             routing.selected.append(selected)
             picked_values = torch.gather(
@@ -75,13 +77,17 @@ class SparsePromptExperts(nn.Module):
 
         return prompt
 
-    def select(self, scores: torch.Tensor, frequent: torch.Tensor | None) -> torch.Tensor:
+    def select(self, scores: torch.Tensor, frequent: torch.Tensor | None,
+               unused: torch.Tensor | None = None) -> torch.Tensor:
         """Top-k experts per sample and head; frequently used experts are pushed down by
-        ``noise_scale`` times the sample's score range (the adaptive "noise")."""
+        ``noise_scale`` times the sample's score range (the adaptive "noise"), and ``unused`` ones
+        (``[H, E]``, the reference's evaluation quirk) by twice the range."""
         selection = scores.detach()
+        spread = selection.amax(-1, keepdim=True) - selection.amin(-1, keepdim=True)
         if frequent is not None and self.noise_scale > 0 and bool(frequent.any()):
-            spread = selection.amax(-1, keepdim=True) - selection.amin(-1, keepdim=True)
             selection = selection - self.noise_scale * spread * frequent.to(selection.dtype)
+        if unused is not None and bool(unused.any()):
+            selection = selection - 2 * spread * unused.to(selection.dtype)
         return selection.topk(self.top_k, dim=-1).indices
 
     def router_loss(self, routing: Routing) -> torch.Tensor:

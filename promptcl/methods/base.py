@@ -85,7 +85,7 @@ class PromptMethod(nn.Module):
     Config: ClassVar[type]
     PRESETS: ClassVar[dict[str, object]]
     # dataset name -> preset name; datasets not listed use their registered preset family
-    # ("small" for the offline benchmarks, else "paper")
+    # ("small" for the offline benchmarks, "imagenet-r", "cub200", "5datasets", else "paper")
     DATASET_PRESETS: ClassVar[dict[str, str]] = {}
     # dataset name -> backbone the reference uses for it (else the dataset's default)
     DEFAULT_BACKBONES: ClassVar[dict[str, str]] = {}
@@ -93,6 +93,9 @@ class PromptMethod(nn.Module):
     TEST_PASSES: ClassVar[int] = 1
     # True: task t trains on the data of tasks 0..t (the joint upper bound), not on task t alone
     TRAINS_ON_SEEN_TASKS: ClassVar[bool] = False
+    # the code base whose input pipeline `--protocol reference` follows: "hide" (HiDe/NoRGa and the
+    # baselines of their tables), "coda" (CODA/OVOR/VQ-Prompt/SMoPE), None (the common protocol)
+    REFERENCE_CODE_BASE: ClassVar[Optional[str]] = None
 
     def __init__(self, config, *, backbone: nn.Module, num_classes: int, num_tasks: int) -> None:
         super().__init__()
@@ -108,12 +111,19 @@ class PromptMethod(nn.Module):
         self.validate_for_backbone()
 
     @classmethod
-    def preset_for(cls, dataset: Optional[str], backbone: Optional[str] = None, preset: Optional[str] = None):
-        """The config a run starts from (before --set): an explicit preset, else the dataset's."""
+    def preset_for(cls, dataset: Optional[str], backbone: Optional[str] = None, preset: Optional[str] = None,
+                   num_tasks: Optional[int] = None):
+        """The config a run starts from (before --set): an explicit preset, else the dataset's own
+        (``DATASET_PRESETS``, else the benchmark's preset family when the method has it, else
+        ``paper``), specialised to the task count when a ``<name>-<T>tasks`` preset exists."""
         from promptcl.data.benchmarks import DATASETS
 
-        family = DATASETS[dataset].method_preset if dataset in DATASETS else "paper"
-        name = preset or cls.DATASET_PRESETS.get(dataset or "", family)
+        if preset is not None:
+            name = preset
+        else:
+            family = DATASETS[dataset].method_preset if dataset in DATASETS else "paper"
+            name = cls.DATASET_PRESETS.get(dataset or "", family if family in cls.PRESETS else "paper")
+            name = f"{name}-{num_tasks}tasks" if f"{name}-{num_tasks}tasks" in cls.PRESETS else name
         if name not in cls.PRESETS:
             raise ValueError(f"unknown preset {name!r} for {cls.NAME}; choose one of {sorted(cls.PRESETS)}")
         return cls.PRESETS[name]

@@ -80,8 +80,8 @@ class CODAPrompt(PromptMethod):
     # The pool is split evenly over the tasks: 4 components per task on 5 tasks and on 3.
     PRESETS = {"paper": PAPER, "imagenet-r": dataclasses.replace(PAPER, epochs=50), "small": SMALL,
                "small-3tasks": dataclasses.replace(SMALL, pool_size=12)}
-    DATASET_PRESETS = {"multidomain_lite": "small-3tasks"}
     TEST_PASSES = 2
+    REFERENCE_CODE_BASE = "coda"
 
     def __init__(self, config: CODAConfig, *, backbone: nn.Module, num_classes: int, num_tasks: int) -> None:
         super().__init__(config, backbone=backbone, num_classes=num_classes, num_tasks=num_tasks)

@@ -66,6 +66,7 @@ class DualPrompt(PromptMethod):
     Config = DualPromptConfig
     PRESETS = {"paper": PAPER, "imagenet-r": IMAGENET_R, "small": SMALL}
     TEST_PASSES = 2
+    REFERENCE_CODE_BASE = "hide"
 
     def __init__(self, config: DualPromptConfig, *, backbone: nn.Module, num_classes: int, num_tasks: int) -> None:
         super().__init__(config, backbone=backbone, num_classes=num_classes, num_tasks=num_tasks)

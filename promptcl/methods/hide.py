@@ -111,15 +111,39 @@ def epoch_schedule(kind: str, epochs: int, floor: float) -> Callable[[int, int],
 
 
 COSINE_MIN_LR = 1e-5  # the reference's timm cosine floor (absolute, per group)
+SELF_SUPERVISED = ("ibot21k", "ibot1k", "dino1k", "mocov3_1k")
+
+
+def script_settings(table: dict[tuple[str, str], dict], dataset: Optional[str], backbone: Optional[str]) -> dict:
+    """What the reference script for (dataset, backbone family) sets beyond the dataset's preset."""
+    from promptcl.core.backbone import backbone_family
+
+    return table.get((dataset or "", backbone_family(backbone or "") or ""), {})
+
+
+# HiDe's scripts with self-supervised backbones (norga.md 1.6): shorter prompt training, more momentum.
+HIDE_SCRIPTS = {
+    **{("cifar100", b): dict(epochs=20, prompt_momentum=0.1) for b in SELF_SUPERVISED},
+    **{("imagenet_r", b): dict(epochs=50, schedule="constant") for b in SELF_SUPERVISED},
+}
 
 
 @register_method("hide")
 class HiDePrompt(PromptMethod):
     Config = HiDeConfig
     PRESETS = reference_presets(HiDeConfig())
+    SCRIPTS: dict[tuple[str, str], dict] = HIDE_SCRIPTS
     # The reference's Sup-21K checkpoint is the original in21k ViT-B/16, not AugReg.
-    DEFAULT_BACKBONES = {"cifar100": "vit_base_patch16_224.orig_in21k"}
+    DEFAULT_BACKBONES = {name: "sup21k" for name in ("cifar100", "imagenet_r", "cub200", "five_datasets")}
     TEST_PASSES = 2
+    REFERENCE_CODE_BASE = "hide"
+
+    @classmethod
+    def preset_for(cls, dataset: Optional[str], backbone: Optional[str] = None, preset: Optional[str] = None,
+                   num_tasks: Optional[int] = None):
+        """The dataset's preset with the settings its reference script uses for this backbone."""
+        config = super().preset_for(dataset, backbone, preset, num_tasks)
+        return dataclasses.replace(config, **script_settings(cls.SCRIPTS, dataset, backbone))
 
     def __init__(self, config: HiDeConfig, *, backbone: nn.Module, num_classes: int, num_tasks: int) -> None:
         super().__init__(config, backbone=backbone, num_classes=num_classes, num_tasks=num_tasks)
@@ -130,6 +154,10 @@ class HiDePrompt(PromptMethod):
         self.head = nn.Linear(self.embed_dim, num_classes)
         self.class_stats = ClassGaussians(num_classes, self.embed_dim, covariance="full")
         self.tii = TaskIdentifier(self.embed_dim, num_classes, config.tii_structure)
+        for layer in [*self.head.modules(), *self.tii.modules()]:
+            if isinstance(layer, nn.Linear):  # the reference's timm-style init, not PyTorch's default
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
         self.register_buffer("task_of_class", torch.full((num_classes,), -1, dtype=torch.long))
 
     def make_gates(self) -> nn.ModuleList:

@@ -76,6 +76,7 @@ class L2P(PromptMethod):
     PRESETS = {"paper": PAPER, "l2p++": L2P_PLUS, "deep-l2p++": DEEP_L2P_PLUS,
                "imagenet-r": dataclasses.replace(PAPER, epochs=50), "small": SMALL}
     TEST_PASSES = 2
+    REFERENCE_CODE_BASE = "hide"
 
     def __init__(self, config: L2PConfig, *, backbone: nn.Module, num_classes: int, num_tasks: int) -> None:
         super().__init__(config, backbone=backbone, num_classes=num_classes, num_tasks=num_tasks)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 from torch import nn
 
 from promptcl.config import require
 from promptcl.core.gates import GATE_ACTIVATIONS, NoRGaGate
 from promptcl.methods import register_method
-from promptcl.methods.hide import HiDeConfig, HiDePrompt, reference_presets
+from promptcl.methods.hide import SELF_SUPERVISED, HiDeConfig, HiDePrompt, reference_presets
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,24 +47,29 @@ def _norga_presets() -> dict[str, NoRGaConfig]:
     return presets
 
 
-# Activation the reference uses per pretrained backbone family (its CIFAR-100 scripts).
-ACTIVATION_BY_BACKBONE_TAG = {"orig_in21k": "sigmoid", "augreg_in21k": "sigmoid", "dino": "tanh",
-                              "ibot": "tanh", "mocov3": "gelu"}
+# NoRGa's scripts by (dataset, backbone family) (norga.md 1.6): the gate activation of each, and
+# with self-supervised backbones shorter prompt training, more momentum and other alignment rates.
+# Pairs no script covers keep the preset's settings.
+NORGA_SCRIPTS = {
+    ("cifar100", "sup21k"): dict(gate_activation="sigmoid"),
+    **{("cifar100", b): dict(epochs=20, prompt_momentum=0.1, tii_ca_lr=0.025, tap_lr=0.005, tap_epochs=80,
+                             gate_activation="gelu" if b == "mocov3_1k" else "tanh") for b in SELF_SUPERVISED},
+    ("imagenet_r", "sup21k"): dict(gate_activation="sigmoid"),
+    **{("imagenet_r", b): dict(epochs=50, schedule="constant", gate_activation=a,
+                               tap_epochs=80 if b == "ibot1k" else 30)
+       for b, a in (("ibot21k", "tanh"), ("ibot1k", "sigmoid"), ("dino1k", "tanh"), ("mocov3_1k", "gelu"))},
+    ("cub200", "sup21k"): dict(gate_activation="sigmoid"),
+    ("cub200", "ibot21k"): dict(gate_activation="tanh", tii_lr=2.5e-4),
+    ("five_datasets", "sup21k"): dict(gate_activation="tanh"),
+    ("five_datasets", "ibot21k"): dict(gate_activation="sigmoid"),
+}
 
 
 @register_method("norga")
 class NoRGa(HiDePrompt):
     Config = NoRGaConfig
     PRESETS = _norga_presets()
-
-    @classmethod
-    def preset_for(cls, dataset: Optional[str], backbone: Optional[str] = None, preset: Optional[str] = None):
-        config = super().preset_for(dataset, backbone, preset)
-        tag = (backbone or "").partition(".")[2]
-        for key, activation in ACTIVATION_BY_BACKBONE_TAG.items():
-            if key in tag:
-                return dataclasses.replace(config, gate_activation=activation)
-        return config
+    SCRIPTS = NORGA_SCRIPTS
 
     def make_gates(self) -> nn.ModuleList:
         c = self.config

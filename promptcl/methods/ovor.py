@@ -89,6 +89,7 @@ def energy(logits: torch.Tensor) -> torch.Tensor:
 @register_method("ovor")
 class OVOR(OnePromptMethod):
     Config = OVORConfig
+    REFERENCE_CODE_BASE = "coda"
     PRESETS = {
         "paper": OVORConfig(),
         "imagenet-r": OVORConfig(epochs=40, vor_epochs=10),

@@ -1,7 +1,8 @@
 """Training recipes shared by methods from the same code base.
 
 VQ-Prompt's code base, on which SMoPE's is built: AdamW with the prompts at a multiple of the
-head's learning rate, held at ``min_lr`` for ``lr_hold_iters`` iterations then a cosine down to it;
+head's learning rate, held at ``min_lr`` for ``lr_hold_iters`` iterations then a cosine down to it
+(``schedule="hold-cosine"``; the CUB scripts use CODA's per-epoch cosine instead, "epoch-cosine");
 after each task, per-class diagonal Gaussians of the prompted features and (task >= 1) the head
 realigned on Gaussian replays of every seen class.
 """
@@ -9,14 +10,14 @@ realigned on Gaussian replays of every seen class.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch import nn
 
 from promptcl.config import require
 from promptcl.core.alignment import ClassGaussians, align_head
-from promptcl.methods.base import TaskInfo, hold_then_cosine
+from promptcl.methods.base import TaskInfo, coda_cosine, hold_then_cosine
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,6 +28,7 @@ class AlignedRecipe:
     prompt_lr_multiplier: float = 5.0
     lr_hold_iters: int = 80
     min_lr: float = 1e-6
+    schedule: Literal["hold-cosine", "epoch-cosine"] = "hold-cosine"
     classifier_alignment: bool = True
     ca_epochs: int = 50
     ca_samples_per_class: int = 128
@@ -41,12 +43,17 @@ class AlignedRecipe:
                 "min learning rates must be in [0, base lr]")
         require(self.lr_hold_iters >= 0 and self.ca_epochs >= 0 and self.ca_samples_per_class >= 1,
                 "lr_hold_iters, ca_epochs must be >= 0 and ca_samples_per_class >= 1")
+        require(self.schedule in ("hold-cosine", "epoch-cosine"), f"unknown schedule {self.schedule!r}")
 
-    def param_groups(self, prompt_params: list[nn.Parameter], head: nn.Module) -> tuple[list[dict], list[Callable]]:
-        """(optimizer groups, one schedule per group): each group is held at, then decays to, the
-        absolute ``min_lr`` (as the reference's scheduler)."""
+    def param_groups(self, prompt_params: list[nn.Parameter], head: nn.Module,
+                     epochs: int) -> tuple[list[dict], list[Callable]]:
+        """(optimizer groups, one schedule per group over a phase of ``epochs``): each group is held
+        at, then decays to, the absolute ``min_lr`` (as the reference's scheduler), or follows
+        CODA's per-epoch cosine."""
         groups = [{"params": prompt_params, "lr": self.lr * self.prompt_lr_multiplier},
                   {"params": list(head.parameters()), "lr": self.lr}]
+        if self.schedule == "epoch-cosine":
+            return groups, [coda_cosine(epochs)] * len(groups)
         return groups, [hold_then_cosine(self.lr_hold_iters, self.min_lr / g["lr"]) for g in groups]
 
     def align(self, head: nn.Module, class_stats: ClassGaussians, task: TaskInfo,

@@ -70,6 +70,7 @@ class SPrompt(PromptMethod):
     Config = SPromptConfig
     PRESETS = {"paper": PAPER, "small": SMALL}
     TEST_PASSES = 2
+    REFERENCE_CODE_BASE = "hide"
 
     def __init__(self, config: SPromptConfig, *, backbone: nn.Module, num_classes: int, num_tasks: int) -> None:
         super().__init__(config, backbone=backbone, num_classes=num_classes, num_tasks=num_tasks)

@@ -68,6 +68,7 @@ class VQPrompt(PromptMethod):
     Config = VQPromptConfig
     PRESETS = {"paper": PAPER, "imagenet-r": IMAGENET_R, "small": SMALL}
     TEST_PASSES = 2
+    REFERENCE_CODE_BASE = "coda"
 
     def __init__(self, config: VQPromptConfig, *, backbone: nn.Module, num_classes: int, num_tasks: int) -> None:
         super().__init__(config, backbone=backbone, num_classes=num_classes, num_tasks=num_tasks)
@@ -106,7 +107,7 @@ class VQPrompt(PromptMethod):
 
     # --- training ----------------------------------------------------------------------------
     def phases(self, task: TaskInfo) -> list[Phase]:
-        groups, schedule = self.config.param_groups([self.pool, self.keys], self.head)
+        groups, schedule = self.config.param_groups([self.pool, self.keys], self.head, self.config.epochs)
         return [Phase("train", self.config.epochs, groups, lr_factor=schedule)]
 
     def training_loss(self, images, labels, task: TaskInfo, phase: Phase):

@@ -1,0 +1,111 @@
+"""Input pipelines of the 224-px benchmarks: each reference code base's own, or one common to all.
+
+``--protocol reference`` follows the code base a method's published numbers come from:
+
+- ``reference-hide`` (HiDe-Prompt / NoRGa, and the L2P/DualPrompt/S-Prompt runs in their tables):
+  CIFAR images get RandomResizedCrop (bicubic) + flip + brightness jitter and CIFAR-100's mean/std;
+  every other source gets RandomResizedCrop(scale 0.05-1) + flip and raw [0, 1] pixels; tests are
+  Resize(256, bicubic) + CenterCrop(224).
+- ``reference-coda`` (CODA-Prompt, OVOR, VQ-Prompt, SMoPE): [0, 1] pixels, RandomResizedCrop + flip;
+  tests Resize(224) for CIFAR, Resize(256) + CenterCrop(224) otherwise; the last partial training
+  batch is dropped.
+
+``--protocol common`` gives every method one pipeline (fair comparisons): the HiDe-style crops
+for every source and the backbone's own pretraining mean/std. The offline tensor benchmarks have
+no pipeline (``native``). Augmentation only ever reaches the training loader: statistics passes
+(class Gaussians, task-identity features, expert usage) read the test-time pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+PROTOCOLS = ("reference", "reference-hide", "reference-coda", "common")
+CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
+CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """Train (augmented) and test transforms of one kind of source image."""
+
+    size: int = 224
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_interpolation: str = "bilinear"
+    brightness: float = 0.0  # ColorJitter brightness; 0: none
+    test_resize: int = 256
+    test_center_crop: bool = True  # False: Resize(test_resize) to a square-ish image, no crop
+    test_interpolation: str = "bilinear"
+    mean: Optional[tuple[float, float, float]] = None  # None: raw [0, 1] pixels
+    std: Optional[tuple[float, float, float]] = None
+
+    def transforms(self, *, augment: bool):
+        from torchvision import transforms as T
+
+        modes = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
+        if augment:
+            steps = [T.RandomResizedCrop(self.size, scale=self.crop_scale,
+                                         interpolation=modes[self.crop_interpolation]),
+                     T.RandomHorizontalFlip()]
+            if self.brightness:
+                steps.append(T.ColorJitter(brightness=self.brightness))
+        else:
+            steps = [T.Resize(self.test_resize, interpolation=modes[self.test_interpolation])]
+            if self.test_center_crop:
+                steps.append(T.CenterCrop(self.size))
+        steps.append(T.ToTensor())
+        if self.mean is not None:
+            steps.append(T.Normalize(self.mean, self.std))
+        return T.Compose(steps)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The resolved protocol of a run: one pipeline for CIFAR sources, one for the others."""
+
+    name: str
+    cifar: Pipeline
+    other: Pipeline
+    drop_last: bool = False  # drop the last partial training batch (the CODA code base)
+
+    def pipeline(self, source: str) -> Pipeline:
+        return self.cifar if source == "cifar" else self.other
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+HIDE = Preprocessing(
+    "reference-hide",
+    cifar=Pipeline(crop_interpolation="bicubic", brightness=63 / 255, test_interpolation="bicubic",
+                   mean=CIFAR100_MEAN, std=CIFAR100_STD),
+    other=Pipeline(crop_scale=(0.05, 1.0), test_interpolation="bicubic"),
+)
+CODA = Preprocessing(
+    "reference-coda",
+    cifar=Pipeline(test_resize=224, test_center_crop=False),
+    other=Pipeline(),
+    drop_last=True,
+)
+
+
+def common(mean: tuple[float, float, float], std: tuple[float, float, float]) -> Preprocessing:
+    pipeline = Pipeline(crop_interpolation="bicubic", test_interpolation="bicubic", mean=mean, std=std)
+    return Preprocessing("common", cifar=pipeline, other=pipeline)
+
+
+def resolve_preprocessing(protocol: str, *, code_base: Optional[str],
+                          backbone_mean_std: tuple[tuple, tuple]) -> Preprocessing:
+    """``protocol`` for a method whose published numbers come from ``code_base`` ("hide", "coda" or
+    None: no reference pipeline, so ``reference`` means ``common``)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if protocol == "reference":
+        protocol = f"reference-{code_base}" if code_base else "common"
+    if protocol == "reference-hide":
+        return HIDE
+    if protocol == "reference-coda":
+        return CODA
+    return common(*backbone_mean_std)

@@ -1,0 +1,273 @@
+"""The seed papers' benchmarks read from their on-disk formats, on small files these tests write:
+loaders, the ImageNet-R split, data-root errors, the preprocessing protocols and the DataLoaders."""
+
+import gzip
+import json
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from disk_formats import solid_images, write_cifar, write_idx, write_jpegs
+from promptcl.data import paper
+from promptcl.data.benchmarks import ClassIncremental, DATASETS, load_dataset, scenario_class_order
+from promptcl.data.preprocessing import CIFAR100_MEAN, CIFAR100_STD, CODA, HIDE, common
+from promptcl.engine import RunSpec, resolve_run
+
+DISK_BENCHMARKS = ("cifar100", "imagenet_r", "cub200", "five_datasets")
+
+
+@pytest.fixture(autouse=True)
+def no_data_env(monkeypatch):
+    monkeypatch.delenv("PROMPTCL_DATA", raising=False)
+
+
+@pytest.fixture(scope="module")
+def cifar_root(cifar100_files):
+    return cifar100_files
+
+
+@pytest.fixture(scope="module")
+def five_root(tmp_path_factory):
+    from scipy.io import savemat
+
+    root = tmp_path_factory.mktemp("five")
+    labels = np.arange(10)
+    for name, count in (("train_32x32.mat", 2), ("test_32x32.mat", 1)):  # SVHN writes digit 0 as 10
+        y = np.repeat(labels, count)
+        savemat(str(root / name), {"X": solid_images(y * 20).transpose(1, 2, 3, 0),
+                                   "y": np.where(y == 0, 10, y)[:, None]})
+    for folder in ("MNIST", "FashionMNIST"):
+        for prefix, count in (("train", 2), ("t10k", 1)):
+            y = np.repeat(labels, count)
+            write_idx(root / folder / "raw" / f"{prefix}-images-idx3-ubyte", solid_images(y * 25, 28, 1))
+            write_idx(root / folder / "raw" / f"{prefix}-labels-idx1-ubyte", y)
+    write_cifar(root, "cifar-10-batches-py", {**{f"data_batch_{i}": 1 for i in range(1, 6)}, "test_batch": 1},
+                "labels", 10)
+    for subset, count in (("Train", 2), ("Test", 1)):
+        for k, letter in enumerate("ABCDEFGHIJ"):
+            folder = root / "notMNIST" / subset / letter
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(np.full((28, 28), 10 * k, np.uint8)).save(folder / f"{letter}{i}.png")
+            (folder / "empty.png").write_bytes(b"")  # the release holds some; the reference skips them
+    return root
+
+
+# --- loaders ----------------------------------------------------------------------------------
+def test_cifar100_reads_the_python_pickles_through_each_protocol(cifar_root):
+    root, written = cifar_root
+    data = load_dataset("cifar100", root, HIDE)
+    assert len(data.train) == 200 and len(data.test) == 100 and data.num_classes == 100
+    assert np.array_equal(data.train_labels, written["train"][1])
+    image, label = data.test[7]
+    assert image.shape == (3, 224, 224) and label == 7
+    colour = written["test"][0][7, 0, 0, 0] / 255  # flat images: the test pipeline keeps the colour exactly
+    expected = (colour - torch.tensor(CIFAR100_MEAN)) / torch.tensor(CIFAR100_STD)
+    torch.testing.assert_close(image.mean((1, 2)), expected.float(), atol=1e-5, rtol=0)
+    raw, _ = load_dataset("cifar100", root, CODA).test[7]  # SMoPE's: [0, 1] pixels, Resize(224), no crop
+    assert raw.shape == (3, 224, 224)
+    torch.testing.assert_close(raw, torch.full_like(raw, colour), atol=1e-6, rtol=0)
+
+
+def test_five_datasets_offsets_labels_per_source_and_makes_grey_images_rgb(five_root):
+    data = load_dataset("five_datasets", five_root, HIDE)
+    assert data.num_classes == 50 and len(data.train) == 130 and len(data.test) == 50  # CIFAR-10: 5 batches
+    assert sorted(set(data.train_labels.tolist())) == list(range(50))
+    for k, source in enumerate(paper.FIVE_DATASETS_SOURCES):
+        labels = data.test_labels[10 * k:10 * k + 10]
+        assert labels.tolist() == list(range(10 * k, 10 * k + 10)), source
+    svhn_zero, label = data.test[0]
+    assert label == 0 and svhn_zero.shape == (3, 224, 224)  # SVHN's '10' is digit 0
+    mnist_three, label = data.test[13]
+    assert label == 13 and torch.allclose(mnist_three[0], mnist_three[2])  # grey to RGB
+    torch.testing.assert_close(mnist_three.mean(), torch.tensor(75 / 255), atol=1e-5, rtol=0)  # no mean/std
+    cifar10_image, _ = data.test[20]  # the CIFAR part takes the CIFAR pipeline (normalised)
+    assert cifar10_image.min() < 0
+    assert (data.train_labels // 10 == 3).sum() == 20  # notMNIST: the empty files skipped
+
+
+def test_five_datasets_source_order_follows_the_reference_shuffle():
+    sources = list(paper.FIVE_DATASETS_SOURCES)
+    random.Random(42).shuffle(sources)  # the reference shuffles its dataset list with the run seed
+    assert sources == ["notmnist", "mnist", "cifar10", "fashion_mnist", "svhn"]  # norga.md 5.2, seed 42
+    order = scenario_class_order("five_datasets", 42)
+    assert [order[10 * t] // 10 for t in range(5)] == [paper.FIVE_DATASETS_SOURCES.index(s) for s in sources]
+
+
+def test_cub200_follows_the_official_split_file(tmp_path):
+    base = tmp_path / "CUB_200_2011"
+    classes = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
+    images, labels, split, image_id = [], [], [], 0
+    for c, name in enumerate(classes):
+        files = [f"{name}/{name[4:]}_{i:04d}_1.jpg" for i in range(4)]
+        write_jpegs(base / "images" / name, [f.split("/")[1] for f in files], 60 * c)
+        for i, f in enumerate(files):
+            image_id += 1
+            images.append(f"{image_id} {f}")
+            labels.append(f"{image_id} {c + 1}")
+            split.append(f"{image_id} {int(i % 2 == 0)}")
+    for name, rows in (("images.txt", images), ("image_class_labels.txt", labels), ("train_test_split.txt", split)):
+        (base / name).write_text("\n".join(rows) + "\n")
+    data = load_dataset("cub200", tmp_path, CODA)
+    assert len(data.train) == 6 and len(data.test) == 6
+    assert data.train_labels.tolist() == [0, 0, 1, 1, 2, 2]
+    image, label = data.test[5]
+    assert label == 2 and image.shape == (3, 224, 224)
+    torch.testing.assert_close(image.mean(), torch.tensor(120 / 255), atol=1e-5, rtol=0)
+    (base / "image_class_labels.txt").write_text("\n".join(labels[:-1]) + "\n")
+    with pytest.raises(ValueError, match="list different image ids"):
+        load_dataset("cub200", tmp_path, CODA)
+
+
+def test_imagenet_r_loader_reads_a_split_list_of_the_image_folder(tmp_path):
+    wnids = ["n01443537", "n01484850", "n01494475"]
+    listing = []
+    for k, wnid in enumerate(wnids):
+        names = [f"{style}_{i}.jpg" for style in ("art", "cartoon") for i in range(5)]
+        write_jpegs(tmp_path / "imagenet-r" / wnid, names, 80 * k)
+        listing += [f"{wnid}/{n}" for n in names]
+    split_file = tmp_path / "split.txt.gz"
+    paper.write_split_file(paper.imagenet_r_split(listing), split_file)
+    data = paper.load_imagenet_r(tmp_path, HIDE, split_file=split_file)
+    assert len(data.train) == 24 and len(data.test) == 6 and data.num_classes == 3
+    assert sorted(set(data.train_labels.tolist())) == [0, 1, 2]
+    image, label = data.train[len(data.train) - 1]
+    assert label == 2 and image.shape == (3, 224, 224)
+    # the shipped list names the release's 30,000 files: a folder without them fails in one line
+    with pytest.raises(ValueError, match=r"^imagenet_r: 29979 of the 30000 images in the split list .* e\.g\. "):
+        load_dataset("imagenet_r", tmp_path, HIDE)
+
+
+def test_shipped_imagenet_r_split_is_the_reference_generator_output():
+    """80/20, every class in both parts, and exactly what the seeded generator makes of its listing."""
+    shipped = paper.read_split_file(paper.shipped_imagenet_r_split())
+    assert len(shipped) == 30000 and sum(p == "train" for p in shipped.values()) == 24000
+    assert len({n.split("/")[0] for n, p in shipped.items() if p == "test"}) == 200
+    assert paper.imagenet_r_split(list(shipped)) == shipped
+    assert paper.imagenet_r_split(list(shipped), seed=0) != shipped
+    with gzip.open(paper.shipped_imagenet_r_split(), "rt") as f:
+        assert f.readline().strip() in ("train n01443537/art_0.jpg", "test n01443537/art_0.jpg")
+
+
+# --- data roots and bad files -----------------------------------------------------------------
+@pytest.mark.parametrize("name", DISK_BENCHMARKS)
+def test_every_disk_benchmark_rejects_a_missing_or_empty_root_in_one_line(name, tmp_path, monkeypatch):
+    cases = [(None, "needs --data-dir"), (tmp_path / "nope", "does not exist"), (tmp_path, "files not found under")]
+    for root, message in cases:
+        with pytest.raises(ValueError, match=message) as err:
+            resolve_run(RunSpec(method="simplecil", dataset=name, data_dir=root))
+        assert "\n" not in str(err.value)
+    monkeypatch.setenv("PROMPTCL_DATA", str(tmp_path / "gone"))  # the env root is named as the origin
+    with pytest.raises(ValueError, match=r"from \$PROMPTCL_DATA"):
+        resolve_run(RunSpec(method="simplecil", dataset=name))
+
+
+def test_corrupt_files_are_named_before_any_work(cifar_root, five_root, tmp_path):
+    root, _ = cifar_root
+    bad = tmp_path / "cifar"
+    (bad / "cifar-100-python").mkdir(parents=True)
+    for f in ("train", "test", "meta"):
+        (bad / "cifar-100-python" / f).write_bytes((root / "cifar-100-python" / f).read_bytes())
+    (bad / "cifar-100-python" / "train").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(ValueError, match="cifar-100-python/train' is not a valid CIFAR batch file"):
+        resolve_run(RunSpec(method="simplecil", dataset="cifar100", data_dir=bad))
+    idx = tmp_path / "idx"
+    write_idx(idx, np.zeros((3, 4), np.uint8))
+    idx.write_bytes(idx.read_bytes()[:-2])  # truncated
+    with pytest.raises(ValueError, match="is not a valid idx file"):
+        paper.read_idx(idx)
+
+
+def test_cli_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    for extra in ([], ["--data-dir", str(tmp_path)]):
+        proc = subprocess.run([sys.executable, "-m", "promptcl.cli", "run", "--method", "hide", "--dataset",
+                               "cub200", "--out", str(out), *extra], capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "cub200" in proc.stderr
+        assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+# --- protocols --------------------------------------------------------------------------------
+def test_reference_protocol_follows_each_method_code_base(cifar_root):
+    root, _ = cifar_root
+    resolved = {m: resolve_run(RunSpec(method=m, dataset="cifar100", data_dir=root)).preprocessing.name
+                for m in ("hide", "norga", "l2p", "smope", "coda", "ovor", "vqprompt", "simplecil")}
+    assert resolved == {"hide": "reference-hide", "norga": "reference-hide", "l2p": "reference-hide",
+                        "smope": "reference-coda", "coda": "reference-coda", "ovor": "reference-coda",
+                        "vqprompt": "reference-coda", "simplecil": "common"}
+    fair = resolve_run(RunSpec(method="smope", dataset="cifar100", data_dir=root, protocol="common",
+                               backbone="vit_base_patch16_224.dino"))
+    assert fair.preprocessing == common((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # the backbone's own
+    assert fair.to_dict()["run"]["protocol"] == "common"
+    assert fair.to_dict()["preprocessing"]["other"]["mean"] == (0.485, 0.456, 0.406)
+    with pytest.raises(ValueError, match="unknown protocol"):
+        resolve_run(RunSpec(method="smope", dataset="cifar100", data_dir=root, protocol="nope"))
+    with pytest.raises(ValueError, match="offline tensor benchmark: it has no --protocol"):
+        resolve_run(RunSpec(method="smope", dataset="digits", protocol="common"))
+    assert resolve_run(RunSpec(method="smope", dataset="digits")).to_dict()["run"]["protocol"] == "native"
+
+
+def test_hide_reference_pipeline_matches_the_reference_transforms():
+    """HiDe's CIFAR training pipeline: RandomResizedCrop (bicubic), flip, brightness 63/255, CIFAR
+    mean/std; other sources: crop scale from 0.05 and raw pixels; CODA drops the last batch."""
+    from torchvision import transforms as T
+
+    steps = HIDE.cifar.transforms(augment=True).transforms
+    assert [type(s) for s in steps] == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ColorJitter, T.ToTensor,
+                                        T.Normalize]
+    assert steps[0].interpolation == T.InterpolationMode.BICUBIC and steps[2].brightness == (1 - 63 / 255, 1 + 63 / 255)
+    other = HIDE.other.transforms(augment=True).transforms
+    assert other[0].scale == (0.05, 1.0) and not any(isinstance(s, T.Normalize) for s in other)
+    test = HIDE.other.transforms(augment=False).transforms
+    assert [type(s) for s in test] == [T.Resize, T.CenterCrop, T.ToTensor] and test[0].size == 256
+    assert [type(s) for s in CODA.cifar.transforms(augment=False).transforms] == [T.Resize, T.ToTensor]
+    assert CODA.drop_last and not HIDE.drop_last
+
+
+# --- loaders: workers, seeding, augmentation kept out of statistics ----------------------------
+def test_seeded_workers_give_the_same_augmented_batches_and_statistics_see_none(cifar_root):
+    root, _ = cifar_root
+    data = load_dataset("cifar100", root, CODA)
+
+    def scenario(workers):
+        return ClassIncremental(data, increments=10, seed=0, num_workers=workers, drop_last=CODA.drop_last)
+
+    first = [x for x, _ in scenario(2).train_loader(0, batch_size=8, seed=3)]
+    again = [x for x, _ in scenario(2).train_loader(0, batch_size=8, seed=3)]
+    other = [x for x, _ in scenario(2).train_loader(0, batch_size=8, seed=4)]
+    assert len(first) == 20 // 8  # drop_last: the partial batch of 4 is left out
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+    statistics = [x for x, _ in scenario(0).train_loader(0, batch_size=8, seed=3, shuffle=False)]
+    assert sum(len(x) for x in statistics) == 20  # every image, no drop_last
+    first_task = np.flatnonzero(np.isin(data.train_labels, scenario(0).class_order[:10]))
+    plain = torch.stack([data.train[i][0] for i in first_task])
+    torch.testing.assert_close(torch.cat(statistics), plain)  # the test-time pipeline, no augmentation
+
+
+def test_a_run_on_a_disk_benchmark_records_its_protocol(cifar_root, tmp_path):
+    """End to end through the CLI on the small CIFAR-100 files: a tiny random-init 224-px ViT,
+    two loader workers; summary.json holds the resolved protocol and pipeline."""
+    root, _ = cifar_root
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "promptcl.cli", "run", "--method", "simplecil", "--dataset",
+                           "cifar100", "--increment", "50", "--data-dir", str(root), "--backbone",
+                           "vit_tiny_patch16_224", "--random-init", "--loader-workers", "2", "--protocol",
+                           "reference-hide", "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["run"]["protocol"] == "reference-hide"
+    assert summary["config"]["preprocessing"]["cifar"]["brightness"] == pytest.approx(63 / 255)
+    assert summary["config"]["run"]["loader_workers"] == 2 and len(summary["accuracy_matrix"]) == 2
+
+
+def test_every_disk_benchmark_is_registered_with_a_check():
+    for name in DISK_BENCHMARKS:
+        spec = DATASETS[name]
+        assert spec.needs_data_dir and spec.check is not None and spec.has_pipeline
