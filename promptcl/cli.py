@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
+from promptcl.data.preprocessing import PROTOCOLS
+
 USAGE_ERROR = 2
 
 
@@ -28,7 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--random-init", dest="pretrained", action="store_false",
                      help="a random-init backbone instead of its pretrained weights (a control)")
     run.add_argument("--checkpoint-file", default=None, help="backbone weights from a local file")
-    run.add_argument("--data-dir", default=None)
+    run.add_argument("--data-dir", default=None, help="root of the benchmarks read from disk (default: $PROMPTCL_DATA)")
+    run.add_argument("--protocol", choices=PROTOCOLS, default=None,
+                     help="input pipeline of a disk benchmark: the method's reference code base's (default), "
+                          "a named one, or one common to every method")
+    run.add_argument("--loader-workers", type=int, default=None,
+                     help="DataLoader worker processes (default: 4 for disk benchmarks, 0 for the offline ones)")
     run.add_argument("--increment", type=int, default=None, help="classes per task")
     run.add_argument("--preset", default=None, help="a named hyperparameter preset of the method")
     run.add_argument("--eval-batch-size", type=int, default=256)
@@ -81,6 +88,14 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--checkpoint-file", type=Path, default=None, help="backbone weights from a local file")
     probe.add_argument("--data-dir", type=Path, default=None)
     probe.add_argument("--json", action="store_true")
+
+    reproduce = sub.add_parser("reproduce", help="list, print or run the rows of the published-numbers manifest")
+    reproduce.add_argument("row_id", nargs="?", metavar="ID", help="a manifest row to run (see --list)")
+    reproduce.add_argument("--list", action="store_true", help="the manifest with each row's status")
+    reproduce.add_argument("--json", action="store_true", help="with --list: a JSON list of the rows")
+    reproduce.add_argument("--dry-run", action="store_true", help="print the row's commands (one per seed)")
+    reproduce.add_argument("--manifest", type=Path, default=None, help="default: the packaged reproduction.json")
+    reproduce.add_argument("--results", type=Path, default=None, help="default: runs/reproduce/results.json")
     return parser
 
 
@@ -99,6 +114,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _pretrain(args)
     if args.command == "probe":
         return _probe(args)
+    if args.command == "reproduce":
+        return _reproduce(args)
     return _cost(args)
 
 
@@ -187,6 +204,7 @@ def _run(args) -> int:
                        pretrained=args.pretrained, checkpoint_file=args.checkpoint_file,
                        data_dir=args.data_dir, eval_batch_size=args.eval_batch_size, device=args.device,
                        precision=args.precision, increment=args.increment, preset=args.preset,
+                       protocol=args.protocol, loader_workers=args.loader_workers,
                        overrides=parse_overrides(args.overrides))
         run = resolve_run(spec)
         scaling = None
@@ -243,6 +261,33 @@ def _run_on_ray(spec, scaling, out: Path, *, progress: bool, feature_cache: Opti
     return json.loads((out / "summary.json").read_text())
 
 
+def _reproduce(args) -> int:
+    from promptcl.study import reproduce
+
+    results_path = args.results or reproduce.DEFAULT_RESULTS
+    try:
+        rows = reproduce.load_manifest(args.manifest or reproduce.DEFAULT_MANIFEST)
+        if args.list:
+            if args.row_id is not None or args.dry_run:
+                raise ValueError("--list takes no ID and no --dry-run")
+            entries = reproduce.listing(rows, reproduce.load_results(results_path))
+            print(json.dumps(entries, indent=1) if args.json else reproduce.format_table(entries))
+            return 0
+        if args.row_id is None or args.json:
+            raise ValueError("give --list [--json] or a row ID [--dry-run]; `promptcl reproduce --list` shows the ids")
+        row = reproduce.find_row(rows, args.row_id)
+        if args.dry_run:
+            print(reproduce.dry_run_script(row))
+            return 0
+        plan = reproduce.plan_row(row)
+        reproduce.load_results(results_path)  # an unreadable results file fails now, not after the runs
+    except ValueError as err:
+        return _fail(str(err))
+    record = reproduce.run_row(row, plan, results_path)
+    print(reproduce.format_record(row, record))
+    return 1 if record["status"] == reproduce.NOT_RUN else 0
+
+
 def _cost(args) -> int:
     from promptcl.core.backbone import check_backbone_name, input_shape
     from promptcl.config import apply_overrides, parse_overrides
@@ -254,7 +299,7 @@ def _cost(args) -> int:
         check_backbone_name(args.backbone)
         if args.num_classes < 1 or args.num_tasks < 1:
             raise ValueError("--num-classes and --num-tasks must be >= 1")
-        preset = method_cls.preset_for(args.dataset, args.backbone, args.preset)
+        preset = method_cls.preset_for(args.dataset, args.backbone, args.preset, args.num_tasks)
         config = apply_overrides(preset, parse_overrides(args.overrides))
         image_shape = input_shape(args.backbone, args.img_size)
         result = measure_cost(method_cls, config, args.backbone, args.num_classes, image_shape,

@@ -1,0 +1,194 @@
+"""`promptcl reproduce`: the packaged manifest of published numbers, its commands, and a real (tiny) row run."""
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+from promptcl.cli import _parser, main
+from promptcl.methods import get_method
+from promptcl.study import reproduce
+
+ROWS = reproduce.load_manifest()
+ROW_IDS = [row["id"] for row in ROWS]
+# Presets landing with SMoPE's per-benchmark settings; drop once smope.PRESETS has them.
+
+
+def _cli(capsys, *argv):
+    code = main(["reproduce", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_list_prints_every_row_as_not_run_without_results(capsys, tmp_path):
+    code, out, _ = _cli(capsys, "--list", "--results", str(tmp_path / "none.json"))
+    assert code == 0
+    lines = out.splitlines()
+    for row_id in ROW_IDS:
+        (line,) = [line for line in lines if line.split()[0] == row_id]
+        assert line.endswith("not run")
+    assert lines[-1].startswith(f"{len(ROWS)} rows: 0 reproduced, 0 gap, {len(ROWS)} not run")
+
+
+def test_list_json_has_the_required_fields(capsys, tmp_path):
+    code, out, _ = _cli(capsys, "--list", "--json", "--results", str(tmp_path / "none.json"))
+    assert code == 0
+    entries = json.loads(out)
+    assert [e["id"] for e in entries] == ROW_IDS
+    for e in entries:
+        assert {"id", "method", "benchmark", "metric", "published", "command", "commands", "status"} <= set(e)
+        assert e["command"] == e["commands"][0] and len(e["commands"]) == len(e["seeds"])
+        assert "{seed}" not in e["command"] and e["status"] == "not run"
+
+
+@pytest.mark.parametrize("method", ["norga", "hide"])
+@pytest.mark.parametrize("benchmark", ["cifar100", "imagenet_r", "cub200"])
+@pytest.mark.parametrize("backbone", ["sup21k", "ibot21k"])
+def test_norga_table_rows_are_in_the_manifest(method, benchmark, backbone):
+    row = reproduce.find_row(ROWS, f"{method}-{benchmark}-{backbone}-fa")
+    assert (row["method"], row["benchmark"], row["backbone"], row["metric"]) == (method, benchmark, backbone, "FA")
+    assert row["seeds"] == [42, 40, 44] and row["tasks"] == 10
+
+
+@pytest.mark.parametrize("benchmark, published", [("cifar100", 89.23), ("imagenet_r", 79.32), ("cub200", 87.43)])
+def test_smope_rows_are_in_the_manifest(benchmark, published):
+    (row,) = [r for r in ROWS if r["method"] == "smope" and r["benchmark"] == benchmark]
+    assert row["tasks"] == 10 and row["metric"] == "FA" and row["published"] == published
+    assert row["seeds"] == [0, 1, 2, 3, 4]
+
+
+def test_tolerance_follows_the_documented_rule():
+    for row in ROWS:
+        assert row["tolerance"] == pytest.approx(max(1.0, 2 * (row["published_std"] or 0.0))), row["id"]
+
+
+@pytest.mark.parametrize("row_id", ROW_IDS)
+def test_dry_run_prints_commands_that_promptcl_run_parses(capsys, monkeypatch, row_id):
+    monkeypatch.delenv("PROMPTCL_DATA", raising=False)  # a dry run needs neither data nor checkpoints
+    monkeypatch.delenv("PROMPTCL_CHECKPOINTS", raising=False)
+    row = reproduce.find_row(ROWS, row_id)
+    code, out, _ = _cli(capsys, row_id, "--dry-run")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == f"mkdir -p runs/reproduce/{row_id}"
+    commands = lines[1:]
+    assert len(commands) == len(row["seeds"])
+    for seed, command in zip(row["seeds"], commands):
+        assert '--data-dir "$PROMPTCL_DATA"' in command  # left for the shell to expand
+        args = _parser().parse_args(shlex.split(command)[1:])
+        assert (args.command, args.method, args.dataset, args.backbone, args.preset, args.seed) == (
+            "run", row["method"], row["benchmark"], row["backbone"], row["preset"], seed)
+        # each table's numbers come from one code base's pipeline: NoRGa's (HiDe's) or SMoPE's (CODA's)
+        assert args.protocol == ("reference-coda" if row["source"].startswith("SMoPE") else "reference-hide")
+        two_stage_in_norga_table = row["method"] in ("hide", "norga") and row["source"].startswith("NoRGa")
+        assert ("compat_reference_gather=true" in args.overrides) == two_stage_in_norga_table
+        assert args.out == Path(f"runs/reproduce/{row_id}/seed{seed}")
+        assert (args.checkpoint_file is not None) == row["backbone"].startswith("ibot")
+
+
+def test_every_row_names_a_registered_method_and_preset():
+    for row in ROWS:
+        method = get_method(row["method"])
+        assert row["preset"] in method.PRESETS, row["id"]
+
+
+def test_every_row_names_a_registered_dataset_split_and_backbone():
+    from promptcl.core.backbone import SEED_BACKBONES
+    from promptcl.data.benchmarks import DATASETS
+
+    for row in ROWS:
+        tokens = shlex.split(row["command"])
+        increment = int(tokens[tokens.index("--increment") + 1])
+        assert increment * row["tasks"] == DATASETS[row["benchmark"]].num_classes, row["id"]
+        # Weights outside timm's hub come from a release file, which the command must name.
+        needs_file = SEED_BACKBONES[row["backbone"]].tag is None
+        assert ("--checkpoint-file" in tokens) == needs_file, row["id"]
+
+
+def test_unknown_id_exits_2_with_one_line(capsys):
+    code, out, err = _cli(capsys, "no-such-row")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "promptcl reproduce --list" in err
+
+
+def _row(command, *, published, seeds=(0,), row_id="simplecil-digits-fa"):
+    return {"id": row_id, "source": "test", "method": "simplecil", "benchmark": "digits", "tasks": 5,
+            "backbone": "vit_digits", "metric": "FA", "published": published, "published_std": None,
+            "tolerance": 1.0, "seeds": list(seeds), "preset": "small", "command": command, "status": "not run",
+            "notes": ""}
+
+
+def _write_manifest(path, *rows):
+    path.write_text(json.dumps({"schema": 1, "rows": list(rows)}))
+    return str(path)
+
+
+def test_missing_data_or_checkpoint_fails_before_any_run(capsys, monkeypatch, tmp_path):
+    command = ('promptcl run --method simplecil --dataset digits --checkpoint-file "$PROMPTCL_CHECKPOINTS/w.pth" '
+               f'--seed {{seed}} --data-dir "$PROMPTCL_DATA" --out {tmp_path}/runs/seed{{seed}}')
+    manifest = _write_manifest(tmp_path / "m.json", _row(command, published=50.0))
+    results = tmp_path / "results.json"
+    monkeypatch.setenv("PROMPTCL_CHECKPOINTS", str(tmp_path))
+
+    def attempt():
+        code, _, err = _cli(capsys, "simplecil-digits-fa", "--manifest", manifest, "--results", str(results))
+        assert code == 2 and err.count("\n") == 1
+        return err
+
+    monkeypatch.delenv("PROMPTCL_DATA", raising=False)
+    assert "$PROMPTCL_DATA" in attempt()
+    monkeypatch.setenv("PROMPTCL_DATA", str(tmp_path / "absent"))
+    assert "data directory" in attempt()
+    monkeypatch.setenv("PROMPTCL_DATA", str(tmp_path))
+    err = attempt()
+    assert "checkpoint file" in err and "w.pth" in err
+    assert not results.exists() and not (tmp_path / "runs").exists()
+
+
+def test_missing_benchmark_files_fail_before_any_run(capsys, monkeypatch, tmp_path):
+    command = ('promptcl run --method norga --dataset cifar100 --increment 10 --backbone sup21k --preset paper '
+               f'--seed {{seed}} --data-dir "$PROMPTCL_DATA" --out {tmp_path}/runs/seed{{seed}}')
+    manifest = _write_manifest(tmp_path / "m.json", _row(command, published=50.0, seeds=(42, 40)))
+    monkeypatch.setenv("PROMPTCL_DATA", str(tmp_path))  # exists, but holds no cifar-100-python/
+    code, _, err = _cli(capsys, "simplecil-digits-fa", "--manifest", manifest, "--results", str(tmp_path / "r.json"))
+    assert code == 2 and err.count("\n") == 1 and "cifar-100-python" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_row_runs_each_seed_records_the_result_and_resumes(capsys, tmp_path):
+    command = ("promptcl run --method simplecil --dataset digits --preset small --seed {seed} "
+               f"--out {tmp_path}/r/s{{seed}}")
+    manifest = tmp_path / "m.json"
+    results = tmp_path / "out" / "results.json"
+    argv = ("simplecil-digits-fa", "--manifest", str(manifest), "--results", str(results))
+
+    _write_manifest(manifest, _row(command, published=-50.0))  # far from any accuracy
+    code, out, _ = _cli(capsys, *argv)
+    assert code == 0 and out.rstrip().endswith("-> gap")
+    summary = json.loads((tmp_path / "r" / "s0" / "summary.json").read_text())  # written by the subprocess
+    record = json.loads(results.read_text())["rows"]["simplecil-digits-fa"]
+    measured = summary["final_average_accuracy"]
+    assert record["per_seed"] == {"0": measured} and record["measured"] == measured
+    assert record["status"] == "gap" and record["versions"]["torch"]
+
+    # Published near the measured value: the finished seed is reused (no second run), now reproduced.
+    _write_manifest(manifest, _row(command, published=measured + 0.5))
+    code, out, err = _cli(capsys, *argv)
+    assert code == 0 and out.rstrip().endswith("-> reproduced") and "reusing" in err
+    assert json.loads(results.read_text())["rows"]["simplecil-digits-fa"]["status"] == "reproduced"
+
+    code, out, _ = _cli(capsys, "--list", "--json", "--manifest", str(manifest), "--results", str(results))
+    (entry,) = json.loads(out)
+    assert entry["status"] == "reproduced" and entry["measured"] == measured
+
+
+def test_a_failing_seed_leaves_the_row_not_run(capsys, tmp_path):
+    command = ("promptcl run --method simplecil --dataset digits --preset no-such --seed {seed} "
+               f"--out {tmp_path}/s{{seed}}")
+    manifest = _write_manifest(tmp_path / "m.json", _row(command, published=50.0))
+    results = tmp_path / "results.json"
+    code, out, _ = _cli(capsys, "simplecil-digits-fa", "--manifest", manifest, "--results", str(results))
+    assert code == 1 and "not run" in out
+    record = json.loads(results.read_text())["rows"]["simplecil-digits-fa"]
+    assert record["status"] == "not run" and record["measured"] is None and "seed 0" in record["error"]
