@@ -193,6 +193,23 @@ def test_cli_exits_2_with_one_line_and_writes_nothing(tmp_path):
         assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_cli_refuses_a_bad_or_missing_release_checkpoint_in_one_line(cifar_root, tmp_path):
+    root, _ = cifar_root
+    corrupt = tmp_path / "checkpoint.pth"
+    corrupt.write_bytes(b"not a checkpoint")
+    dino = tmp_path / "dino.pth"
+    torch.save({"cls_token": torch.zeros(1, 1, 768)}, dino)
+    cases = [(["--checkpoint-file", str(corrupt)], "corrupt or unreadable"),
+             (["--checkpoint-file", str(dino)], "is not an iBOT release checkpoint"),
+             ([], "has no timm hub weights: pass its release file checkpoint.pth")]
+    for extra, message in cases:
+        proc = subprocess.run([sys.executable, "-m", "promptcl.cli", "run", "--method", "norga", "--dataset",
+                               "cifar100", "--data-dir", str(root), "--backbone", "ibot21k", *extra,
+                               "--out", str(tmp_path / "run")], capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
 # --- protocols --------------------------------------------------------------------------------
 def test_reference_protocol_follows_each_method_code_base(cifar_root):
     root, _ = cifar_root
