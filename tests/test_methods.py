@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from promptcl.cli import main
 from promptcl.config import apply_overrides
 from promptcl.core.backbone import build_backbone, encode, encode_tokens
+from promptcl.core.experts import Routing
 from promptcl.core.prompts import batch_majority, pull_constraint
 from promptcl.data.benchmarks import ClassIncremental, load_dataset
 from promptcl.engine import RunSpec, resolve_run, run_sequence
@@ -399,3 +400,26 @@ def test_summaries_carry_what_a_report_shows_expert_usage_and_gate_scalars(tmp_p
     assert len(state["alpha"]) == len(state["tau"]) == 3 and state["gate_activation"] == "tanh"
     assert state["alpha"] != [1.0, 1.0, 1.0]  # learned on the first task
     assert json.loads((tmp_path / "n" / "summary.json").read_text())["method_state"] == state
+
+
+@pytest.mark.parametrize("compat", [False, True])
+def test_smope_statistics_read_augmented_images_only_with_the_compat_switch(compat):
+    """Usage counts and class Gaussians come from the test-time pipeline unless
+    ``compat_augmented_statistics`` asks for the reference's augmented training images."""
+    m = make("smope", compat_augmented_statistics=compat)
+    g = torch.Generator().manual_seed(0)
+    plain, augmented_images = torch.randn(12, 1, 8, 8, generator=g), torch.randn(12, 1, 8, 8, generator=g)
+    labels = torch.arange(12) % 2
+    requested = []
+
+    def train_batches(augmented=False):
+        requested.append(augmented)
+        return [(augmented_images if augmented else plain, labels)]
+
+    task = TaskInfo(0, range(0, 2), T)
+    m.begin_task(task)
+    m.end_task(task, train_batches, lambda name: None)
+    assert requested == [compat]
+    images = augmented_images if compat else plain
+    expected = encode(m.backbone, images, m.experts.prompts("sparse", noisy=False, routing=Routing()))
+    torch.testing.assert_close(m.class_stats.mean[0], expected[labels == 0].mean(0), atol=1e-5, rtol=0)

@@ -288,3 +288,22 @@ def test_every_disk_benchmark_is_registered_with_a_check():
     for name in DISK_BENCHMARKS:
         spec = DATASETS[name]
         assert spec.needs_data_dir and spec.check is not None and spec.has_pipeline
+
+
+def test_a_study_passes_the_disk_benchmark_options_to_every_trial(cifar_root, tmp_path):
+    """`studies/*.py --dataset cifar100 --data-dir ... --protocol ... --backbone ...` reaches each
+    trial's RunSpec, and a bad root fails the study before Ray starts."""
+    from promptcl.study.tuner import spec_from_args, study_parser, validate_study
+
+    root, _ = cifar_root
+    parser = study_parser("test", name="t", num_samples=2)
+    args = parser.parse_args(["--dataset", "cifar100", "--data-dir", str(root), "--protocol", "common",
+                              "--backbone", "vit_tiny_patch16_224", "--runs-dir", str(tmp_path)])
+    spec = spec_from_args(args, method="smope", search_space=lambda trial: None, smoke_overrides={})
+    run = validate_study(spec)
+    assert (run.data_dir, run.protocol, run.backbone) == (str(root), "common", "vit_tiny_patch16_224")
+    bad = spec_from_args(parser.parse_args(["--dataset", "cifar100", "--data-dir", str(tmp_path / "none"),
+                                            "--runs-dir", str(tmp_path)]),
+                         method="smope", search_space=lambda trial: None, smoke_overrides={})
+    with pytest.raises(ValueError, match="does not exist"):
+        validate_study(bad)

@@ -148,7 +148,8 @@ class PromptMethod(nn.Module):
     def end_task(self, task: TaskInfo, train_batches: Callable[[], Iterable],
                  snapshot: Callable[[str], None]) -> None:
         """After-task work; ``train_batches()`` yields the task's training batches afresh (no
-        shuffling); ``snapshot(name)`` records an intermediate evaluation of all seen tasks
+        shuffling, the test-time pipeline; ``train_batches(augmented=True)``: the training one);
+        ``snapshot(name)`` records an intermediate evaluation of all seen tasks
         (e.g. before classifier alignment) as row ``task`` of the accuracy matrix ``name``."""
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:

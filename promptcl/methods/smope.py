@@ -42,6 +42,9 @@ class SMoPEConfig(AlignedRecipe):
     # counts, hence plain top-k, our default. On, it changes intermediate evaluations and the usage
     # counts of every task after the first.
     compat_exclude_unused_experts: bool = False
+    # The reference counts usage and fits the class Gaussians on augmented training images; by
+    # default every statistics pass reads the test-time pipeline (no augmentation).
+    compat_augmented_statistics: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -156,7 +159,8 @@ class SMoPE(PromptMethod):
             return feats
 
         usage_before = self.experts.usage.clone()
-        self.class_stats.fit(*collect_features(features_counting_usage, train_batches(), device))
+        batches = train_batches(augmented=self.config.compat_augmented_statistics)
+        self.class_stats.fit(*collect_features(features_counting_usage, batches, device))
         self.experts.sum_usage_over_ranks(usage_before)
         self.config.align(self.head, self.class_stats, task, snapshot)
         self.eval()

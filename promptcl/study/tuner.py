@@ -28,6 +28,7 @@ from ray.tune.search.optuna import OptunaSearch
 from promptcl.core.backbone import LOCAL_BACKBONES
 from promptcl.core.feature_store import check_root
 from promptcl.core.pretrain import local_checkpoint
+from promptcl.data.preprocessing import PROTOCOLS
 from promptcl.engine import FINAL_METRICS, RunSpec, resolve_run
 from promptcl.study import tracking
 from promptcl.study.console import TrialEvents, study_console
@@ -52,6 +53,9 @@ class StudySpec:
     storage_path: Optional[str] = None  # default: runs_dir/ray_results; use shared storage on clusters
     scaling: Scaling = Scaling()  # Train workers per trial, their resources, restarts
     precision: str = "fp32"
+    # what every trial's run takes besides method, seed and hyperparameters (RunSpec fields):
+    # backbone, checkpoint_file, data_dir, protocol (a disk benchmark's root must be visible to workers)
+    run_options: dict[str, Any] = field(default_factory=dict)
     search_seed: int = 0
     scheduler: Literal["fifo", "asha"] = "fifo"
     resume: bool = False  # continue the study stored under storage_path/name, if any
@@ -181,9 +185,10 @@ def validate_study(spec: StudySpec) -> RunSpec:
                          f"{ACCURACY[0]}, got {','.join(map(str, spec.objectives))}")
     for method in spec.methods():  # every method of a comparison, with its own overrides
         spec.scaling.check(resolve_run(RunSpec(method=method, dataset=spec.dataset, seed=spec.seed,
-                                               precision=spec.precision, overrides=spec.overrides_for(method))))
+                                               precision=spec.precision, **spec.run_options,
+                                               overrides=spec.overrides_for(method))))
     return RunSpec(method=spec.method, dataset=spec.dataset, seed=spec.seed, precision=spec.precision,
-                   overrides=dict(spec.fixed_overrides))
+                   **spec.run_options, overrides=dict(spec.fixed_overrides))
 
 
 class TrialRunStatus(Callback):
@@ -501,6 +506,11 @@ def study_parser(description: str, *, name: str, num_samples: int, objectives: t
                    help=f"default: {DEFAULT_STUDY_DATASET} (the offline benchmark), {SMOKE_DATASET} with --smoke")
     p.add_argument("--num-samples", type=int, default=None, help=f"trials (default {num_samples}; 2 with --smoke)")
     p.set_defaults(default_num_samples=num_samples)
+    p.add_argument("--backbone", default=None, help="default: the dataset's (as promptcl run)")
+    p.add_argument("--checkpoint-file", default=None, help="backbone weights from a file every worker can read")
+    p.add_argument("--data-dir", default=None,
+                   help="root of a disk benchmark, visible to every worker (default: $PROMPTCL_DATA)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default=None, help="a disk benchmark's input pipeline")
     p.add_argument("--max-concurrent", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="CL run seed (class order, init)")
     p.add_argument("--search-seed", type=int, default=0)
@@ -564,6 +574,8 @@ def spec_from_args(args, *, method: str, search_space: SearchSpace, smoke_overri
                         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
                         max_failures=args.max_failures),
         precision=args.precision, resume=args.resume, driver_resource=args.driver_resource,
+        run_options={key: getattr(args, key) for key in ("backbone", "checkpoint_file", "data_dir", "protocol")
+                     if getattr(args, key) is not None},
         progress=args.progress, verbose=args.verbose, report=not args.no_report, trial_runner=args.trial_runner,
         feature_cache=not args.no_feature_cache,
         scheduler="asha" if args.asha else "fifo",
