@@ -193,19 +193,26 @@ def _report(args) -> int:
     return 0
 
 
-def _run(args) -> int:
+def run_spec(args):
+    """The RunSpec of parsed ``promptcl run`` arguments."""
     from promptcl.config import parse_overrides
+    from promptcl.engine import RunSpec
+
+    return RunSpec(method=args.method, dataset=args.dataset, seed=args.seed, backbone=args.backbone,
+                   pretrained=args.pretrained, checkpoint_file=args.checkpoint_file,
+                   data_dir=args.data_dir, eval_batch_size=args.eval_batch_size, device=args.device,
+                   precision=args.precision, increment=args.increment, preset=args.preset,
+                   protocol=args.protocol, loader_workers=args.loader_workers,
+                   overrides=parse_overrides(args.overrides))
+
+
+def _run(args) -> int:
     from promptcl.core.feature_store import check_root
-    from promptcl.engine import RunSpec, resolve_run, run_sequence
+    from promptcl.engine import resolve_run, run_sequence
     from promptcl.study.trainer import Scaling, fault_from_env
 
     try:
-        spec = RunSpec(method=args.method, dataset=args.dataset, seed=args.seed, backbone=args.backbone,
-                       pretrained=args.pretrained, checkpoint_file=args.checkpoint_file,
-                       data_dir=args.data_dir, eval_batch_size=args.eval_batch_size, device=args.device,
-                       precision=args.precision, increment=args.increment, preset=args.preset,
-                       protocol=args.protocol, loader_workers=args.loader_workers,
-                       overrides=parse_overrides(args.overrides))
+        spec = run_spec(args)
         run = resolve_run(spec)
         scaling = None
         if args.num_workers is not None:

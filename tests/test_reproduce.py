@@ -142,8 +142,23 @@ def test_missing_data_or_checkpoint_fails_before_any_run(capsys, monkeypatch, tm
     assert "data directory" in attempt()
     monkeypatch.setenv("PROMPTCL_DATA", str(tmp_path))
     err = attempt()
-    assert "checkpoint file" in err and "w.pth" in err
+    assert "checkpoint file" in err and "w.pth" in err and "does not exist" in err
     assert not results.exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_damaged_release_checkpoint_fails_the_row_before_any_run(capsys, monkeypatch, tmp_path, cifar100_files):
+    """The row's first run is resolved as `promptcl run` would: a file that is not an iBOT checkpoint
+    stops the row in one line, not hours later."""
+    (tmp_path / "ibot.pth").write_bytes(b"truncated")
+    command = ('promptcl run --method norga --dataset cifar100 --backbone ibot21k --checkpoint-file '
+               f'"$PROMPTCL_CHECKPOINTS/ibot.pth" --seed {{seed}} --data-dir "$PROMPTCL_DATA" '
+               f'--out {tmp_path}/r/s{{seed}}')
+    manifest = _write_manifest(tmp_path / "m.json", _row(command, published=50.0, seeds=(42, 40)))
+    monkeypatch.setenv("PROMPTCL_CHECKPOINTS", str(tmp_path))
+    monkeypatch.setenv("PROMPTCL_DATA", str(cifar100_files[0]))
+    code, _, err = _cli(capsys, "simplecil-digits-fa", "--manifest", manifest, "--results", str(tmp_path / "r.json"))
+    assert code == 2 and err.count("\n") == 1 and "ibot.pth' is corrupt or unreadable" in err
+    assert not (tmp_path / "r").exists()
 
 
 def test_missing_benchmark_files_fail_before_any_run(capsys, monkeypatch, tmp_path):
@@ -184,9 +199,9 @@ def test_a_row_runs_each_seed_records_the_result_and_resumes(capsys, tmp_path):
 
 
 def test_a_failing_seed_leaves_the_row_not_run(capsys, tmp_path):
-    command = ("promptcl run --method simplecil --dataset digits --preset no-such --seed {seed} "
-               f"--out {tmp_path}/s{{seed}}")
+    command = f"promptcl run --method simplecil --dataset digits --seed {{seed}} --out {tmp_path}/s{{seed}}"
     manifest = _write_manifest(tmp_path / "m.json", _row(command, published=50.0))
+    (tmp_path / "s0").mkdir()  # a stale output without summary.json: `promptcl run` refuses to overwrite it
     results = tmp_path / "results.json"
     code, out, _ = _cli(capsys, "simplecil-digits-fa", "--manifest", manifest, "--results", str(results))
     assert code == 1 and "not run" in out

@@ -99,13 +99,14 @@ def parse_run_command(tokens: list[str]):
 
 
 def plan_row(row: dict) -> list[tuple[int, list[str], Path]]:
-    """(seed, argv with the environment expanded, output dir) per seed, after checking that the
-    environment variables, the benchmark's files and the checkpoint files the commands name exist,
-    so a row fails in seconds, not after hours of another seed."""
-    from promptcl.data.benchmarks import check_data_dir
+    """(seed, argv with the environment expanded, output dir) per seed, after checking the
+    environment variables the commands name and resolving the first seed's run as ``promptcl run``
+    does (method, preset, the benchmark's files, the backbone and its checkpoint file), so a row
+    fails in seconds, not after hours of another seed."""
+    from promptcl.cli import run_spec
+    from promptcl.engine import resolve_run
 
     plan = []
-    checked_data: set[tuple[str, Optional[str]]] = set()
     for seed, command in zip(row["seeds"], seed_commands(row)):
         tokens = shlex.split(command)
         for token in tokens:
@@ -116,12 +117,11 @@ def plan_row(row: dict) -> list[tuple[int, list[str], Path]]:
         args = parse_run_command(argv)
         if args.data_dir is not None and not Path(args.data_dir).is_dir():
             raise ValueError(f"row {row['id']!r}: data directory {args.data_dir!r} does not exist")
-        if (args.dataset, args.data_dir) not in checked_data:  # the benchmark's files, once per row
-            check_data_dir(args.dataset, args.data_dir)
-            checked_data.add((args.dataset, args.data_dir))
-        if args.checkpoint_file is not None and not Path(args.checkpoint_file).is_file():
-            raise ValueError(f"row {row['id']!r}: checkpoint file {args.checkpoint_file!r} does not exist "
-                             "(see REPRODUCIBILITY.md for where to get it)")
+        if not plan:  # the seeds' runs differ in the seed only
+            try:
+                resolve_run(run_spec(args))
+            except ValueError as err:
+                raise ValueError(f"row {row['id']!r}: {err}") from None
         plan.append((seed, argv, Path(args.out)))
     return plan
 
