@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from promptcl import metrics
 from promptcl.distributed import all_reduce_sum, broadcast_from_main, is_main, sync_gradients, world
-from promptcl.core.backbone import (LOCAL_BACKBONES, SEED_BACKBONES, build_backbone, check_backbone,
+from promptcl.core.backbone import (LOCAL_BACKBONES, backbone_mean_std, build_backbone, check_backbone,
                                     check_backbone_name)
 from promptcl.core.pretrain import local_backbone, verified_shipped_checkpoint
 from promptcl.config import apply_overrides, as_flat_dict
@@ -141,21 +141,6 @@ def _num_tasks(num_classes: int, increment: Optional[int], default: int) -> int:
 
 PRECISIONS = ("fp32", "bf16")
 DISK_LOADER_WORKERS = 4  # the references' num_workers
-
-
-def backbone_mean_std(backbone: str) -> tuple[tuple, tuple]:
-    """The input mean/std a backbone was pretrained with (the common protocol normalises so): timm's
-    for hub weights, ImageNet's for the self-supervised releases without a hub tag (iBOT, MoCo v3)."""
-    import timm
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-    seed = SEED_BACKBONES.get(backbone)
-    if seed is not None and seed.tag is None:
-        return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    cfg = timm.get_pretrained_cfg(seed.timm_name if seed else backbone)
-    if cfg is None:  # not a timm name: the ImageNet-21k ViTs' statistics
-        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-    return tuple(cfg.mean), tuple(cfg.std)
 
 
 def precision_context(device: torch.device, precision: str):

@@ -86,13 +86,15 @@ def probe_inputs(vit: torch.nn.Module, dataset, batch_size: int = 512) -> tuple[
 def probe(dataset: str, *, backbone: Optional[str] = None, checkpoint_file: Optional[Path] = None,
           data_dir: Optional[Path] = None) -> ProbeResult:
     """Linear probe of ``backbone``'s frozen features vs raw pixels on ``dataset``'s own split."""
-    from promptcl.core.backbone import build_backbone
+    from promptcl.core.backbone import backbone_mean_std, build_backbone
     from promptcl.data.benchmarks import check_data_dir, dataset_spec, load_dataset
+    from promptcl.data.preprocessing import common
 
     name = backbone or dataset_spec(dataset).default_backbone
     check_data_dir(dataset, data_dir)
     vit = build_backbone(name, pretrained=True, checkpoint_file=checkpoint_file)
-    data = load_dataset(dataset, data_dir)
+    # a disk benchmark through the common pipeline's test-time view, normalised as the backbone was trained
+    data = load_dataset(dataset, data_dir, common(*backbone_mean_std(name)))
     train_features, train_pixels, train_y = probe_inputs(vit, data.train)
     test_features, test_pixels, test_y = probe_inputs(vit, data.test)
     pixel_acc, pixel_c = linear_probe(train_pixels, train_y, test_pixels, test_y)

@@ -307,3 +307,21 @@ def test_a_study_passes_the_disk_benchmark_options_to_every_trial(cifar_root, tm
                          method="smope", search_space=lambda trial: None, smoke_overrides={})
     with pytest.raises(ValueError, match="does not exist"):
         validate_study(bad)
+
+
+def test_probe_reads_a_disk_benchmark(tmp_path):
+    """`promptcl probe` on a disk benchmark: the test-time pipeline, normalised as the backbone was
+    trained (5 classes of CIFAR-100's format keep the probe's fits small)."""
+    import timm
+    from safetensors.torch import save_file
+
+    from promptcl.probe import probe
+
+    root = tmp_path / "data"
+    write_cifar(root, "cifar-100-python", {"train": 4, "test": 2}, "fine_labels", 5)
+    weights = tmp_path / "vit_tiny.safetensors"
+    save_file(timm.create_model("vit_tiny_patch16_224", num_classes=0).state_dict(), str(weights))
+    result = probe("cifar100", backbone="vit_tiny_patch16_224", checkpoint_file=weights, data_dir=root)
+    assert (result.train_images, result.test_images) == (20, 10)
+    with pytest.raises(ValueError, match="is read from disk: give its preprocessing protocol"):
+        load_dataset("cifar100", root)

@@ -373,6 +373,20 @@ def encode_tokens(
     return vit.norm(x)
 
 
+def backbone_mean_std(backbone: str) -> tuple[tuple, tuple]:
+    """The input mean/std a backbone was pretrained with (the common protocol normalises so): timm's
+    for hub weights, ImageNet's for the self-supervised releases without a hub tag (iBOT, MoCo v3)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    seed = SEED_BACKBONES.get(backbone)
+    if seed is not None and seed.tag is None:
+        return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    cfg = timm.get_pretrained_cfg(seed.timm_name if seed else backbone)
+    if cfg is None:  # not a timm name: the ImageNet-21k ViTs' statistics
+        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    return tuple(cfg.mean), tuple(cfg.std)
+
+
 def input_shape(name: str, img_size: Optional[int] = None) -> tuple[int, int, int]:
     """(channels, height, width) a backbone takes; ``img_size`` overrides a timm model's default."""
     if name in LOCAL_BACKBONES:

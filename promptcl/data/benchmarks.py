@@ -109,14 +109,12 @@ def check_data_dir(name: str, data_dir: Optional[str | Path]) -> Optional[Path]:
 
 
 def load_dataset(name: str, data_dir: Optional[str | Path] = None, preprocessing=None) -> ClassificationData:
-    """``preprocessing`` (a :class:`~promptcl.data.preprocessing.Preprocessing`) is needed by the
-    benchmarks read from disk; default: the common protocol with ImageNet-21k ViT statistics."""
+    """``preprocessing`` (a :class:`~promptcl.data.preprocessing.Preprocessing`): the input pipeline
+    of a benchmark read from disk (the offline ones ignore it)."""
     spec = dataset_spec(name)
     root = check_data_dir(name, data_dir)
     if spec.has_pipeline and preprocessing is None:
-        from promptcl.data.preprocessing import common
-
-        preprocessing = common((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        raise ValueError(f"dataset {name!r} is read from disk: give its preprocessing protocol")
     return spec.loader(root, preprocessing)
 
 
