@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
                           "a named one, or one common to every method")
     run.add_argument("--loader-workers", type=int, default=None,
                      help="DataLoader worker processes (default: 4 for disk benchmarks, 0 for the offline ones)")
+    run.add_argument("--compile-backbone", action="store_true",
+                     help="torch.compile the frozen backbone's un-prompted pass (task identity, queries); off by "
+                          "default: compiling costs seconds to minutes and pays off on long GPU runs")
     run.add_argument("--increment", type=int, default=None, help="classes per task")
     run.add_argument("--preset", default=None, help="a named hyperparameter preset of the method")
     run.add_argument("--eval-batch-size", type=int, default=256)
@@ -203,7 +206,7 @@ def run_spec(args):
                    data_dir=args.data_dir, eval_batch_size=args.eval_batch_size, device=args.device,
                    precision=args.precision, increment=args.increment, preset=args.preset,
                    protocol=args.protocol, loader_workers=args.loader_workers,
-                   overrides=parse_overrides(args.overrides))
+                   compile_backbone=args.compile_backbone, overrides=parse_overrides(args.overrides))
 
 
 def _run(args) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import random
 import time
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 from promptcl import metrics
 from promptcl.distributed import all_reduce_sum, broadcast_from_main, is_main, sync_gradients, world
 from promptcl.core.backbone import (LOCAL_BACKBONES, backbone_mean_std, build_backbone, check_backbone,
-                                    check_backbone_name)
+                                    check_backbone_name, encode)
 from promptcl.core.pretrain import local_backbone, verified_shipped_checkpoint
 from promptcl.config import apply_overrides, as_flat_dict
 from promptcl.data.benchmarks import (ClassIncremental, check_data_dir, dataset_spec, load_dataset,
@@ -57,6 +58,7 @@ class RunSpec:
     # preprocessing of the benchmarks read from disk (promptcl.data.preprocessing); None: "reference"
     protocol: Optional[str] = None
     loader_workers: Optional[int] = None  # DataLoader worker processes; None: 4 for disk benchmarks, else 0
+    compile_backbone: bool = False  # torch.compile the frozen backbone's un-prompted pass (queries, TII)
     overrides: dict[str, Any] = field(default_factory=dict)  # method hyperparameters
 
 
@@ -166,7 +168,10 @@ def build_method(run: ResolvedRun, num_classes: int, num_tasks: int, device: tor
     spec = run.spec
     vit = build_backbone(run.backbone, pretrained=spec.pretrained,
                          checkpoint_file=Path(spec.checkpoint_file) if spec.checkpoint_file else None)
-    return run.method_cls(run.config, backbone=vit, num_classes=num_classes, num_tasks=num_tasks).to(device)
+    method = run.method_cls(run.config, backbone=vit, num_classes=num_classes, num_tasks=num_tasks).to(device)
+    if spec.compile_backbone:  # the frozen pass has no prompts, so it compiles to one graph (batch size dynamic)
+        method.frozen_encoder = torch.compile(functools.partial(encode, method.backbone), dynamic=True)
+    return method
 
 
 @dataclass

@@ -82,3 +82,15 @@ def test_study_overhead_benchmark_reports_wall_against_ideal(local_ray, tmp_path
     (row,) = report["rows"]
     assert row["runner"] == "inline" and row["trials"] == 1
     assert row["wall_s"] > row["trial_compute_s"] > 0 and row["wall_over_ideal"] > 1
+
+
+def test_compiled_backbone_benchmark_compares_compiled_and_eager(tmp_path, capsys):
+    import compiled_backbone
+
+    out = tmp_path / "compiled.json"
+    report = compiled_backbone.main(["--backbone", "vit_digits", "--batch", "4", "--repeats", "1",
+                                     "--json", str(out)])
+    assert json.loads(out.read_text()) == report
+    assert report["ratio"] > 0 and report["compile_seconds"] > 0
+    assert report["max_abs_difference"] < 1e-4  # the same features
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("vit_digits | cpu | fp32 | 4 |")

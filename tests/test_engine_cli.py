@@ -9,7 +9,7 @@ import torch
 
 from promptcl.cli import main
 from promptcl.data.benchmarks import load_digits
-from promptcl.engine import RunSpec, resolve_run
+from promptcl.engine import RunSpec, resolve_run, run_sequence
 
 FAST = ["--set", "epochs=2", "--set", "ca_epochs=3"]
 
@@ -135,3 +135,18 @@ def test_cli_runs_the_two_stage_methods(tmp_path, method):
     assert summary["test_passes"] == 2 and 0 < summary["task_identity_accuracy"] <= 100
     assert summary["config"]["run"]["method"] == method
     assert len(summary["before_tap_matrix"]) == 5
+
+
+def test_compiled_frozen_pass_gives_the_same_run(tmp_path):
+    """--compile-backbone runs the un-prompted pass through torch.compile (a graph is really made)
+    and changes no accuracy."""
+    import torch._dynamo
+
+    plain = run_sequence(resolve_run(RunSpec(method="simplecil", dataset="digits")), tmp_path / "plain")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = run_sequence(resolve_run(RunSpec(method="simplecil", dataset="digits", compile_backbone=True)),
+                            tmp_path / "compiled")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert compiled["accuracy_matrix"] == plain["accuracy_matrix"]
+    assert compiled["config"]["run"]["compile_backbone"] is True

@@ -108,6 +108,8 @@ class PromptMethod(nn.Module):
         self.seen_classes = 0
         self.feature_store: Optional[FeatureStore] = None  # attached by the engine for a study-wide cache
         self.frozen_images_computed = 0  # un-prompted passes made without a store (per image)
+        # the un-prompted pass itself; the engine may swap in a torch.compile'd one
+        self.frozen_encoder: Callable[[torch.Tensor], torch.Tensor] = lambda x: encode(self.backbone, x)
         self.validate_for_backbone()
 
     @classmethod
@@ -193,8 +195,8 @@ class PromptMethod(nn.Module):
         (the engine attaches it), so a study computes it once per image."""
         if self.feature_store is None:
             self.frozen_images_computed += len(images)
-            return encode(self.backbone, images)
-        return self.feature_store.features(images, lambda x: encode(self.backbone, x))
+            return self.frozen_encoder(images)
+        return self.feature_store.features(images, self.frozen_encoder)
 
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
