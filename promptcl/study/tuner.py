@@ -54,7 +54,8 @@ class StudySpec:
     scaling: Scaling = Scaling()  # Train workers per trial, their resources, restarts
     precision: str = "fp32"
     # what every trial's run takes besides method, seed and hyperparameters (RunSpec fields):
-    # backbone, checkpoint_file, data_dir, protocol (a disk benchmark's root must be visible to workers)
+    # backbone, checkpoint_file, data_dir, protocol (a disk benchmark's root must be visible to workers),
+    # compile_backbone
     run_options: dict[str, Any] = field(default_factory=dict)
     search_seed: int = 0
     scheduler: Literal["fifo", "asha"] = "fifo"
@@ -511,6 +512,8 @@ def study_parser(description: str, *, name: str, num_samples: int, objectives: t
     p.add_argument("--data-dir", default=None,
                    help="root of a disk benchmark, visible to every worker (default: $PROMPTCL_DATA)")
     p.add_argument("--protocol", choices=PROTOCOLS, default=None, help="a disk benchmark's input pipeline")
+    p.add_argument("--compile-backbone", action="store_true", default=None,
+                   help="torch.compile each trial's frozen un-prompted pass (pays off on long GPU runs)")
     p.add_argument("--max-concurrent", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="CL run seed (class order, init)")
     p.add_argument("--search-seed", type=int, default=0)
@@ -574,7 +577,8 @@ def spec_from_args(args, *, method: str, search_space: SearchSpace, smoke_overri
                         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
                         max_failures=args.max_failures),
         precision=args.precision, resume=args.resume, driver_resource=args.driver_resource,
-        run_options={key: getattr(args, key) for key in ("backbone", "checkpoint_file", "data_dir", "protocol")
+        run_options={key: getattr(args, key) for key in ("backbone", "checkpoint_file", "data_dir", "protocol",
+                                                           "compile_backbone")
                      if getattr(args, key) is not None},
         progress=args.progress, verbose=args.verbose, report=not args.no_report, trial_runner=args.trial_runner,
         feature_cache=not args.no_feature_cache,
