@@ -2,6 +2,7 @@
 
     python benchmarks/prompted_step.py [--backbone vit_base_patch16_224] [--batch 16] [--repeats 2]
                                        [--methods smope norga ...] [--json runs/benchmarks/prompted_step.json]
+                                       [--device cuda] [--bf16]
 
 Every variant is timed in this one run, interleaved (each repeat times every variant of every method
 once, so drift hits all alike), median of ``--repeats`` after a warm-up; random-init weights (speed does not depend
@@ -16,6 +17,8 @@ on them). Ratios:
 - ``eager`` rows use the explicit-softmax reference path; ``fused`` the fused one (the default).
   Methods whose prompts are plain prefixes (linear gate) take the same SDPA path in both, so they
   are timed once.
+- ``--bf16``: each method's test forward and train step also under bf16 autocast on the fused path,
+  and ``bf16 speed-up`` = the fp32 eager step ÷ the bf16 fused step (the GPU target is at least 2×).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from report_table import print_table, write_json
 from promptcl.core import attention
 from promptcl.core.backbone import build_backbone, encode, input_shape
 from promptcl.cost import measure_cost
+from promptcl.engine import precision_context
 from promptcl.methods import get_method, method_names
 from promptcl.methods.base import TaskInfo
 
@@ -75,18 +79,21 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bf16", action="store_true", help="also time bf16 fused forwards and steps")
     args = p.parse_args(argv)
     methods = args.methods or list(method_names())
     num_tasks, classes_per_task = 10, 10
+    device = torch.device(args.device)
 
     torch.manual_seed(0)
-    vit = build_backbone(args.backbone, pretrained=False).eval()
-    x = torch.randn(args.batch, *input_shape(args.backbone))
-    labels = torch.randint(0, classes_per_task, (args.batch,))
+    vit = build_backbone(args.backbone, pretrained=False).eval().to(device)
+    x = torch.randn(args.batch, *input_shape(args.backbone), device=device)
+    labels = torch.randint(0, classes_per_task, (args.batch,), device=device)
 
-    tuned = build_backbone(args.backbone, pretrained=False).train()  # the plain fine-tuning step's model
+    tuned = build_backbone(args.backbone, pretrained=False).train().to(device)  # the plain fine-tuning step's model
     tuned.requires_grad_(True)
-    head = torch.nn.Linear(tuned.num_features, num_tasks * classes_per_task)
+    head = torch.nn.Linear(tuned.num_features, num_tasks * classes_per_task).to(device)
 
     def plain_forward() -> None:
         with torch.inference_mode():
@@ -104,7 +111,7 @@ def main(argv=None) -> dict:
         cls = get_method(name)
         torch.manual_seed(0)
         preset = cls.preset_for("digits" if args.backbone == "vit_digits" else None)  # a config that fits
-        method = cls(preset, backbone=vit, num_classes=num_tasks * classes_per_task, num_tasks=num_tasks)
+        method = cls(preset, backbone=vit, num_classes=num_tasks * classes_per_task, num_tasks=num_tasks).to(device)
         task = TaskInfo(index=0, classes=range(0, classes_per_task), num_tasks=num_tasks)
         method.begin_task(task)
         phases = method.phases(task)  # none for a method that does not train (SimpleCIL)
@@ -128,7 +135,13 @@ def main(argv=None) -> dict:
             variants[f"{name} {impl} forward"] = lambda impl=impl, forward=forward: _with_impl(impl, forward)
             if phases:
                 variants[f"{name} {impl} step"] = lambda impl=impl, step=step: _with_impl(impl, step)
+        if args.bf16:
+            variants[f"{name} bf16 forward"] = lambda forward=forward: _with_impl("fused", forward, device, "bf16")
+            if phases:
+                variants[f"{name} bf16 step"] = lambda step=step: _with_impl("fused", step, device, "bf16")
         timed.append((name, cls, impls, bool(phases), flops_ratio))
+    if device.type == "cuda":  # time the kernels, not their launch
+        variants = {k: lambda fn=fn: (fn(), torch.cuda.synchronize()) for k, fn in variants.items()}
     seconds = time_interleaved(variants, args.repeats)
 
     rows = []
@@ -139,24 +152,36 @@ def main(argv=None) -> dict:
                          "test_flops_ratio": flops_ratio,
                          "forward_ratio": forward_ratio, "per_pass_ratio": forward_ratio / cls.TEST_PASSES,
                          "step_ratio": seconds[f"{name} {impl} step"] / seconds["plain step"] if trains else None})
+        if args.bf16:  # fp32 eager (the reference's arithmetic) over bf16 fused, forward and step
+            rows[-1]["bf16_forward_speedup"] = seconds[f"{name} {impls[0]} forward"] / seconds[f"{name} bf16 forward"]
+            rows[-1]["bf16_step_speedup"] = (seconds[f"{name} {impls[0]} step"] / seconds[f"{name} bf16 step"]
+                                             if trains else None)
 
-    report = {"backbone": args.backbone, "batch": args.batch, "repeats": args.repeats, "device": "cpu",
+    report = {"backbone": args.backbone, "batch": args.batch, "repeats": args.repeats, "device": str(device),
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "plain_forward_ms": seconds["plain forward"] * 1e3, "plain_step_ms": seconds["plain step"] * 1e3,
               "rows": rows}
-    print(f"{args.backbone}, batch {args.batch}, torch {torch.__version__}, {torch.get_num_threads()} threads, cpu, "
+    print(f"{args.backbone}, batch {args.batch}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{device}, "
           f"median of {args.repeats}; plain forward {report['plain_forward_ms']:.0f} ms, "
           f"plain fine-tuning step {report['plain_step_ms']:.0f} ms")
-    print_table(["method", "path", "passes", "test FLOPs ÷ plain", "forward ÷ plain", "per pass",
-                 "train step ÷ plain fine-tuning step"],
-                [[r["method"], r["path"], str(r["passes"]), f"{r['test_flops_ratio']:.3f}x",
-                  f"{r['forward_ratio']:.2f}x", f"{r['per_pass_ratio']:.2f}x",
-                  f"{r['step_ratio']:.2f}x" if r["step_ratio"] is not None else "– (no training)"] for r in rows])
+    header = ["method", "path", "passes", "test FLOPs ÷ plain", "forward ÷ plain", "per pass",
+              "train step ÷ plain fine-tuning step"]
+    table = [[r["method"], r["path"], str(r["passes"]), f"{r['test_flops_ratio']:.3f}x",
+              f"{r['forward_ratio']:.2f}x", f"{r['per_pass_ratio']:.2f}x",
+              f"{r['step_ratio']:.2f}x" if r["step_ratio"] is not None else "– (no training)"] for r in rows]
+    if args.bf16:
+        header += ["bf16 speed-up: forward", "step (fp32 eager ÷ bf16 fused)"]
+        for r, cells in zip(rows, table):
+            speedups = [r.get("bf16_forward_speedup"), r.get("bf16_step_speedup")]
+            cells += [f"{s:.2f}x" if s is not None else "–" for s in speedups]
+    print_table(header, table)
     return write_json(report, args.json)
 
 
-def _with_impl(impl: str, fn: Callable[[], None]) -> None:
-    with attention.prefix_attention_impl(impl):
+def _with_impl(impl: str, fn: Callable[[], None], device: torch.device = torch.device("cpu"),
+               precision: str = "fp32") -> None:
+    with attention.prefix_attention_impl(impl), precision_context(device, precision):
         fn()
 
 

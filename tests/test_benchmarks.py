@@ -30,6 +30,20 @@ def test_prompted_step_times_every_method_and_both_paths_where_they_differ(tmp_p
     assert 1 < flops["smope"] < 1.1
 
 
+def test_prompted_step_bf16_columns_compare_fp32_eager_with_bf16_fused(tmp_path, capsys):
+    """The GPU figure's script path (fp32 eager step ÷ bf16 fused step), run here on the CPU."""
+    import prompted_step
+
+    report = prompted_step.main(["--backbone", "vit_digits", "--batch", "4", "--repeats", "1", "--methods", "smope",
+                                 "simplecil", "--bf16", "--device", "cpu"])
+    smope_fused = report["rows"][1]
+    assert (smope_fused["method"], smope_fused["path"]) == ("smope", "fused")
+    assert smope_fused["bf16_step_speedup"] > 0 and smope_fused["bf16_forward_speedup"] > 0
+    assert "bf16_step_speedup" not in report["rows"][0]  # on the last row of a method only
+    assert report["rows"][2]["bf16_step_speedup"] is None  # SimpleCIL does not train
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("| –")
+
+
 def test_method_table_prints_and_writes_a_row_per_method(capsys, tmp_path):
     import method_table
 
