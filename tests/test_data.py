@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from promptcl.data.benchmarks import ClassIncremental, load_dataset, load_digits, seeded_class_order
+from promptcl.data.preprocessing import HIDE
 
 
 @pytest.fixture(scope="module")
@@ -81,4 +82,4 @@ def test_unknown_dataset_and_missing_data_dir(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="does not exist"):
         load_dataset("cifar100", tmp_path / "nope")
     with pytest.raises(ValueError, match="cifar100 files not found.*missing cifar-100-python/train"):
-        load_dataset("cifar100", tmp_path)
+        load_dataset("cifar100", tmp_path, HIDE)

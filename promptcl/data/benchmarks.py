@@ -96,23 +96,29 @@ def check_data_dir(name: str, data_dir: Optional[str | Path]) -> Optional[Path]:
     """The dataset's data root, after checking its files are where and what they must be (one-line
     ValueError otherwise); None for the offline benchmarks."""
     spec = dataset_spec(name)
-    if not spec.needs_data_dir:
+    root = _existing_root(name, data_dir)
+    if root is not None and spec.check is not None:
+        spec.check(root)
+    return root
+
+
+def _existing_root(name: str, data_dir: Optional[str | Path]) -> Optional[Path]:
+    if not dataset_spec(name).needs_data_dir:
         return None
     root, origin = data_root(data_dir)
     if root is None:
         raise ValueError(f"dataset {name!r} needs --data-dir (or PROMPTCL_DATA) pointing at its files")
     if not root.is_dir():
         raise ValueError(f"data directory {str(root)!r} (from {origin}) for dataset {name!r} does not exist")
-    if spec.check is not None:
-        spec.check(root)
     return root
 
 
 def load_dataset(name: str, data_dir: Optional[str | Path] = None, preprocessing=None) -> ClassificationData:
     """``preprocessing`` (a :class:`~promptcl.data.preprocessing.Preprocessing`): the input pipeline
-    of a benchmark read from disk (the offline ones ignore it)."""
+    of a benchmark read from disk (the offline ones ignore it). Reading validates the files as
+    :func:`check_data_dir` does, so a resolved run does not check them twice."""
     spec = dataset_spec(name)
-    root = check_data_dir(name, data_dir)
+    root = _existing_root(name, data_dir)
     if spec.has_pipeline and preprocessing is None:
         raise ValueError(f"dataset {name!r} is read from disk: give its preprocessing protocol")
     return spec.loader(root, preprocessing)

@@ -117,6 +117,7 @@ def check_cifar100(root: Path) -> None:
                   needs_data_dir=True, check=check_cifar100)
 def load_cifar100(root: Path, preprocessing: Preprocessing) -> ClassificationData:
     """Split CIFAR-100 (50,000 / 10,000 images of 32 px, shown at 224)."""
+    _need(root, "cifar100", CIFAR100_FILES)
     train, test = _read_cifar(root, "cifar-100-python", ["train"], "fine_labels", 100)
     return _split_data("cifar", preprocessing, train, test, 100)
 
@@ -185,6 +186,7 @@ def check_imagenet_r(root: Path, split_file: Optional[Path] = None) -> None:
                   needs_data_dir=True, method_preset="imagenet-r", check=check_imagenet_r)
 def load_imagenet_r(root: Path, preprocessing: Preprocessing, split_file: Optional[Path] = None) -> ClassificationData:
     """Split ImageNet-R: 200 classes, 24,000 / 6,000 images with the shipped split list."""
+    _need(root, "imagenet_r", ["imagenet-r"])
     train, test = _imagenet_r_items(root, split_file or shipped_imagenet_r_split())
     num_classes = int(max(train[1].max(), test[1].max())) + 1
     return _split_data("other", preprocessing, train, test, num_classes)

@@ -21,7 +21,7 @@ from torch import nn
 
 from promptcl.core.alignment import ClassGaussians, align_head, collect_features
 from promptcl.core.attention import static_prompt
-from promptcl.core.backbone import encode
+from promptcl.core.backbone import backbone_family, encode
 from promptcl.config import require, require_layers
 from promptcl.distributed import gather_in_order
 from promptcl.methods import register_method
@@ -116,8 +116,6 @@ SELF_SUPERVISED = ("ibot21k", "ibot1k", "dino1k", "mocov3_1k")
 
 def script_settings(table: dict[tuple[str, str], dict], dataset: Optional[str], backbone: Optional[str]) -> dict:
     """What the reference script for (dataset, backbone family) sets beyond the dataset's preset."""
-    from promptcl.core.backbone import backbone_family
-
     return table.get((dataset or "", backbone_family(backbone or "") or ""), {})
 
 
