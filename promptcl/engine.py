@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from promptcl import metrics
 from promptcl.distributed import all_reduce_sum, broadcast_from_main, is_main, sync_gradients, world
 from promptcl.core.backbone import (LOCAL_BACKBONES, backbone_mean_std, build_backbone, check_backbone,
-                                    check_backbone_name, encode)
+                                    check_backbone_name, encode, input_shape)
 from promptcl.core.pretrain import local_backbone, verified_shipped_checkpoint
 from promptcl.config import apply_overrides, as_flat_dict
 from promptcl.data.benchmarks import (ClassIncremental, check_data_dir, dataset_spec, load_dataset,
@@ -100,6 +100,9 @@ def resolve_run(spec: RunSpec) -> ResolvedRun:
     ds = dataset_spec(spec.dataset)
     backbone = spec.backbone or method_cls.DEFAULT_BACKBONES.get(spec.dataset, ds.default_backbone)
     check_backbone_name(backbone)  # names first: a typo is reported before anything is read
+    if ds.has_pipeline and input_shape(backbone) != (3, 224, 224):
+        raise ValueError(f"backbone {backbone!r} takes {input_shape(backbone)} inputs; {spec.dataset} is "
+                         "shown at 3 x 224 x 224")
     check_data_dir(spec.dataset, spec.data_dir)
     preprocessing = None
     if ds.has_pipeline:
@@ -468,9 +471,10 @@ def _feature_store(root: str, run: ResolvedRun, method: PromptMethod, device: to
     """The store of this run's frozen features: everything that determines them but the image."""
     from promptcl.core.feature_store import FeatureStore, weights_digest
 
+    compiled = {"compiled": True} if run.spec.compile_backbone else {}  # compiled features differ in the last bits
     return FeatureStore(root, {"backbone": run.backbone, "weights": weights_digest(method.backbone),
                                "precision": run.spec.precision, "device": device.type,
-                               "torch": torch.__version__.split("+")[0]})
+                               "torch": torch.__version__.split("+")[0], **compiled})
 
 
 def write_results(path: Path, rows: list[dict]) -> None:

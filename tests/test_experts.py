@@ -89,7 +89,9 @@ def test_prototype_loss_uses_only_flagged_old_keys():
 
 def test_usage_counts_and_sticky_flags():
     e = experts(top_k=1, layers=(0,), num_heads=1, num_experts=4)
-    routing = Routing(selected=[torch.tensor([[[0]], [[0]], [[0]], [[1]]])])
+    # counts are the clean top-1 of the raw scores, whatever the routing selected
+    scores = torch.tensor([[[5.0, 1, 0, 0]], [[4, 1, 0, 0]], [[3, 1, 0, 0]], [[0, 2, 1, 0]]])
+    routing = Routing(scores=[scores], selected=[torch.tensor([[[3]], [[3]], [[3]], [[3]]])])
     e.count_usage(routing)
     assert e.usage[0, 0].tolist() == [3.0, 1.0, 0.0, 0.0]
     e.begin_task("used")  # mean over used experts = 2 -> only expert 0

@@ -3,6 +3,7 @@ loaders, the ImageNet-R split, data-root errors, the preprocessing protocols and
 
 import gzip
 import json
+import os
 import random
 import subprocess
 import sys
@@ -119,6 +120,12 @@ def test_cub200_follows_the_official_split_file(tmp_path):
     image, label = data.test[5]
     assert label == 2 and image.shape == (3, 224, 224)
     torch.testing.assert_close(image.mean(), torch.tensor(120 / 255), atol=1e-5, rtol=0)
+    damaged = base / "images" / classes[1] / f"{classes[1][4:]}_0002_1.jpg"
+    original = damaged.read_bytes()
+    damaged.write_bytes(b"")  # an empty download: refused before any work, naming the file
+    with pytest.raises(ValueError, match=r"cub200: image file .*_0002_1\.jpg' is unreadable"):
+        paper.check_cub200(tmp_path)
+    damaged.write_bytes(original)
     (base / "image_class_labels.txt").write_text("\n".join(labels[:-1]) + "\n")
     with pytest.raises(ValueError, match="list different image ids"):
         load_dataset("cub200", tmp_path, CODA)
@@ -225,6 +232,8 @@ def test_reference_protocol_follows_each_method_code_base(cifar_root):
     assert fair.to_dict()["preprocessing"]["other"]["mean"] == (0.485, 0.456, 0.406)
     with pytest.raises(ValueError, match="unknown protocol"):
         resolve_run(RunSpec(method="smope", dataset="cifar100", data_dir=root, protocol="nope"))
+    with pytest.raises(ValueError, match="takes \\(1, 28, 28\\) inputs; cifar100 is shown at 3 x 224 x 224"):
+        resolve_run(RunSpec(method="l2p", dataset="cifar100", data_dir=root, backbone="vit_glyphs28"))
     with pytest.raises(ValueError, match="offline tensor benchmark: it has no --protocol"):
         resolve_run(RunSpec(method="smope", dataset="digits", protocol="common"))
     assert resolve_run(RunSpec(method="smope", dataset="digits")).to_dict()["run"]["protocol"] == "native"
@@ -302,7 +311,14 @@ def test_a_study_passes_the_disk_benchmark_options_to_every_trial(cifar_root, tm
     spec = spec_from_args(args, method="smope", search_space=lambda trial: None, smoke_overrides={})
     run = validate_study(spec)
     assert (run.data_dir, run.protocol, run.backbone, run.compile_backbone) == (
-        str(root), "common", "vit_tiny_patch16_224", True)
+        str(root.resolve()), "common", "vit_tiny_patch16_224", True)
+    relative = parser.parse_args(["--dataset", "cifar100", "--runs-dir", str(tmp_path)])
+    os.environ["PROMPTCL_DATA"] = os.path.relpath(root)  # trials run elsewhere: the driver pins an absolute root
+    try:
+        spec = spec_from_args(relative, method="smope", search_space=lambda trial: None, smoke_overrides={})
+    finally:
+        del os.environ["PROMPTCL_DATA"]
+    assert spec.run_options == {"data_dir": str(root.resolve())}
     bad = spec_from_args(parser.parse_args(["--dataset", "cifar100", "--data-dir", str(tmp_path / "none"),
                                             "--runs-dir", str(tmp_path)]),
                          method="smope", search_space=lambda trial: None, smoke_overrides={})

@@ -83,6 +83,8 @@ def test_dry_run_prints_commands_that_promptcl_run_parses(capsys, monkeypatch, r
         assert args.protocol == ("reference-coda" if row["source"].startswith("SMoPE") else "reference-hide")
         two_stage_in_norga_table = row["method"] in ("hide", "norga") and row["source"].startswith("NoRGa")
         assert ("compat_reference_gather=true" in args.overrides) == two_stage_in_norga_table
+        # with the compat gather a prediction depends on its batch: evaluate as the reference (128)
+        assert args.eval_batch_size == (128 if two_stage_in_norga_table else 256)
         assert args.out == Path(f"runs/reproduce/{row_id}/seed{seed}")
         assert (args.checkpoint_file is not None) == row["backbone"].startswith("ibot")
 

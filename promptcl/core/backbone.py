@@ -317,15 +317,6 @@ def _reason(err: Exception) -> str:
     return (refusal or lines or [type(err).__name__])[0]
 
 
-def read_checkpoint(path: Path) -> Mapping[str, torch.Tensor]:
-    """A flat state dict file (maybe under ``state_dict``); release layouts: load_backbone_checkpoint."""
-    state = _read_file(path)
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"checkpoint file {str(path)!r} is not a state dict of tensors")
-    return state
-
-
 def encode(
     vit: VisionTransformer,
     images: torch.Tensor,

@@ -112,7 +112,10 @@ class SparsePromptExperts(nn.Module):
 
     @torch.no_grad()
     def count_usage(self, routing: Routing) -> None:
-        for i, selected in enumerate(routing.selected):
+        """Add each sample's clean top-k of the raw scores per (layer, head), as the reference counts
+        (so with the unused-expert exclusion on, what changes is the later layers' inputs)."""
+        for i, scores in enumerate(routing.scores):
+            selected = scores.topk(self.top_k, dim=-1).indices
             counts = torch.zeros_like(self.usage[i]).scatter_add_(
                 -1, selected.permute(1, 0, 2).reshape(selected.shape[1], -1),
                 torch.ones(selected.shape[1], selected.shape[0] * selected.shape[2], device=selected.device),

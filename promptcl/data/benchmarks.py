@@ -278,9 +278,11 @@ class _Relabelled(Dataset):
 class ClassIncremental:
     """Class-incremental tasks over a dataset: ``class_order`` (or ``seed``) and ``increments``.
 
-    Loader settings: ``num_workers`` worker processes (persistent, each seeded from the loader's
-    generator, so the same seed gives the same augmented batches), ``pin_memory`` (for CUDA) and
-    ``drop_last`` (leave out each epoch's last partial training batch)."""
+    Loader settings: ``num_workers`` worker processes (persistent across the training loader's
+    epochs, each seeded from the loader's generator, so the same seed and worker count give the same
+    batches; the worker count is part of a run's configuration, as it decides which generator draws
+    the workers' seeds), ``pin_memory`` (for CUDA) and ``drop_last`` (leave out each epoch's last
+    partial training batch)."""
 
     def __init__(
         self,
@@ -361,17 +363,18 @@ class ClassIncremental:
         generator = torch.Generator().manual_seed(seed * 1000 + task)
         order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
         sampler = ShardedBatchSampler(order, batch_size, *world(), drop_last=shuffle and self.drop_last)
-        return self._loader(dataset, sampler, generator)
+        return self._loader(dataset, sampler, generator, persistent=shuffle)
 
     def test_loader(self, task: int, *, batch_size: int) -> DataLoader:
         dataset = self.test_dataset(task)
         return self._loader(dataset, ShardedBatchSampler(SequentialSampler(dataset), batch_size, *world()))
 
-    def _loader(self, dataset: Dataset, sampler: ShardedBatchSampler,
-                generator: Optional[torch.Generator] = None) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler: ShardedBatchSampler, generator: Optional[torch.Generator] = None,
+                persistent: bool = False) -> DataLoader:
+        """``persistent``: workers live across epochs (the training loader; the others are read once)."""
         workers = self.num_workers
         return DataLoader(dataset, batch_sampler=sampler, generator=generator, num_workers=workers,
-                          pin_memory=self.pin_memory, persistent_workers=workers > 0,
+                          pin_memory=self.pin_memory, persistent_workers=persistent and workers > 0,
                           worker_init_fn=_seed_worker if workers else None)
 
     def _check_task(self, task: int) -> None:

@@ -10,7 +10,7 @@ torchvision lay them out:
 - ``five_datasets``: ``train_32x32.mat``/``test_32x32.mat`` (SVHN), ``MNIST/raw/`` and
   ``FashionMNIST/raw/`` (idx files), ``cifar-10-batches-py/``, ``notMNIST/{Train,Test}/<A-J>/``.
 
-Integrity is checked by structure (shapes, label ranges, every listed file present and readable),
+Integrity is checked by structure (shapes, label ranges, every listed image present and its header readable),
 not by the official releases' MD5 sums, so the same loaders run on small files in these formats.
 Every check runs before any work starts and fails with one line naming the missing or damaged path.
 """
@@ -177,9 +177,23 @@ def _imagenet_r_items(root: Path, split_file: Path) -> tuple[tuple, tuple]:
     return parts[0], parts[1]
 
 
+def _check_image_headers(dataset: str, paths: Sequence[Path]) -> None:
+    """Every image opens (its header is read, not decoded): a damaged file fails now, not in a loader
+    worker hours into a run."""
+    from PIL import Image, UnidentifiedImageError
+
+    for path in paths:
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, UnidentifiedImageError) as err:
+            raise ValueError(f"{dataset}: image file {str(path)!r} is unreadable: {err}") from err
+
+
 def check_imagenet_r(root: Path, split_file: Optional[Path] = None) -> None:
     _need(root, "imagenet_r", ["imagenet-r"])
-    _imagenet_r_items(root, split_file or shipped_imagenet_r_split())
+    train, test = _imagenet_r_items(root, split_file or shipped_imagenet_r_split())
+    _check_image_headers("imagenet_r", [*train[0], *test[0]])
 
 
 @register_dataset("imagenet_r", default_backbone="sup1k", num_classes=200, default_increment=20,
@@ -229,6 +243,7 @@ def check_cub200(root: Path) -> None:
     train, test = _cub_items(root)
     if min(train[1].min(), test[1].min()) < 0 or max(train[1].max(), test[1].max()) >= 200:
         raise _damaged(root / "CUB_200_2011", "CUB-200-2011 folder", "class ids outside 1..200")
+    _check_image_headers("cub200", [*train[0], *test[0]])
 
 
 @register_dataset("cub200", default_backbone="sup21k_augreg", num_classes=200, default_increment=20,

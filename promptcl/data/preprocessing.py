@@ -10,8 +10,9 @@
   tests Resize(224) for CIFAR, Resize(256) + CenterCrop(224) otherwise; the last partial training
   batch is dropped.
 
-``--protocol common`` gives every method one pipeline (fair comparisons): the HiDe-style crops
-for every source and the backbone's own pretraining mean/std. The offline tensor benchmarks have
+``--protocol common`` gives every method one pipeline (fair comparisons): for every source
+RandomResizedCrop (scale 0.08-1, bicubic) + flip, tests Resize(256, bicubic) + CenterCrop(224), and
+the backbone's own pretraining mean/std. The offline tensor benchmarks have
 no pipeline (``native``). Augmentation only ever reaches the training loader: statistics passes
 (class Gaussians, task-identity features, expert usage) read the test-time pipeline.
 """

@@ -61,7 +61,7 @@ def hold_then_cosine(hold_iters: int, floor: float) -> Callable[[int, int], floa
 
 
 def coda_cosine(epochs: int) -> Callable[[int, int], float]:
-    """CODA-Prompt's per-epoch schedule (also OVOR's, VQ-Prompt's CUB one):
+    """CODA-Prompt's per-epoch schedule (also OVOR's, and SMoPE's on CUB-200):
     ``cos(99 pi e / (200 (E - 1)))`` at epoch e, from 1 down to about 0.016."""
     return per_epoch(lambda e, n: math.cos(99 * math.pi * e / (200 * max(n - 1, 1))), epochs)
 
@@ -84,9 +84,6 @@ class PromptMethod(nn.Module):
     NAME: ClassVar[str]
     Config: ClassVar[type]
     PRESETS: ClassVar[dict[str, object]]
-    # dataset name -> preset name; datasets not listed use their registered preset family
-    # ("small" for the offline benchmarks, "imagenet-r", "cub200", "5datasets", else "paper")
-    DATASET_PRESETS: ClassVar[dict[str, str]] = {}
     # dataset name -> backbone the reference uses for it (else the dataset's default)
     DEFAULT_BACKBONES: ClassVar[dict[str, str]] = {}
     # full backbone passes per test image (two for methods with a task-identity pass)
@@ -115,20 +112,25 @@ class PromptMethod(nn.Module):
     @classmethod
     def preset_for(cls, dataset: Optional[str], backbone: Optional[str] = None, preset: Optional[str] = None,
                    num_tasks: Optional[int] = None):
-        """The config a run starts from (before --set): an explicit preset, else the dataset's own
-        (``DATASET_PRESETS``, else the benchmark's preset family when the method has it, else
-        ``paper``), specialised to the task count when a ``<name>-<T>tasks`` preset exists."""
+        """The config a run starts from (before --set): see :meth:`preset_name`."""
+        return cls.PRESETS[cls.preset_name(dataset, preset, num_tasks)]
+
+    @classmethod
+    def preset_name(cls, dataset: Optional[str], preset: Optional[str] = None, num_tasks: Optional[int] = None) -> str:
+        """An explicit preset, else the benchmark's (``small`` offline, ``imagenet-r``, ``cub200``,
+        ``5datasets``) when the method has it, else ``paper``; specialised to the task count when a
+        ``<name>-<T>tasks`` preset exists."""
         from promptcl.data.benchmarks import DATASETS
 
         if preset is not None:
             name = preset
         else:
             family = DATASETS[dataset].method_preset if dataset in DATASETS else "paper"
-            name = cls.DATASET_PRESETS.get(dataset or "", family if family in cls.PRESETS else "paper")
+            name = family if family in cls.PRESETS else "paper"
             name = f"{name}-{num_tasks}tasks" if f"{name}-{num_tasks}tasks" in cls.PRESETS else name
         if name not in cls.PRESETS:
             raise ValueError(f"unknown preset {name!r} for {cls.NAME}; choose one of {sorted(cls.PRESETS)}")
-        return cls.PRESETS[name]
+        return name
 
     def validate_for_backbone(self) -> None:
         """Raise ConfigError when the config does not fit the backbone (e.g. layer indices)."""

@@ -139,9 +139,12 @@ class HiDePrompt(PromptMethod):
     @classmethod
     def preset_for(cls, dataset: Optional[str], backbone: Optional[str] = None, preset: Optional[str] = None,
                    num_tasks: Optional[int] = None):
-        """The dataset's preset with the settings its reference script uses for this backbone."""
-        config = super().preset_for(dataset, backbone, preset, num_tasks)
-        return dataclasses.replace(config, **script_settings(cls.SCRIPTS, dataset, backbone))
+        """The dataset's preset with the settings its reference script uses for this backbone (a
+        reference preset only: ``small`` is not a script's)."""
+        name = cls.preset_name(dataset, preset, num_tasks)
+        if name == "small":
+            return cls.PRESETS[name]
+        return dataclasses.replace(cls.PRESETS[name], **script_settings(cls.SCRIPTS, dataset, backbone))
 
     def __init__(self, config: HiDeConfig, *, backbone: nn.Module, num_classes: int, num_tasks: int) -> None:
         super().__init__(config, backbone=backbone, num_classes=num_classes, num_tasks=num_tasks)

@@ -38,9 +38,9 @@ class SMoPEConfig(AlignedRecipe):
     frequency_threshold: Literal["used", "all"] = "used"
     dense_warmup_fraction: float = 0.5
     # The reference's evaluation mode pushes experts never used so far out of the clean top-k (an
-    # offset of twice the score range); its final numbers come from checkpoints without usage
-    # counts, hence plain top-k, our default. On, it changes intermediate evaluations and the usage
-    # counts of every task after the first.
+    # offset of twice the score range; counts grow batch by batch, as there); its final numbers come
+    # from checkpoints without usage counts, hence plain top-k, our default. On, it changes the
+    # evaluations and, through the routing of earlier layers, the usage counts from layer 1 on.
     compat_exclude_unused_experts: bool = False
     # The reference counts usage and fits the class Gaussians on augmented training images; by
     # default every statistics pass reads the test-time pipeline (no augmentation).

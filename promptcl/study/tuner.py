@@ -563,6 +563,18 @@ def study_dataset(args) -> str:
     return args.dataset or (SMOKE_DATASET if args.smoke else DEFAULT_STUDY_DATASET)
 
 
+def _run_options(args) -> dict[str, Any]:
+    """The run options a study's trials share; paths made absolute here, since Ray Tune runs each
+    trial in its own directory (and a cluster's workers may lack the driver's $PROMPTCL_DATA)."""
+    from promptcl.data.benchmarks import data_root, dataset_spec
+
+    options = {key: getattr(args, key) for key in ("backbone", "checkpoint_file", "data_dir", "protocol",
+                                                    "compile_backbone") if getattr(args, key) is not None}
+    if dataset_spec(study_dataset(args)).needs_data_dir and data_root(args.data_dir)[0] is not None:
+        options["data_dir"] = data_root(args.data_dir)[0]
+    return {k: str(Path(v).resolve()) if k in ("checkpoint_file", "data_dir") else v for k, v in options.items()}
+
+
 def spec_from_args(args, *, method: str, search_space: SearchSpace, smoke_overrides: dict[str, Any],
                    baseline_points: tuple[dict[str, Any], ...] = ()) -> StudySpec:
     return StudySpec(
@@ -577,9 +589,7 @@ def spec_from_args(args, *, method: str, search_space: SearchSpace, smoke_overri
                         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
                         max_failures=args.max_failures),
         precision=args.precision, resume=args.resume, driver_resource=args.driver_resource,
-        run_options={key: getattr(args, key) for key in ("backbone", "checkpoint_file", "data_dir", "protocol",
-                                                           "compile_backbone")
-                     if getattr(args, key) is not None},
+        run_options=_run_options(args),
         progress=args.progress, verbose=args.verbose, report=not args.no_report, trial_runner=args.trial_runner,
         feature_cache=not args.no_feature_cache,
         scheduler="asha" if args.asha else "fifo",
