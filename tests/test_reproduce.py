@@ -195,6 +195,12 @@ def test_a_row_runs_each_seed_records_the_result_and_resumes(capsys, tmp_path):
     assert code == 0 and out.rstrip().endswith("-> reproduced") and "reusing" in err
     assert json.loads(results.read_text())["rows"]["simplecil-digits-fa"]["status"] == "reproduced"
 
+    # A changed command never reuses a seed run with the old one: refused before any work.
+    _write_manifest(manifest, _row(command.replace("--seed", "--set batch_size=16 --seed"), published=50.0))
+    code, _, err = _cli(capsys, *argv)
+    assert code == 2 and "holds a run of another configuration" in err and err.count("\n") == 1
+    _write_manifest(manifest, _row(command, published=measured + 0.5))
+
     code, out, _ = _cli(capsys, "--list", "--json", "--manifest", str(manifest), "--results", str(results))
     (entry,) = json.loads(out)
     assert entry["status"] == "reproduced" and entry["measured"] == measured

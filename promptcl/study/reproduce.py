@@ -119,9 +119,15 @@ def plan_row(row: dict) -> list[tuple[int, list[str], Path]]:
             raise ValueError(f"row {row['id']!r}: data directory {args.data_dir!r} does not exist")
         if not plan:  # the seeds' runs differ in the seed only
             try:
-                resolve_run(run_spec(args))
+                resolved = resolve_run(run_spec(args)).to_dict()
             except ValueError as err:
                 raise ValueError(f"row {row['id']!r}: {err}") from None
+        summary = Path(args.out) / "summary.json"
+        if summary.is_file():  # a seed already run is reused only if it ran this very configuration
+            expected = json.loads(json.dumps({**resolved, "run": {**resolved["run"], "seed": seed}}))
+            if json.loads(summary.read_text()).get("config") != expected:
+                raise ValueError(f"row {row['id']!r}: {summary} holds a run of another configuration than the "
+                                 "row's command; remove its directory to rerun that seed")
         plan.append((seed, argv, Path(args.out)))
     return plan
 
