@@ -566,11 +566,12 @@ def study_dataset(args) -> str:
 def _run_options(args) -> dict[str, Any]:
     """The run options a study's trials share; paths made absolute here, since Ray Tune runs each
     trial in its own directory (and a cluster's workers may lack the driver's $PROMPTCL_DATA)."""
-    from promptcl.data.benchmarks import data_root, dataset_spec
+    from promptcl.data.benchmarks import DATASETS, data_root
 
     options = {key: getattr(args, key) for key in ("backbone", "checkpoint_file", "data_dir", "protocol",
                                                     "compile_backbone") if getattr(args, key) is not None}
-    if dataset_spec(study_dataset(args)).needs_data_dir and data_root(args.data_dir)[0] is not None:
+    dataset = DATASETS.get(study_dataset(args))  # an unknown one is reported by validate_study
+    if dataset is not None and dataset.needs_data_dir and data_root(args.data_dir)[0] is not None:
         options["data_dir"] = data_root(args.data_dir)[0]
     return {k: str(Path(v).resolve()) if k in ("checkpoint_file", "data_dir") else v for k, v in options.items()}
 
