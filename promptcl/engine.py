@@ -86,8 +86,9 @@ class ResolvedRun:
 
     def protocol_tags(self) -> dict[str, str]:
         """Tags marking reference-compatibility switches that make a run's protocol unfair
-        (e.g. prompts gathered across samples of a batch)."""
-        on = [k for k, v in dataclasses.asdict(self.config).items() if k.startswith("compat_") and v is True]
+        (e.g. prompts gathered across samples of a batch, a batch-wide vote on the prompts)."""
+        on = [k for k, v in dataclasses.asdict(self.config).items()
+              if (k.startswith("compat_") or k == "batchwise_prompt") and v is True]
         tags = {f"compat/{k}": "true" for k in on}
         if on:
             tags["unfair_protocol"] = "true"

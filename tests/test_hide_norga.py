@@ -255,6 +255,9 @@ def test_compat_switch_is_tagged_as_an_unfair_protocol():
     assert fair.protocol_tags() == {}
     compat = resolve_run(RunSpec(method="norga", dataset="digits", overrides={"compat_reference_gather": "true"}))
     assert compat.protocol_tags() == {"compat/compat_reference_gather": "true", "unfair_protocol": "true"}
+    # a batch-wide vote on the prompts makes a prediction depend on its batch too
+    vote = resolve_run(RunSpec(method="l2p", dataset="digits", overrides={"batchwise_prompt": "true"}))
+    assert vote.protocol_tags() == {"compat/batchwise_prompt": "true", "unfair_protocol": "true"}
 
 
 def test_compat_unmasked_test_logits_lets_unseen_classes_win():

@@ -23,7 +23,8 @@ from promptcl.methods.ovor import kth_neighbour_distance, virtual_outliers
 from promptcl.methods.sprompt import kmeans_centroids
 
 T = 5
-NEW_METHODS = ("l2p", "dualprompt", "sprompt", "coda", "ovor", "vqprompt", "simplecil", "finetune", "joint")
+NEW_METHODS = ("l2p", "dualprompt", "sprompt++", "sprompt", "coda", "ovor", "vqprompt", "simplecil", "finetune",
+               "joint")
 
 
 def make(name, backbone=None, **overrides):
@@ -131,7 +132,82 @@ def test_l2p_prefix_form_puts_the_picked_prompts_in_the_prefix_layers():
     assert not torch.allclose(m.features(x, picked), out)
 
 
+def test_l2p_dualprompt_pytorch_layout_is_the_reference_prepend_and_cls_head():
+    """The L2P of HiDe/NoRGa's baseline trainer: the picked tokens are concatenated in front of the
+    position-embedded sequence (no position embedding of their own) and the head reads [CLS]."""
+    m = make("l2p", token_layout="dualprompt-pytorch", top_k=2, prompt_length=3)
+    x = torch.randn(2, 1, 8, 8)
+    picked = torch.tensor([[4, 1], [0, 9]])
+    vit = m.backbone
+    with torch.no_grad():
+        h = torch.cat([m.pool[picked].reshape(2, 6, -1), vit._pos_embed(vit.patch_embed(x))], dim=1)
+        for block in vit.blocks:
+            h = block(h)
+        expected = vit.norm(h)[:, 6]  # [CLS] sits after the 6 prompt tokens
+        torch.testing.assert_close(m.features(x, picked), expected, atol=1e-5, rtol=0)
+        assert not torch.allclose(make("l2p", top_k=2, prompt_length=3).features(x, picked), expected, atol=1e-3)
+    with pytest.raises(ValueError, match="prompt form only"):
+        make("l2p", form="prefix", token_layout="dualprompt-pytorch")
+
+
 # --- DualPrompt -----------------------------------------------------------------------------
+def e_prefix(method, slots, layer):
+    """(keys, values) each sample gets in an E-prompt block, ``[B, H, length, d]``."""
+    prefix = method.layer_prompts(slots)[layer](None)
+    return prefix.keys, prefix.values
+
+
+def test_dualprompt_compat_gather_matches_a_hand_built_reference_gather():
+    """dualprompt-pytorch gathers ``[L, 2, B, ...]`` and reshapes it (no permute) to ``[L, B, 2, ...]``:
+    sample b gets item 2b as its key and item 2b + 1 as its value of the (key/value, sample) grid."""
+    m = begin(make("dualprompt", compat_reference_gather=True))
+    slots = torch.tensor([3, 0, 4, 1])
+    B, heads = len(slots), m.num_heads
+    layer = m.config.e_layers[0]
+    as_heads = lambda p: p.reshape(p.shape[0], heads, -1).transpose(0, 1)  # noqa: E731  [length, D] -> [H, length, d]
+    item = lambda j: as_heads(m.e_prompts[slots[j % B], 0, j // B])  # noqa: E731
+    keys, values = e_prefix(m, slots, layer)
+    for b in range(B):
+        assert torch.equal(keys[b], item(2 * b)) and torch.equal(values[b], item(2 * b + 1))
+    # the default gather pairs each sample's own key and value halves
+    keys, values = e_prefix(begin(make("dualprompt")), slots, layer)
+    fair = begin(make("dualprompt"))
+    for b, t in enumerate(slots.tolist()):
+        assert torch.equal(keys[b], as_heads(fair.e_prompts[t, 0, 0]))
+        assert torch.equal(values[b], as_heads(fair.e_prompts[t, 0, 1]))
+    # in training every sample takes task t's slot: the first half gets (key, key), the second (value, value)
+    keys, values = e_prefix(m, torch.full((4,), 2), layer)
+    assert torch.equal(keys[0], values[0]) and torch.equal(keys[0], as_heads(m.e_prompts[2, 0, 0]))
+    assert torch.equal(keys[3], values[3]) and torch.equal(keys[3], as_heads(m.e_prompts[2, 0, 1]))
+
+
+@pytest.mark.parametrize("name", ["dualprompt", "sprompt++"])
+def test_dualprompt_compat_gather_makes_predictions_depend_on_the_batch(name):
+    m = scramble(begin(make(name, compat_reference_gather=True)))
+    x = digit_images(12)
+    assert not torch.equal(m.predict(x), torch.cat([m.predict(x[i:i + 1]) for i in range(len(x))]))
+
+
+@pytest.mark.parametrize("name", ["l2p", "dualprompt", "sprompt++"])
+def test_compat_unmasked_test_logits_lets_an_unseen_class_win(name):
+    x = digit_images(4)
+    for compat in (False, True):
+        m = make(name, compat_unmasked_test_logits=compat)
+        m.begin_task(TaskInfo(0, range(0, 2), T))
+        with torch.no_grad():
+            m.head.bias[7] = 1e6  # an untrained row of a class not seen yet
+        predicted = set(m.predict(x).tolist())
+        assert predicted == {7} if compat else predicted <= {0, 1}
+
+
+def test_sprompt_plus_plus_is_dualprompt_e_prompts_without_a_g_prompt():
+    m = begin(make("sprompt++"))
+    assert sorted(m.layer_prompts(torch.tensor([0, 1]))) == [0, 1, 2] and len(m.g_prompt.prefixes) == 0
+    paper = get_method("sprompt++").PRESETS["paper"]
+    assert (paper.g_layers, paper.e_layers, paper.e_length) == ((), (0, 1, 2, 3, 4), 20)
+    assert get_method("sprompt++").REFERENCE_CODE_BASE == "hide"
+
+
 def test_dualprompt_trains_with_the_true_task_prompt_and_infers_it_from_the_keys():
     m = begin(make("dualprompt"), tasks=3)
     x = torch.randn(6, 1, 8, 8)
@@ -155,6 +231,9 @@ def test_dualprompt_never_picks_an_unseen_tasks_key_and_copies_the_previous_prom
     with torch.no_grad():
         m.keys[4] = encode(m.backbone, x[:1])[0]  # a future task's key matching the query exactly
     assert m.infer_slots(x[:1]).item() in (0, 1)
+    reference = begin(make("dualprompt", compat_match_all_keys=True), tasks=2)
+    reference.load_state_dict(m.state_dict())
+    assert reference.infer_slots(x[:1]).item() == 4  # the reference scores every key of the pool
     with torch.no_grad():
         m.e_prompts[1].add_(1.0)
     m.begin_task(TaskInfo(2, range(4, 6), T))
@@ -330,6 +409,11 @@ PAPER_COUNTS = {
     ("ovor", "paper"): 2 * 10 * 768 + 3 * 40 * 768 + 76_900,  # 184,420
     ("vqprompt", "paper"): 345_600 + 76_900,  # the SMoPE poster's 0.3456 M + head
     ("simplecil", "paper"): 0,
+    # NoRGa's baseline configs: L2P pool 30 x 5 tokens; DualPrompt E-prompts of 20 key + 20 value tokens;
+    # S-Prompt++ the same E-prompts in blocks 0-4 and no G-prompt
+    ("l2p", "norga-cifar100"): 30 * 5 * 768 + 30 * 768 + 76_900,  # 215,140
+    ("dualprompt", "norga-cifar100"): 2 * 2 * 5 * 768 + 10 * 3 * 2 * 20 * 768 + 10 * 768 + 76_900,  # 1,021,540
+    ("sprompt++", "paper"): 10 * 5 * 2 * 20 * 768 + 10 * 768 + 76_900,  # 1,620,580
 }
 
 
@@ -354,7 +438,8 @@ def test_query_methods_cost_two_passes_and_one_prompt_methods_one(capsys):
 
 
 @pytest.mark.parametrize("name,setting", [("l2p", "top_k=11"), ("coda", "pool_size=7"), ("ovor", "id_threshold=0"),
-                                          ("vqprompt", "temperature=0"), ("dualprompt", "e_layers=")])
+                                          ("vqprompt", "temperature=0"), ("dualprompt", "e_layers="),
+                                          ("l2p", "token_layout=sideways"), ("sprompt++", "e_layers=0,0")])
 def test_bad_settings_fail_before_any_work(name, setting, capsys):
     assert main(["run", "--method", name, "--dataset", "digits", "--out", "unused", "--set", setting]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1

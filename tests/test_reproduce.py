@@ -81,10 +81,18 @@ def test_dry_run_prints_commands_that_promptcl_run_parses(capsys, monkeypatch, r
             "run", row["method"], row["benchmark"], row["backbone"], row["preset"], seed)
         # each table's numbers come from one code base's pipeline: NoRGa's (HiDe's) or SMoPE's (CODA's)
         assert args.protocol == ("reference-coda" if row["source"].startswith("SMoPE") else "reference-hide")
-        two_stage_in_norga_table = row["method"] in ("hide", "norga") and row["source"].startswith("NoRGa")
-        assert ("compat_reference_gather=true" in args.overrides) == two_stage_in_norga_table
-        # with the compat gather a prediction depends on its batch: evaluate as the reference (128)
-        assert args.eval_batch_size == (128 if two_stage_in_norga_table else 256)
+        # NoRGa's code base ran its methods and baselines (not CODA) with the reference's quirks
+        norga_code_base = row["source"].startswith("NoRGa") and row["method"] != "coda"
+        prefix_gather = row["method"] in ("hide", "norga", "dualprompt", "sprompt++")
+        assert ("compat_reference_gather=true" in args.overrides) == (norga_code_base and prefix_gather)
+        assert ("compat_unmasked_test_logits=true" in args.overrides) == norga_code_base
+        assert ("compat_match_all_keys=true" in args.overrides) == (
+            norga_code_base and row["method"] in ("dualprompt", "sprompt++"))
+        # with the compat gather (or a batch-wise vote) a prediction depends on its batch: evaluate
+        # as the reference does (128)
+        assert args.eval_batch_size == (128 if norga_code_base else 256)
+        if norga_code_base and row["method"] in ("l2p", "dualprompt"):
+            assert row["preset"].startswith("norga-")
         assert args.out == Path(f"runs/reproduce/{row_id}/seed{seed}")
         assert (args.checkpoint_file is not None) == row["backbone"].startswith("ibot")
 

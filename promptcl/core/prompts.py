@@ -30,6 +30,16 @@ def prefix_prompt(kv: torch.Tensor, num_heads: int, gate: Optional[nn.Module] = 
     return static_prompt(heads[:, 0], heads[:, 1], gate)
 
 
+def reference_batch_mixed_pairs(kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) ``[L, B, ...]`` as dualprompt-pytorch's gather makes them from per-sample
+    prefixes ``kv`` ``[L, 2, B, ...]``: a reshape to ``[L, B, 2, ...]`` where a permute was needed.
+    Flattening (key/value, sample) row-major, sample b takes item 2b as its key and item 2b + 1 as
+    its value, i.e. other samples' halves; the HiDe/NoRGa/DualPrompt reference code has this bug."""
+    L, two, B = kv.shape[:3]
+    pairs = kv.reshape(L, B, two, *kv.shape[3:])
+    return pairs[:, :, 0], pairs[:, :, 1]
+
+
 def cosine_similarity_matrix(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """``[B, M]`` cosine similarities of each query to each key."""
     return F.normalize(query, dim=-1) @ F.normalize(keys, dim=-1).T

@@ -22,6 +22,7 @@ from torch import nn
 from promptcl.core.alignment import ClassGaussians, align_head, collect_features
 from promptcl.core.attention import static_prompt
 from promptcl.core.backbone import backbone_family, encode
+from promptcl.core.prompts import reference_batch_mixed_pairs
 from promptcl.config import require, require_layers
 from promptcl.distributed import gather_in_order
 from promptcl.methods import register_method
@@ -182,11 +183,9 @@ class HiDePrompt(PromptMethod):
         return P[:, :, task_ids]
 
     def layer_prompts(self, gathered: torch.Tensor) -> dict:
-        L, _, B = gathered.shape[:3]
+        L = gathered.shape[0]
         if self.config.compat_reference_gather:
-            # The reference reshapes [L, 2, B, ...] to [L, B, 2, ...] without a permute.
-            pairs = gathered.reshape(L, B, 2, *gathered.shape[3:])
-            keys, values = pairs[:, :, 0], pairs[:, :, 1]
+            keys, values = reference_batch_mixed_pairs(gathered)
         else:
             keys, values = gathered[:, 0], gathered[:, 1]
         keys, values = keys.transpose(2, 3), values.transpose(2, 3)  # [L, B, H, length, d]
@@ -284,10 +283,7 @@ class HiDePrompt(PromptMethod):
         if self.config.compat_reference_gather and self.config.batchwise_prompt:
             # The reference's 5-datasets protocol: the whole batch takes its most voted task.
             used = torch.full_like(tasks, int(torch.bincount(tasks).argmax()))
-        logits = self.head(self.features(images, used))
-        if not self.config.compat_unmasked_test_logits:
-            logits = mask_logits(logits, range(0, self.seen_classes))
-        return logits.argmax(-1), {"task": used}
+        return self.seen_class_logits(self.head(self.features(images, used))).argmax(-1), {"task": used}
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images, self.infer_tasks(images)))

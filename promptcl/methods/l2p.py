@@ -8,6 +8,13 @@ chosen blocks, and the head reads [CLS]. A surrogate loss pulls the picked keys 
 
 Selection is per sample by default; ``batchwise_prompt`` reproduces the reference's majority vote
 over the batch (at training and test time), which makes predictions depend on the test batch.
+
+``token_layout`` of the prompt form: ``l2p-pytorch`` (the picked tokens carry the class token's
+position embedding, the head reads their mean) or ``dualprompt-pytorch`` (the L2P of the
+dualprompt-pytorch lineage that HiDe-Prompt and NoRGa run as their baseline: tokens without a
+position embedding, the head reads [CLS]). The ``norga-*`` presets are that baseline's configs in
+NoRGa's code base (MoE_PromptCL), with ``compat_unmasked_test_logits`` for its test-time argmax over
+every class.
 Two backbone passes per image, at training and at test time (query, then prompted).
 """
 
@@ -46,9 +53,15 @@ class L2PConfig:
     schedule: Literal["constant", "coda_cosine"] = "constant"
     grad_clip: float = 1.0
     batchwise_prompt: bool = False  # the reference default is True (see the module docstring)
+    token_layout: Literal["l2p-pytorch", "dualprompt-pytorch"] = "l2p-pytorch"  # prompt form only
+    compat_unmasked_test_logits: bool = False
 
     def __post_init__(self) -> None:
         require(self.form in ("prompt", "prefix"), f"form must be 'prompt' or 'prefix', got {self.form!r}")
+        require(self.token_layout in ("l2p-pytorch", "dualprompt-pytorch"),
+                f"token_layout must be 'l2p-pytorch' or 'dualprompt-pytorch', got {self.token_layout!r}")
+        require(self.form == "prompt" or self.token_layout == "l2p-pytorch",
+                "token_layout applies to the prompt form only")
         require(self.pool_size >= 1 and self.prompt_length >= 1, "pool_size and prompt_length must be >= 1")
         require(1 <= self.top_k <= self.pool_size,
                 f"top_k={self.top_k} must be between 1 and pool_size={self.pool_size}")
@@ -68,13 +81,17 @@ L2P_PLUS = dataclasses.replace(PAPER, form="prefix", pool_size=30, prompt_length
 DEEP_L2P_PLUS = dataclasses.replace(L2P_PLUS, prefix_layers=(0, 1, 2, 3, 4))
 # Scaled to the small offline ViTs (4-6 blocks) and their benchmarks (tasks of 300-3,000 images).
 SMALL = dataclasses.replace(PAPER, pool_size=10, prompt_length=2, top_k=3, epochs=6, batch_size=32, lr=0.01)
+# MoE_PromptCL configs/{cifar100,imr}_l2p.py as its scripts run them (--batch-size 128, lr 0.005 x 128 / 256).
+NORGA_CIFAR100 = dataclasses.replace(PAPER, token_layout="dualprompt-pytorch", pool_size=30, top_k=5, epochs=10,
+                                     lr=0.0025)
 
 
 @register_method("l2p")
 class L2P(PromptMethod):
     Config = L2PConfig
     PRESETS = {"paper": PAPER, "l2p++": L2P_PLUS, "deep-l2p++": DEEP_L2P_PLUS,
-               "imagenet-r": dataclasses.replace(PAPER, epochs=50), "small": SMALL}
+               "imagenet-r": dataclasses.replace(PAPER, epochs=50), "small": SMALL,
+               "norga-cifar100": NORGA_CIFAR100, "norga-imagenet-r": dataclasses.replace(NORGA_CIFAR100, epochs=50)}
     TEST_PASSES = 2
     REFERENCE_CODE_BASE = "hide"
 
@@ -105,7 +122,11 @@ class L2P(PromptMethod):
         B, c = len(images), self.config
         chosen = self.pool[picked]
         if c.form == "prompt":
-            tokens = encode_tokens(self.backbone, images, input_tokens=chosen.reshape(B, -1, self.embed_dim))
+            reads_cls = c.token_layout == "dualprompt-pytorch"
+            tokens = encode_tokens(self.backbone, images, input_tokens=chosen.reshape(B, -1, self.embed_dim),
+                                   input_tokens_positioned=not reads_cls)
+            if reads_cls:
+                return self.backbone.forward_head(tokens, pre_logits=True)
             start = self.backbone.num_prefix_tokens
             return tokens[:, start:start + c.top_k * c.prompt_length].mean(dim=1)
         # [B, k, layer, 2, length, D] -> per layer [B, 2, k * length, D]
