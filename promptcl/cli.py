@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="a random-init backbone instead of its pretrained weights (a control)")
     run.add_argument("--checkpoint-file", default=None, help="backbone weights from a local file")
     run.add_argument("--data-dir", default=None, help="root of the benchmarks read from disk (default: $PROMPTCL_DATA)")
+    run.add_argument("--split-file", default=None,
+                     help="ImageNet-R's train/test split: promptcl's list format or CODA-Prompt's "
+                          "imagenet-r_train.yaml (its _test.yaml beside it); default: the shipped HiDe/NoRGa split")
     run.add_argument("--protocol", choices=PROTOCOLS, default=None,
                      help="input pipeline of a disk benchmark: the method's reference code base's (default), "
                           "a named one, or one common to every method")
@@ -203,7 +206,8 @@ def run_spec(args):
 
     return RunSpec(method=args.method, dataset=args.dataset, seed=args.seed, backbone=args.backbone,
                    pretrained=args.pretrained, checkpoint_file=args.checkpoint_file,
-                   data_dir=args.data_dir, eval_batch_size=args.eval_batch_size, device=args.device,
+                   data_dir=args.data_dir, split_file=args.split_file, eval_batch_size=args.eval_batch_size,
+                   device=args.device,
                    precision=args.precision, increment=args.increment, preset=args.preset,
                    protocol=args.protocol, loader_workers=args.loader_workers,
                    compile_backbone=args.compile_backbone, overrides=parse_overrides(args.overrides))

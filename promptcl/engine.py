@@ -26,6 +26,7 @@ from promptcl.core.pretrain import local_backbone, verified_shipped_checkpoint
 from promptcl.config import apply_overrides, as_flat_dict
 from promptcl.data.benchmarks import (ClassIncremental, check_data_dir, dataset_spec, load_dataset,
                                       scenario_class_order)
+from promptcl.data.paper import split_sha256
 from promptcl.data.preprocessing import Preprocessing, resolve_preprocessing
 from promptcl.methods import get_method
 from promptcl.methods.base import Phase, PromptMethod, TaskInfo
@@ -50,6 +51,7 @@ class RunSpec:
     pretrained: bool = True  # False: a random-init backbone (a control)
     checkpoint_file: Optional[str] = None
     data_dir: Optional[str] = None
+    split_file: Optional[str] = None  # a train/test split for the datasets that take one (ImageNet-R)
     eval_batch_size: int = 256
     device: str = "auto"
     precision: str = "fp32"  # "bf16": autocast on the run's device for every forward pass
@@ -76,6 +78,8 @@ class ResolvedRun:
         spec.pop("overrides")
         spec["backbone"] = self.backbone
         spec["protocol"] = self.preprocessing.name if self.preprocessing else "native"
+        if self.spec.split_file is not None:  # the split's identity is its content, not its path
+            spec["split_file_sha256"] = split_sha256(Path(self.spec.split_file))
         resolved = {"run": spec, "method_config": dataclasses.asdict(self.config)}
         if self.preprocessing is not None:
             resolved["preprocessing"] = self.preprocessing.to_dict()
@@ -104,7 +108,7 @@ def resolve_run(spec: RunSpec) -> ResolvedRun:
     if ds.has_pipeline and input_shape(backbone) != (3, 224, 224):
         raise ValueError(f"backbone {backbone!r} takes {input_shape(backbone)} inputs; {spec.dataset} is "
                          "shown at 3 x 224 x 224")
-    check_data_dir(spec.dataset, spec.data_dir)
+    check_data_dir(spec.dataset, spec.data_dir, spec.split_file)
     preprocessing = None
     if ds.has_pipeline:
         preprocessing = resolve_preprocessing(spec.protocol or "reference", code_base=method_cls.REFERENCE_CODE_BASE,
@@ -323,7 +327,7 @@ def _set_up(run: ResolvedRun) -> _Setup:
     """Device, tasks and a freshly initialised method for ``run`` (seeded)."""
     spec = run.spec
     device = pick_device(spec.device)
-    data = load_dataset(spec.dataset, spec.data_dir, run.preprocessing)
+    data = load_dataset(spec.dataset, spec.data_dir, run.preprocessing, spec.split_file)
     ds = dataset_spec(spec.dataset)
     workers = spec.loader_workers
     if workers is None:

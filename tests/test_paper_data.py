@@ -17,6 +17,7 @@ from disk_formats import solid_images, write_cifar, write_idx, write_jpegs
 from promptcl.data import paper
 from promptcl.data.benchmarks import ClassIncremental, DATASETS, load_dataset, scenario_class_order
 from promptcl.data.preprocessing import CIFAR100_MEAN, CIFAR100_STD, CODA, HIDE, common
+from promptcl.cli import main
 from promptcl.engine import RunSpec, resolve_run
 
 DISK_BENCHMARKS = ("cifar100", "imagenet_r", "cub200", "five_datasets")
@@ -148,6 +149,53 @@ def test_imagenet_r_loader_reads_a_split_list_of_the_image_folder(tmp_path):
     # the shipped list names the release's 30,000 files: a folder without them fails in one line
     with pytest.raises(ValueError, match=r"^imagenet_r: 29979 of the 30000 images in the split list .* e\.g\. "):
         load_dataset("imagenet_r", tmp_path, HIDE)
+
+
+def write_coda_split(folder, entries):
+    """CODA-Prompt's imagenet-r_{train,test}.yaml: ``data`` paths and ``targets`` class indices."""
+    for part in ("train", "test"):
+        rows = [(name, target) for name, p, target in entries if p == part]
+        text = "data:\n" + "".join(f"- data/imagenet-r/{name}\n" for name, _ in rows)
+        text += "targets:\n" + "".join(f"- {target}\n" for _, target in rows)
+        (folder / f"imagenet-r_{part}.yaml").write_text(text)
+    return folder / "imagenet-r_train.yaml"
+
+
+def test_imagenet_r_reads_coda_prompts_split_with_its_class_indices(tmp_path, capsys):
+    """SMoPE/CODA/OVOR/VQ-Prompt's split and class numbering (not the sorted wnids): their seeded
+    class order permutes those indices, so a seed gives their tasks only with their numbering."""
+    wnids = {"n01443537": 2, "n01484850": 0, "n01494475": 1}  # CODA's index of each class
+    entries = []
+    for k, wnid in enumerate(wnids):
+        names = [f"art_{i}.jpg" for i in range(5)]
+        write_jpegs(tmp_path / "imagenet-r" / wnid, names, 80 * k)
+        entries += [(f"{wnid}/{n}", "test" if i == 0 else "train", wnids[wnid]) for i, n in enumerate(names)]
+    train_yaml = write_coda_split(tmp_path, entries)
+    data = paper.load_imagenet_r(tmp_path, CODA, split_file=train_yaml)
+    assert (len(data.train), len(data.test), data.num_classes) == (12, 3, 3)
+    assert data.test_labels.tolist() == [2, 0, 1]  # by file name: n01443537, n01484850, n01494475
+    assert data.train[0][1] == 2 and data.train[0][0].shape == (3, 224, 224)
+
+    run = resolve_run(RunSpec(method="simplecil", dataset="imagenet_r", data_dir=tmp_path, split_file=train_yaml))
+    recorded = run.to_dict()["run"]
+    assert recorded["split_file_sha256"] == paper.split_sha256(train_yaml)
+    (tmp_path / "imagenet-r_test.yaml").write_text((tmp_path / "imagenet-r_test.yaml").read_text() + "- x\n")
+    assert paper.split_sha256(train_yaml) != recorded["split_file_sha256"]  # the test half counts too
+
+    # bad split files fail before any work, in one line, nothing written
+    (tmp_path / "imagenet-r_test.yaml").unlink()
+    (tmp_path / "bad").mkdir()  # one class listed under two indices
+    two_indices = write_coda_split(tmp_path / "bad", [(n, p, i % 2) for i, (n, p, _) in enumerate(entries)])
+    cases = [(train_yaml, "imagenet-r_test.yaml"), (tmp_path / "none.txt", "does not exist"),
+             (two_indices, "has two indices"), (tmp_path / "bad" / "imagenet-r_test.yaml", "must be the *_train.yaml")]
+    for split_file, message in cases:
+        out = tmp_path / "run"
+        assert main(["run", "--method", "simplecil", "--dataset", "imagenet_r", "--data-dir", str(tmp_path),
+                     "--split-file", str(split_file), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and not out.exists(), err
+    with pytest.raises(ValueError, match="'cifar100' has a fixed train/test split; a split file applies to imagenet_r"):
+        resolve_run(RunSpec(method="simplecil", dataset="cifar100", split_file=str(train_yaml)))
 
 
 def test_shipped_imagenet_r_split_is_the_reference_generator_output():
@@ -324,6 +372,15 @@ def test_a_study_passes_the_disk_benchmark_options_to_every_trial(cifar_root, tm
                          method="smope", search_space=lambda trial: None, smoke_overrides={})
     with pytest.raises(ValueError, match="does not exist"):
         validate_study(bad)
+    # a split file reaches the trials as an absolute path; on a dataset with a fixed split it fails the study
+    split = tmp_path / "split.txt"
+    split.write_text("train n01443537/art_0.jpg\n")
+    with_split = spec_from_args(parser.parse_args(["--dataset", "cifar100", "--data-dir", str(root), "--split-file",
+                                                   os.path.relpath(split), "--runs-dir", str(tmp_path)]),
+                                method="smope", search_space=lambda trial: None, smoke_overrides={})
+    assert with_split.run_options["split_file"] == str(split.resolve())
+    with pytest.raises(ValueError, match="has a fixed train/test split"):
+        validate_study(with_split)
 
 
 def test_probe_reads_a_disk_benchmark(tmp_path):

@@ -93,6 +93,9 @@ def test_dry_run_prints_commands_that_promptcl_run_parses(capsys, monkeypatch, r
         assert args.eval_batch_size == (128 if norga_code_base else 256)
         if norga_code_base and row["method"] in ("l2p", "dualprompt"):
             assert row["preset"].startswith("norga-")
+        # SMoPE's ImageNet-R numbers come from CODA-Prompt's split and class numbering
+        smope_imagenet_r = row["source"].startswith("SMoPE") and row["benchmark"] == "imagenet_r"
+        assert (args.split_file == "$PROMPTCL_DATA/coda-splits/imagenet-r_train.yaml") == smope_imagenet_r
         assert args.out == Path(f"runs/reproduce/{row_id}/seed{seed}")
         assert (args.checkpoint_file is not None) == row["backbone"].startswith("ibot")
 

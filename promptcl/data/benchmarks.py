@@ -44,7 +44,8 @@ class DatasetSpec:
     # the methods' preset for it ("small": the offline benchmarks; a method without it uses "paper")
     method_preset: str = "paper"
     domain_size: Optional[int] = None  # multi-domain: classes per source, one task each, sources kept whole
-    check: Optional[Callable[[Path], None]] = None  # raises ValueError when the files under the root are not usable
+    check: Optional[Callable[..., None]] = None  # (root[, split_file]): ValueError when the files are not usable
+    takes_split_file: bool = False  # loader and check accept split_file=, a user-given train/test split
 
     @property
     def has_pipeline(self) -> bool:
@@ -57,12 +58,12 @@ DATASETS: dict[str, DatasetSpec] = {}
 
 def register_dataset(name: str, *, default_backbone: str, num_classes: int, default_increment: int,
                      needs_data_dir: bool = False, method_preset: str = "paper", domain_size: Optional[int] = None,
-                     check: Optional[Callable[[Path], None]] = None):
+                     check: Optional[Callable[..., None]] = None, takes_split_file: bool = False):
     def wrap(fn: Callable[..., ClassificationData]):
         if name in DATASETS:
             raise ValueError(f"dataset {name!r} is registered twice")
         DATASETS[name] = DatasetSpec(name, fn, default_backbone, needs_data_dir, num_classes, default_increment,
-                                     method_preset, domain_size, check)
+                                     method_preset, domain_size, check, takes_split_file)
         return fn
 
     return wrap
@@ -92,14 +93,27 @@ def data_root(data_dir: Optional[str | Path]) -> tuple[Optional[Path], str]:
     return (Path(env), "$PROMPTCL_DATA") if env else (None, "")
 
 
-def check_data_dir(name: str, data_dir: Optional[str | Path]) -> Optional[Path]:
-    """The dataset's data root, after checking its files are where and what they must be (one-line
-    ValueError otherwise); None for the offline benchmarks."""
+def check_data_dir(name: str, data_dir: Optional[str | Path],
+                   split_file: Optional[str | Path] = None) -> Optional[Path]:
+    """The dataset's data root, after checking its files (and ``split_file``, where the dataset takes
+    one) are where and what they must be (one-line ValueError otherwise); None for the offline benchmarks."""
     spec = dataset_spec(name)
+    split_options = _split_options(name, split_file)
     root = _existing_root(name, data_dir)
     if root is not None and spec.check is not None:
-        spec.check(root)
+        spec.check(root, **split_options)
     return root
+
+
+def _split_options(name: str, split_file: Optional[str | Path]) -> dict[str, Path]:
+    if split_file is None:
+        return {}
+    if not dataset_spec(name).takes_split_file:
+        takers = sorted(n for n, s in DATASETS.items() if s.takes_split_file)
+        raise ValueError(f"dataset {name!r} has a fixed train/test split; a split file applies to {', '.join(takers)}")
+    if not Path(split_file).is_file():
+        raise ValueError(f"split file {str(split_file)!r} does not exist")
+    return {"split_file": Path(split_file)}
 
 
 def _existing_root(name: str, data_dir: Optional[str | Path]) -> Optional[Path]:
@@ -113,15 +127,18 @@ def _existing_root(name: str, data_dir: Optional[str | Path]) -> Optional[Path]:
     return root
 
 
-def load_dataset(name: str, data_dir: Optional[str | Path] = None, preprocessing=None) -> ClassificationData:
+def load_dataset(name: str, data_dir: Optional[str | Path] = None, preprocessing=None,
+                 split_file: Optional[str | Path] = None) -> ClassificationData:
     """``preprocessing`` (a :class:`~promptcl.data.preprocessing.Preprocessing`): the input pipeline
-    of a benchmark read from disk (the offline ones ignore it). Reading validates the files as
-    :func:`check_data_dir` does, so a resolved run does not check them twice."""
+    of a benchmark read from disk (the offline ones ignore it); ``split_file``: a train/test split for
+    the datasets that take one. Reading validates the files as :func:`check_data_dir` does, so a
+    resolved run does not check them twice."""
     spec = dataset_spec(name)
+    split_options = _split_options(name, split_file)
     root = _existing_root(name, data_dir)
     if spec.has_pipeline and preprocessing is None:
         raise ValueError(f"dataset {name!r} is read from disk: give its preprocessing protocol")
-    return spec.loader(root, preprocessing)
+    return spec.loader(root, preprocessing, **split_options)
 
 
 # The per-class train/test split of the embedded benchmark is fixed, independent of the run seed.

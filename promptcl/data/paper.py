@@ -5,7 +5,9 @@ torchvision lay them out:
 
 - ``cifar100``: ``cifar-100-python/{train,test,meta}`` (the python-version pickles);
 - ``imagenet_r``: ``imagenet-r/<wnid>/<image>`` (the release tar extracted); the 80/20 split is the
-  shipped list ``splits/imagenet_r.txt.gz`` (see :func:`imagenet_r_split`);
+  shipped list ``splits/imagenet_r.txt.gz`` (HiDe/NoRGa's, see :func:`imagenet_r_split`), or a split
+  file given with ``--split-file`` (the same format, or CODA-Prompt's ``imagenet-r_train.yaml`` with its
+  ``imagenet-r_test.yaml`` beside it: the split of CODA/OVOR/VQ-Prompt/SMoPE, with their class indices);
 - ``cub200``: ``CUB_200_2011/{images.txt,image_class_labels.txt,train_test_split.txt,images/}``;
 - ``five_datasets``: ``train_32x32.mat``/``test_32x32.mat`` (SVHN), ``MNIST/raw/`` and
   ``FashionMNIST/raw/`` (idx files), ``cifar-10-batches-py/``, ``notMNIST/{Train,Test}/<A-J>/``.
@@ -18,6 +20,7 @@ Every check runs before any work starts and fails with one line naming the missi
 from __future__ import annotations
 
 import gzip
+import hashlib
 import pickle
 from importlib.resources import files
 from pathlib import Path
@@ -155,6 +158,62 @@ def read_split_file(path: Path) -> dict[str, str]:
     return {name: part for part, name in rows}
 
 
+def read_coda_split(train_yaml: Path) -> tuple[dict[str, str], dict[str, int]]:
+    """CODA-Prompt's ImageNet-R split (``dataloaders/splits/imagenet-r_{train,test}.yaml``: lists
+    ``data`` of ``.../imagenet-r/<wnid>/<file>`` paths and ``targets`` of class indices): the split, and
+    each class's index in that code base, which its seeded class order permutes."""
+    import yaml
+
+    split: dict[str, str] = {}
+    classes: dict[str, int] = {}
+    for part, path in zip(("train", "test"), split_files(train_yaml)):
+        try:
+            with open(path) as f:
+                config = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+            data, targets = config["data"], config["targets"]
+        except (OSError, yaml.YAMLError, KeyError, TypeError) as err:
+            raise _damaged(path, "CODA-Prompt split file", err) from err
+        if len(data) != len(targets) or not all("imagenet-r/" in str(d) for d in data):
+            raise _damaged(path, "CODA-Prompt split file",
+                           "'data' must list .../imagenet-r/<wnid>/<file> paths, one per entry of 'targets'")
+        for entry, target in zip(data, targets):
+            name = str(entry).rsplit("imagenet-r/", 1)[1]
+            split[name] = part
+            if classes.setdefault(name.split("/")[0], int(target)) != int(target):
+                raise _damaged(path, "CODA-Prompt split file", f"class {name.split('/')[0]} has two indices")
+    if sorted(classes.values()) != list(range(len(classes))):
+        raise _damaged(train_yaml, "CODA-Prompt split file", "class indices are not 0..C-1, one per class")
+    return split, classes
+
+
+def split_files(path: Path) -> list[Path]:
+    """The files a split file stands for: itself, or CODA-Prompt's train yaml and its test yaml."""
+    path = Path(path)
+    if not path.name.endswith((".yaml", ".yml")):
+        return [path]
+    if "_train." not in path.name:
+        raise ValueError(f"CODA-Prompt split file {str(path)!r} must be the *_train.yaml file "
+                         "(its *_test.yaml is read from beside it)")
+    return [path, path.with_name(path.name.replace("_train.", "_test."))]
+
+
+def split_sha256(path: Path) -> str:
+    """One hash over the bytes of every file of a split (its identity in a run's configuration)."""
+    digest = hashlib.sha256()
+    for file in split_files(path):
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def read_imagenet_r_split(path: Path) -> tuple[dict[str, str], dict[str, int]]:
+    """A split file (promptcl's list or CODA-Prompt's yaml pair): ``<wnid>/<file>`` -> train/test,
+    and ``wnid`` -> class index (promptcl's list: the sorted wnids, as an ImageFolder numbers them)."""
+    if str(path).endswith((".yaml", ".yml")):
+        return read_coda_split(path)
+    split = read_split_file(path)
+    return split, {wnid: i for i, wnid in enumerate(sorted({name.split("/")[0] for name in split}))}
+
+
 def write_split_file(split: dict[str, str], path: Path) -> None:
     text = "".join(f"{split[name]} {name}\n" for name in sorted(split))
     with gzip.GzipFile(path, "wb", mtime=0) as f:  # mtime 0: the same split gives the same bytes
@@ -162,14 +221,12 @@ def write_split_file(split: dict[str, str], path: Path) -> None:
 
 
 def _imagenet_r_items(root: Path, split_file: Path) -> tuple[tuple, tuple]:
-    split = read_split_file(split_file)
+    split, index = read_imagenet_r_split(split_file)
     folder = root / "imagenet-r"
     missing = [name for name in split if not (folder / name).is_file()]
     if missing:
         raise ValueError(f"imagenet_r: {len(missing)} of the {len(split)} images in the split list "
                          f"{str(split_file)!r} are missing under {str(folder)!r}, e.g. {missing[0]}")
-    wnids = sorted({name.split("/")[0] for name in split})
-    index = {w: i for i, w in enumerate(wnids)}
     parts = []
     for part in ("train", "test"):
         names = sorted(n for n, p in split.items() if p == part)
@@ -197,9 +254,9 @@ def check_imagenet_r(root: Path, split_file: Optional[Path] = None) -> None:
 
 
 @register_dataset("imagenet_r", default_backbone="sup1k", num_classes=200, default_increment=20,
-                  needs_data_dir=True, method_preset="imagenet-r", check=check_imagenet_r)
+                  needs_data_dir=True, method_preset="imagenet-r", check=check_imagenet_r, takes_split_file=True)
 def load_imagenet_r(root: Path, preprocessing: Preprocessing, split_file: Optional[Path] = None) -> ClassificationData:
-    """Split ImageNet-R: 200 classes, 24,000 / 6,000 images with the shipped split list."""
+    """Split ImageNet-R: 200 classes, 24,000 / 6,000 images with the shipped split list (or ``split_file``)."""
     _need(root, "imagenet_r", ["imagenet-r"])
     train, test = _imagenet_r_items(root, split_file or shipped_imagenet_r_split())
     num_classes = int(max(train[1].max(), test[1].max())) + 1

@@ -511,6 +511,7 @@ def study_parser(description: str, *, name: str, num_samples: int, objectives: t
     p.add_argument("--checkpoint-file", default=None, help="backbone weights from a file every worker can read")
     p.add_argument("--data-dir", default=None,
                    help="root of a disk benchmark, visible to every worker (default: $PROMPTCL_DATA)")
+    p.add_argument("--split-file", default=None, help="ImageNet-R's train/test split file (as promptcl run)")
     p.add_argument("--protocol", choices=PROTOCOLS, default=None, help="a disk benchmark's input pipeline")
     p.add_argument("--compile-backbone", action="store_true", default=None,
                    help="torch.compile each trial's frozen un-prompted pass (pays off on long GPU runs)")
@@ -568,12 +569,13 @@ def _run_options(args) -> dict[str, Any]:
     trial in its own directory (and a cluster's workers may lack the driver's $PROMPTCL_DATA)."""
     from promptcl.data.benchmarks import DATASETS, data_root
 
-    options = {key: getattr(args, key) for key in ("backbone", "checkpoint_file", "data_dir", "protocol",
+    options = {key: getattr(args, key) for key in ("backbone", "checkpoint_file", "data_dir", "split_file", "protocol",
                                                     "compile_backbone") if getattr(args, key) is not None}
     dataset = DATASETS.get(study_dataset(args))  # an unknown one is reported by validate_study
     if dataset is not None and dataset.needs_data_dir and data_root(args.data_dir)[0] is not None:
         options["data_dir"] = data_root(args.data_dir)[0]
-    return {k: str(Path(v).resolve()) if k in ("checkpoint_file", "data_dir") else v for k, v in options.items()}
+    paths = ("checkpoint_file", "data_dir", "split_file")
+    return {k: str(Path(v).resolve()) if k in paths else v for k, v in options.items()}
 
 
 def spec_from_args(args, *, method: str, search_space: SearchSpace, smoke_overrides: dict[str, Any],
