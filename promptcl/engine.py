@@ -419,6 +419,7 @@ def run_sequence(
             if name == "accuracy" and result.task_identity is not None:
                 matrices.setdefault("task_identity", np.zeros((T, T)))[t, i] = result.task_identity
 
+    method.training_augmented = scenario.data.train_augmented is not None
     for t in range(first_task, T):
         task = TaskInfo(index=t, classes=scenario.task_classes(t), num_tasks=T)
         if store is not None:
@@ -427,7 +428,7 @@ def run_sequence(
         loader = scenario.train_loader(t, batch_size=batch_size, seed=spec.seed,
                                        cumulative=method.TRAINS_ON_SEEN_TASKS)
         # Augmented images never repeat: their frozen features are computed, not stored.
-        method.feature_store = None if scenario.data.train_augmented is not None else store
+        method.feature_store = None if method.training_augmented else store
         for phase in method.phases(task):
             train_phase(method, phase, task, loader, device, progress=progress, precision=spec.precision)
         method.feature_store = store

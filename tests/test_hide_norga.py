@@ -2,6 +2,8 @@
 mechanics, batch invariance, presets, costs."""
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,14 +161,42 @@ def test_tii_learns_tasks_and_realigns_on_gaussian_replays():
     labels = torch.arange(4).repeat_interleave(40)
     for t in range(2):
         sel = (labels // 2) == t
-        tii.fit_task(feats[sel], labels[sel], range(2 * t, 2 * t + 2), epochs=30, batch_size=16, lr=1e-2,
-                     grad_clip=1.0, generator=g)
+        tii.fit_task(lambda: (feats[sel], labels[sel]), range(2 * t, 2 * t + 2), epochs=30, batch_size=16,
+                     lr=1e-2, grad_clip=1.0, generator=g)
         tii.stats.fit(feats[sel], labels[sel])
     # trained task by task, the classifier is biased to the last task; realignment fixes it
     tii.realign(seen=range(0, 4), iterations=2, epochs=30, samples_per_class=32, lr=0.05, generator=g)
     with torch.no_grad():
         assert (tii(feats).argmax(1) == labels).float().mean() > 0.95
     assert torch.allclose(tii.stats.cov[0], tii.stats.cov[0].T) and tii.stats.cov.shape == (4, 8, 8)
+
+
+@pytest.mark.parametrize("benchmark_augments,tii_augmented", [(True, True), (True, False), (False, True)])
+def test_stage_a_trains_on_a_fresh_augmented_pass_per_epoch_as_the_reference(benchmark_augments, tii_augmented):
+    """Stage A's MLP sees each epoch's augmented images through the frozen backbone (never stored);
+    its class statistics and stage B's read the test-time pipeline. Without augmentation in the
+    benchmark (or with tii_augmented off), the frozen features are computed once."""
+    from promptcl.core.feature_store import FeatureStore
+
+    m = make(tii_epochs=3, tii_augmented=tii_augmented)
+    m.training_augmented = benchmark_augments
+    m.begin_task(TaskInfo(0, range(0, 2), T))
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(8, 1, 8, 8, generator=g), torch.tensor([0, 1] * 4)
+    calls = []
+
+    def train_batches(augmented=False):
+        calls.append(augmented)
+        return [(images + 0.5 * torch.randn(images.shape, generator=g) if augmented else images, labels)]
+
+    with tempfile.TemporaryDirectory() as root:
+        m.feature_store = FeatureStore(Path(root), fingerprint={"test": 1})
+        m.end_task(TaskInfo(0, range(0, 2), T), train_batches, lambda name: None)
+        stored, in_memory = m.feature_store.computed, len(m.feature_store)
+    fresh = benchmark_augments and tii_augmented
+    assert calls == ([False, True, True, True, False] if fresh else [False, False])
+    assert m.frozen_images_computed == (3 * 8 if fresh else 0)  # augmented passes bypass the store
+    assert stored == in_memory == 8  # the un-augmented images, once
 
 
 def test_presets_and_backbone_defaults(cifar100_files):

@@ -3,11 +3,14 @@
 A frozen, un-prompted backbone gives [CLS] features; a residual MLP and a head over all classes
 learn to tell the classes (hence the tasks) apart, with per-task masked cross-entropy, per-class
 full-covariance Gaussians on the frozen features, and realignment on Gaussian replays of every
-seen class from the second task on. The frozen features depend only on (backbone, dataset,
-transform), so they are computed once per task's images and reused across epochs.
+seen class from the second task on. Un-augmented frozen features depend only on (backbone,
+dataset, transform): they are computed once per task's images and reused across epochs; the
+reference's training on augmented images takes a fresh pass per epoch (HiDe's ``tii_augmented``).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,13 +53,16 @@ class TaskIdentifier(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(self.mlp(features))
 
-    def fit_task(self, features: torch.Tensor, labels: torch.Tensor, classes: range, *, epochs: int,
-                 batch_size: int, lr: float, grad_clip: float, generator: torch.Generator) -> None:
-        """Masked CE on one task's (frozen) features, with a fresh Adam, as the reference does."""
+    def fit_task(self, epoch_features: Callable[[], tuple[torch.Tensor, torch.Tensor]], classes: range, *,
+                 epochs: int, batch_size: int, lr: float, grad_clip: float, generator: torch.Generator) -> None:
+        """Masked CE on one task's frozen features, with a fresh Adam, as the reference does;
+        ``epoch_features()`` gives each epoch's (features, labels): a fresh pass over augmented
+        images, or the same tensors every epoch."""
         params = [p for p in self.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=lr)
         self.train()
         for _ in range(epochs):
+            features, labels = epoch_features()
             order = torch.randperm(len(labels), generator=generator).to(labels.device)
             for start in range(0, len(labels), batch_size):
                 idx = order[start:start + batch_size]

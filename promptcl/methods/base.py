@@ -104,6 +104,7 @@ class PromptMethod(nn.Module):
         self.embed_dim = backbone.num_features
         self.seen_classes = 0
         self.feature_store: Optional[FeatureStore] = None  # attached by the engine for a study-wide cache
+        self.training_augmented = False  # set by the engine: the benchmark's training pipeline augments
         self.frozen_images_computed = 0  # un-prompted passes made without a store (per image)
         # the un-prompted pass itself; the engine may swap in a torch.compile'd one
         self.frozen_encoder: Callable[[torch.Tensor], torch.Tensor] = lambda x: encode(self.backbone, x)
@@ -199,11 +200,12 @@ class PromptMethod(nn.Module):
 
     # --- helpers for subclasses --------------------------------------------------------------
     @torch.no_grad()
-    def frozen_features(self, images: torch.Tensor) -> torch.Tensor:
+    def frozen_features(self, images: torch.Tensor, *, storable: bool = True) -> torch.Tensor:
         """The frozen backbone's un-prompted [CLS] feature: the query of query-based selection,
         task-identity and prototype inputs. Read from the run's feature store when it has one
-        (the engine attaches it), so a study computes it once per image."""
-        if self.feature_store is None:
+        (the engine attaches it), so a study computes it once per image; ``storable=False`` for
+        images that never repeat (augmented ones), which are computed and not stored."""
+        if self.feature_store is None or not storable:
             self.frozen_images_computed += len(images)
             return self.frozen_encoder(images)
         return self.feature_store.features(images, self.frozen_encoder)

@@ -56,6 +56,10 @@ class HiDeConfig:
     tii_ca_epochs: int = 30
     tii_ca_samples_per_class: int = 128
     tii_grad_clip: float = 1.0
+    # Stage A trains on a fresh frozen pass over augmented training images every epoch, as the
+    # reference; False: on un-augmented frozen features computed once (tii_epochs times cheaper).
+    # Benchmarks without training augmentation (the offline ones) compute them once either way.
+    tii_augmented: bool = True
     # Reproduce the reference's reshape-instead-of-permute prompt gather (samples get other
     # samples' key/value halves) and, with batchwise_prompt, its per-batch majority-vote task.
     compat_reference_gather: bool = False
@@ -244,13 +248,21 @@ class HiDePrompt(PromptMethod):
             self.prompts[:, :, t] = ((1 - c.prompt_momentum) * self.prompts[:, :, t]
                                      + c.prompt_momentum * self.prompts[:, :, :t].mean(2))
         seen = range(0, task.num_seen)
-        # Stage A: task-identity inference on frozen features, computed once for all epochs (each
-        # rank encodes its shard; the MLP trains on all of them, in the single-process order).
+        # Stage A: task-identity inference on frozen features (each rank encodes its shard; the MLP
+        # trains on all of them, in the single-process order). Statistics: un-augmented images.
         frozen, labels = collect_features(self.frozen_features, train_batches(), device)
         self.tii.stats.fit(frozen, labels)
         frozen, labels = gather_in_order(frozen), gather_in_order(labels)
+        if c.tii_augmented and self.training_augmented:
+            def epoch_features():  # a fresh augmented pass per epoch, as the reference trains stage A
+                fresh = collect_features(lambda x: self.frozen_features(x, storable=False),
+                                         train_batches(augmented=True), device)
+                return gather_in_order(fresh[0]), gather_in_order(fresh[1])
+        else:
+            def epoch_features():
+                return frozen, labels
         with torch.enable_grad():
-            self.tii.fit_task(frozen, labels, task.classes, epochs=c.tii_epochs, batch_size=c.batch_size,
+            self.tii.fit_task(epoch_features, task.classes, epochs=c.tii_epochs, batch_size=c.batch_size,
                               lr=c.tii_lr, grad_clip=c.tii_grad_clip, generator=generator)
         if t > 0 and c.tii_ca_epochs > 0:
             with torch.enable_grad():
