@@ -240,6 +240,15 @@ def test_dualprompt_never_picks_an_unseen_tasks_key_and_copies_the_previous_prom
     assert torch.equal(m.e_prompts[2], m.e_prompts[1])
 
 
+def test_vqprompt_presets_follow_the_official_configs_per_benchmark():
+    vq = get_method("vqprompt")
+    picked = {d: vq.preset_for(d, None, None, 10) for d in ("cifar100", "imagenet_r", "cub200")}
+    assert {d: (c.batch_size, c.lr, c.schedule, c.lr_hold_iters, c.ca_samples_per_class)
+            for d, c in picked.items()} == {"cifar100": (128, 0.0025, "hold-cosine", 80, 512),
+                                            "imagenet_r": (64, 0.0025, "hold-cosine", 40, 256),
+                                            "cub200": (128, 0.0025, "epoch-cosine", 0, 256)}
+
+
 # --- CODA-Prompt ----------------------------------------------------------------------------
 def test_coda_orthogonality_penalty_is_zero_exactly_for_orthonormal_rows():
     q, _ = torch.linalg.qr(torch.randn(16, 5, dtype=torch.float64))

@@ -51,6 +51,9 @@ class VQPromptConfig(AlignedRecipe):
 
 PAPER = VQPromptConfig()
 IMAGENET_R = dataclasses.replace(PAPER, batch_size=64, lr_hold_iters=40, ca_samples_per_class=256)
+# configs/cub-200_prompt_vq.yaml + experiments/cub-200.sh: CODA's per-epoch cosine over 20 epochs,
+# --ca_batch_size_ratio 2 (128 x 2 replays per class)
+CUB200 = dataclasses.replace(PAPER, schedule="epoch-cosine", lr_hold_iters=0, ca_samples_per_class=256)
 SMALL = dataclasses.replace(PAPER, prompt_layers=(0, 1, 2), prompt_length=2, pool_size=8, epochs=6, batch_size=32,
                              lr=0.01, lr_hold_iters=0, ca_epochs=20, ca_samples_per_class=32, ca_lr=1e-3,
                              ca_min_lr=1e-5)
@@ -66,7 +69,7 @@ def quantise(continuous: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
 @register_method("vqprompt")
 class VQPrompt(PromptMethod):
     Config = VQPromptConfig
-    PRESETS = {"paper": PAPER, "imagenet-r": IMAGENET_R, "small": SMALL}
+    PRESETS = {"paper": PAPER, "imagenet-r": IMAGENET_R, "cub200": CUB200, "small": SMALL}
     TEST_PASSES = 2
     REFERENCE_CODE_BASE = "coda"
 
