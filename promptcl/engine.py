@@ -78,7 +78,7 @@ class ResolvedRun:
         spec.pop("overrides")
         spec["backbone"] = self.backbone
         spec["protocol"] = self.preprocessing.name if self.preprocessing else "native"
-        if self.spec.split_file is not None:  # the split's identity is its content, not its path
+        if self.spec.split_file is not None:  # recorded with its content's hash: a path can be overwritten
             spec["split_file_sha256"] = split_sha256(Path(self.spec.split_file))
         resolved = {"run": spec, "method_config": dataclasses.asdict(self.config)}
         if self.preprocessing is not None:

@@ -183,18 +183,28 @@ def test_stage_a_trains_on_a_fresh_augmented_pass_per_epoch_as_the_reference(ben
     m.begin_task(TaskInfo(0, range(0, 2), T))
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randn(8, 1, 8, 8, generator=g), torch.tensor([0, 1] * 4)
-    calls = []
+    calls, passes = [], []
+
+    class Loader:  # like a DataLoader: every pass over it draws new augmentations
+        def __init__(self, augmented):
+            self.augmented = augmented
+
+        def __iter__(self):
+            passes.append(self.augmented)
+            yield (images + 0.5 * torch.randn(images.shape, generator=g) if self.augmented else images), labels
 
     def train_batches(augmented=False):
         calls.append(augmented)
-        return [(images + 0.5 * torch.randn(images.shape, generator=g) if augmented else images, labels)]
+        return Loader(augmented)
 
     with tempfile.TemporaryDirectory() as root:
         m.feature_store = FeatureStore(Path(root), fingerprint={"test": 1})
         m.end_task(TaskInfo(0, range(0, 2), T), train_batches, lambda name: None)
         stored, in_memory = m.feature_store.computed, len(m.feature_store)
     fresh = benchmark_augments and tii_augmented
-    assert calls == ([False, True, True, True, False] if fresh else [False, False])
+    # one augmented loader for the task, passed over once per epoch
+    assert calls == ([False, True, False] if fresh else [False, False])
+    assert passes == ([False, True, True, True, False] if fresh else [False, False])
     assert m.frozen_images_computed == (3 * 8 if fresh else 0)  # augmented passes bypass the store
     assert stored == in_memory == 8  # the un-augmented images, once
 
@@ -288,6 +298,14 @@ def test_compat_switch_is_tagged_as_an_unfair_protocol():
     # a batch-wide vote on the prompts makes a prediction depend on its batch too
     vote = resolve_run(RunSpec(method="l2p", dataset="digits", overrides={"batchwise_prompt": "true"}))
     assert vote.protocol_tags() == {"compat/batchwise_prompt": "true", "unfair_protocol": "true"}
+    # sharded over workers, each would mix or vote within its shard only: refused before any work
+    from promptcl.study.trainer import Scaling
+
+    for run in (compat, vote):
+        with pytest.raises(ValueError, match="run it on one worker"):
+            Scaling(num_workers=2).check(run)
+        Scaling(num_workers=1).check(run)
+    Scaling(num_workers=2).check(fair)
 
 
 def test_compat_unmasked_test_logits_lets_unseen_classes_win():

@@ -132,6 +132,17 @@ def test_l2p_prefix_form_puts_the_picked_prompts_in_the_prefix_layers():
     assert not torch.allclose(m.features(x, picked), out)
 
 
+@pytest.mark.parametrize("name,overrides,timm_init", [("l2p", {}, True), ("dualprompt", {}, True),
+                                                      ("sprompt++", {}, True), ("l2p", {"head_init": "pytorch"}, False)])
+def test_heads_start_as_their_reference_code_base_initialises_them(name, overrides, timm_init):
+    """timm's ViT init (truncated normal, std 0.02, zero bias) in the l2p-/dualprompt-pytorch lineage;
+    PyTorch's default (Kaiming-uniform, std 0.07 for 64 inputs, non-zero bias) in CODA's L2P++."""
+    head = make(name, **overrides).head
+    assert bool((head.bias == 0).all()) == timm_init
+    assert (0.015 < head.weight.std().item() < 0.025) == timm_init
+    assert get_method("l2p").PRESETS["l2p++"].head_init == "pytorch"
+
+
 def test_l2p_dualprompt_pytorch_layout_is_the_reference_prepend_and_cls_head():
     """The L2P of HiDe/NoRGa's baseline trainer: the picked tokens are concatenated in front of the
     position-embedded sequence (no position embedding of their own) and the head reads [CLS]."""
@@ -160,7 +171,7 @@ def e_prefix(method, slots, layer):
 def test_dualprompt_compat_gather_matches_a_hand_built_reference_gather():
     """dualprompt-pytorch gathers ``[L, 2, B, ...]`` and reshapes it (no permute) to ``[L, B, 2, ...]``:
     sample b gets item 2b as its key and item 2b + 1 as its value of the (key/value, sample) grid."""
-    m = begin(make("dualprompt", compat_reference_gather=True))
+    m = scramble(begin(make("dualprompt", compat_reference_gather=True)))  # a distinct prompt per slot
     slots = torch.tensor([3, 0, 4, 1])
     B, heads = len(slots), m.num_heads
     layer = m.config.e_layers[0]
@@ -170,8 +181,8 @@ def test_dualprompt_compat_gather_matches_a_hand_built_reference_gather():
     for b in range(B):
         assert torch.equal(keys[b], item(2 * b)) and torch.equal(values[b], item(2 * b + 1))
     # the default gather pairs each sample's own key and value halves
-    keys, values = e_prefix(begin(make("dualprompt")), slots, layer)
-    fair = begin(make("dualprompt"))
+    fair = scramble(begin(make("dualprompt")))
+    keys, values = e_prefix(fair, slots, layer)
     for b, t in enumerate(slots.tolist()):
         assert torch.equal(keys[b], as_heads(fair.e_prompts[t, 0, 0]))
         assert torch.equal(values[b], as_heads(fair.e_prompts[t, 0, 1]))

@@ -323,6 +323,12 @@ def test_seeded_workers_give_the_same_augmented_batches_and_statistics_see_none(
     first_task = np.flatnonzero(np.isin(data.train_labels, scenario(0).class_order[:10]))
     plain = torch.stack([data.train[i][0] for i in first_task])
     torch.testing.assert_close(torch.cat(statistics), plain)  # the test-time pipeline, no augmentation
+    # an augmented statistics-order loader (HiDe's stage A) draws new augmentations on every pass
+    # (HiDe's CIFAR pipeline: its brightness jitter shows on these solid-colour images)
+    jittered = ClassIncremental(load_dataset("cifar100", root, HIDE), increments=10, seed=0, num_workers=2)
+    augmented = jittered.train_loader(0, batch_size=8, seed=3, shuffle=False, augmented=True)
+    passes = [torch.cat([x for x, _ in augmented]) for _ in range(2)]
+    assert passes[0].shape == plain.shape and not torch.equal(passes[0], passes[1])
 
 
 def test_a_run_on_a_disk_benchmark_records_its_protocol(cifar_root, tmp_path):

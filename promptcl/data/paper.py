@@ -173,13 +173,14 @@ def read_coda_split(train_yaml: Path) -> tuple[dict[str, str], dict[str, int]]:
             data, targets = config["data"], config["targets"]
         except (OSError, yaml.YAMLError, KeyError, TypeError) as err:
             raise _damaged(path, "CODA-Prompt split file", err) from err
-        if len(data) != len(targets) or not all("imagenet-r/" in str(d) for d in data):
-            raise _damaged(path, "CODA-Prompt split file",
-                           "'data' must list .../imagenet-r/<wnid>/<file> paths, one per entry of 'targets'")
+        if (not isinstance(data, list) or not isinstance(targets, list) or not data or len(data) != len(targets)
+                or not all("imagenet-r/" in str(d) for d in data) or not all(isinstance(t, int) for t in targets)):
+            raise _damaged(path, "CODA-Prompt split file", "'data' must list .../imagenet-r/<wnid>/<file> paths, "
+                           "one per integer of 'targets'")
         for entry, target in zip(data, targets):
             name = str(entry).rsplit("imagenet-r/", 1)[1]
             split[name] = part
-            if classes.setdefault(name.split("/")[0], int(target)) != int(target):
+            if classes.setdefault(name.split("/")[0], target) != target:
                 raise _damaged(path, "CODA-Prompt split file", f"class {name.split('/')[0]} has two indices")
     if sorted(classes.values()) != list(range(len(classes))):
         raise _damaged(train_yaml, "CODA-Prompt split file", "class indices are not 0..C-1, one per class")

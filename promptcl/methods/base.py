@@ -71,6 +71,17 @@ def per_epoch(factor: Callable[[int, int], float], epochs: int) -> Callable[[int
     return lambda it, total: factor(it * epochs // max(total, 1), epochs)
 
 
+def timm_linear_init(*modules: nn.Module) -> None:
+    """timm's ViT init of every Linear layer in ``modules`` (truncated normal, std 0.02, zero bias):
+    how the dualprompt-pytorch lineage (L2P, DualPrompt, HiDe, NoRGa) starts its new heads, where
+    PyTorch's default would be Kaiming-uniform with a non-zero bias."""
+    for module in modules:
+        for layer in module.modules():
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+
+
 def mask_logits(logits: torch.Tensor, allowed: range) -> torch.Tensor:
     """Set every logit outside ``allowed`` to -inf."""
     mask = torch.full_like(logits, float("-inf"))

@@ -31,7 +31,7 @@ from promptcl.core.backbone import encode
 from promptcl.core.prompts import (SharedPrefix, batch_majority, cosine_similarity_matrix,
                                    prefix_prompt, pull_constraint, reference_batch_mixed_pairs)
 from promptcl.methods import register_method
-from promptcl.methods.base import Phase, PromptMethod, TaskInfo, mask_logits
+from promptcl.methods.base import Phase, PromptMethod, TaskInfo, mask_logits, timm_linear_init
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,6 +93,7 @@ class DualPrompt(PromptMethod):
             torch.empty(num_tasks, len(c.e_layers), 2, c.e_length, self.embed_dim).uniform_(low, high))
         self.keys = nn.Parameter(torch.empty(num_tasks, self.embed_dim).uniform_(low, high))
         self.head = nn.Linear(self.embed_dim, num_classes)
+        timm_linear_init(self.head)  # the reference's ViT init of its new head
         self.register_buffer("seen_tasks", torch.tensor(0))  # checkpointed with the prompts
 
     def validate_for_backbone(self) -> None:

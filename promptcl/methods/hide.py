@@ -26,7 +26,7 @@ from promptcl.core.prompts import reference_batch_mixed_pairs
 from promptcl.config import require, require_layers
 from promptcl.distributed import gather_in_order
 from promptcl.methods import register_method
-from promptcl.methods.base import Phase, PromptMethod, TaskInfo, mask_logits, per_epoch
+from promptcl.methods.base import Phase, PromptMethod, TaskInfo, mask_logits, per_epoch, timm_linear_init
 from promptcl.core.tii import TaskIdentifier
 
 CONTRASTIVE_TEMPERATURE = 0.8  # the reference's fixed divisor of the similarity matrix
@@ -160,10 +160,7 @@ class HiDePrompt(PromptMethod):
         self.head = nn.Linear(self.embed_dim, num_classes)
         self.class_stats = ClassGaussians(num_classes, self.embed_dim, covariance="full")
         self.tii = TaskIdentifier(self.embed_dim, num_classes, config.tii_structure)
-        for layer in [*self.head.modules(), *self.tii.modules()]:
-            if isinstance(layer, nn.Linear):  # the reference's timm-style init, not PyTorch's default
-                nn.init.trunc_normal_(layer.weight, std=0.02)
-                nn.init.zeros_(layer.bias)
+        timm_linear_init(self.head, self.tii)  # the reference's init, not PyTorch's default
         self.register_buffer("task_of_class", torch.full((num_classes,), -1, dtype=torch.long))
 
     def make_gates(self) -> nn.ModuleList:
@@ -252,13 +249,16 @@ class HiDePrompt(PromptMethod):
         # trains on all of them, in the single-process order). Statistics: un-augmented images.
         frozen, labels = collect_features(self.frozen_features, train_batches(), device)
         self.tii.stats.fit(frozen, labels)
-        frozen, labels = gather_in_order(frozen), gather_in_order(labels)
         if c.tii_augmented and self.training_augmented:
+            # One loader for all epochs: each pass over it draws new augmentations (new worker seeds).
+            augmented = train_batches(augmented=True)
+
             def epoch_features():  # a fresh augmented pass per epoch, as the reference trains stage A
-                fresh = collect_features(lambda x: self.frozen_features(x, storable=False),
-                                         train_batches(augmented=True), device)
+                fresh = collect_features(lambda x: self.frozen_features(x, storable=False), augmented, device)
                 return gather_in_order(fresh[0]), gather_in_order(fresh[1])
         else:
+            frozen, labels = gather_in_order(frozen), gather_in_order(labels)
+
             def epoch_features():
                 return frozen, labels
         with torch.enable_grad():

@@ -13,8 +13,8 @@ over the batch (at training and test time), which makes predictions depend on th
 position embedding, the head reads their mean) or ``dualprompt-pytorch`` (the L2P of the
 dualprompt-pytorch lineage that HiDe-Prompt and NoRGa run as their baseline: tokens without a
 position embedding, the head reads [CLS]). The ``norga-*`` presets are that baseline's configs in
-NoRGa's code base (MoE_PromptCL), with ``compat_unmasked_test_logits`` for its test-time argmax over
-every class.
+NoRGa's code base (MoE_PromptCL); its batch-wise selection and test-time argmax over every class are
+the switches ``batchwise_prompt`` and ``compat_unmasked_test_logits`` (the manifest rows set both).
 Two backbone passes per image, at training and at test time (query, then prompted).
 """
 
@@ -33,7 +33,7 @@ from promptcl.core.backbone import encode_tokens
 from promptcl.core.prompts import (batch_majority, cosine_similarity_matrix, prefix_prompt,
                                    pull_constraint, top_keys)
 from promptcl.methods import register_method
-from promptcl.methods.base import Phase, PromptMethod, TaskInfo, coda_cosine, mask_logits
+from promptcl.methods.base import Phase, PromptMethod, TaskInfo, coda_cosine, mask_logits, timm_linear_init
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +54,8 @@ class L2PConfig:
     grad_clip: float = 1.0
     batchwise_prompt: bool = False  # the reference default is True (see the module docstring)
     token_layout: Literal["l2p-pytorch", "dualprompt-pytorch"] = "l2p-pytorch"  # prompt form only
+    # the new head's init: timm's ViT init (the l2p-/dualprompt-pytorch lineage) or PyTorch's (CODA's L2P++)
+    head_init: Literal["timm", "pytorch"] = "timm"
     compat_unmasked_test_logits: bool = False
 
     def __post_init__(self) -> None:
@@ -62,6 +64,7 @@ class L2PConfig:
                 f"token_layout must be 'l2p-pytorch' or 'dualprompt-pytorch', got {self.token_layout!r}")
         require(self.form == "prompt" or self.token_layout == "l2p-pytorch",
                 "token_layout applies to the prompt form only")
+        require(self.head_init in ("timm", "pytorch"), f"head_init must be 'timm' or 'pytorch', got {self.head_init!r}")
         require(self.pool_size >= 1 and self.prompt_length >= 1, "pool_size and prompt_length must be >= 1")
         require(1 <= self.top_k <= self.pool_size,
                 f"top_k={self.top_k} must be between 1 and pool_size={self.pool_size}")
@@ -77,7 +80,7 @@ PAPER = L2PConfig()
 # Adam 1e-3, batch 128, its cosine, 20 epochs on CIFAR-100), and the variant prompting blocks 0-4.
 L2P_PLUS = dataclasses.replace(PAPER, form="prefix", pool_size=30, prompt_length=10, top_k=5, prefix_layers=(0,),
                                pull_weight=1.0, init_range=(0.0, 1.0), epochs=20, lr=1e-3,
-                               schedule="coda_cosine", grad_clip=0.0)
+                               schedule="coda_cosine", grad_clip=0.0, head_init="pytorch")
 DEEP_L2P_PLUS = dataclasses.replace(L2P_PLUS, prefix_layers=(0, 1, 2, 3, 4))
 # Scaled to the small offline ViTs (4-6 blocks) and their benchmarks (tasks of 300-3,000 images).
 SMALL = dataclasses.replace(PAPER, pool_size=10, prompt_length=2, top_k=3, epochs=6, batch_size=32, lr=0.01)
@@ -104,6 +107,8 @@ class L2P(PromptMethod):
         self.pool = nn.Parameter(torch.empty(shape).uniform_(low, high))
         self.keys = nn.Parameter(torch.empty(c.pool_size, self.embed_dim).uniform_(low, high))
         self.head = nn.Linear(self.embed_dim, num_classes)
+        if c.head_init == "timm":
+            timm_linear_init(self.head)
 
     def validate_for_backbone(self) -> None:
         if self.config.form == "prefix":

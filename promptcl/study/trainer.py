@@ -46,6 +46,10 @@ class Scaling:
     def check(self, run: ResolvedRun) -> None:
         """Raise ValueError before any work when the run cannot be spread this way."""
         check_divisible(run.config.batch_size, self.num_workers)
+        batch_dependent = [k for k in ("compat_reference_gather", "batchwise_prompt") if getattr(run.config, k, False)]
+        if self.num_workers > 1 and batch_dependent:
+            raise ValueError(f"{' and '.join(batch_dependent)}: a sample's prompts depend on its whole batch, which "
+                             f"{self.num_workers} workers would split into shards; run it on one worker")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
             raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if self.use_gpu and self.gpus_per_worker <= 0:
