@@ -132,8 +132,11 @@ def test_l2p_prefix_form_puts_the_picked_prompts_in_the_prefix_layers():
     assert not torch.allclose(m.features(x, picked), out)
 
 
-@pytest.mark.parametrize("name,overrides,timm_init", [("l2p", {}, True), ("dualprompt", {}, True),
-                                                      ("sprompt++", {}, True), ("l2p", {"head_init": "pytorch"}, False)])
+HEAD_INITS = [("l2p", {}, True), ("dualprompt", {}, True), ("sprompt++", {}, True),
+              ("l2p", {"head_init": "pytorch"}, False)]
+
+
+@pytest.mark.parametrize("name,overrides,timm_init", HEAD_INITS)
 def test_heads_start_as_their_reference_code_base_initialises_them(name, overrides, timm_init):
     """timm's ViT init (truncated normal, std 0.02, zero bias) in the l2p-/dualprompt-pytorch lineage;
     PyTorch's default (Kaiming-uniform, std 0.07 for 64 inputs, non-zero bias) in CODA's L2P++."""
