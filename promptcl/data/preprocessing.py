@@ -13,8 +13,9 @@
 ``--protocol common`` gives every method one pipeline (fair comparisons): for every source
 RandomResizedCrop (scale 0.08-1, bicubic) + flip, tests Resize(256, bicubic) + CenterCrop(224), and
 the backbone's own pretraining mean/std. The offline tensor benchmarks have
-no pipeline (``native``). Augmentation only ever reaches the training loader: statistics passes
-(class Gaussians, task-identity features, expert usage) read the test-time pipeline.
+no pipeline (``native``). Augmentation only ever reaches training passes (prompts, HiDe/NoRGa's
+task-identity MLP): statistics passes (class Gaussians, task-identity statistics, expert usage) read
+the test-time pipeline.
 """
 
 from __future__ import annotations
