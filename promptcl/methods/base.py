@@ -7,6 +7,7 @@ A method declares its prompts and head (``__init__``), what it trains in each ph
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterable, Literal, Optional
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from promptcl.config import require
-from promptcl.core.backbone import attention_geometry, encode
+from promptcl.core.backbone import attention_geometry, backbone_family, encode
 from promptcl.core.feature_store import FeatureStore
 
 
@@ -104,6 +105,8 @@ class PromptMethod(nn.Module):
     # the code base whose input pipeline `--protocol reference` follows: "hide" (HiDe/NoRGa and the
     # baselines of their tables), "coda" (CODA/OVOR/VQ-Prompt/SMoPE), None (the common protocol)
     REFERENCE_CODE_BASE: ClassVar[Optional[str]] = None
+    # (dataset, backbone family) -> what that pair's reference script sets beyond the dataset's preset
+    SCRIPTS: ClassVar[dict[tuple[str, str], dict]] = {}
 
     def __init__(self, config, *, backbone: nn.Module, num_classes: int, num_tasks: int) -> None:
         super().__init__()
@@ -124,8 +127,13 @@ class PromptMethod(nn.Module):
     @classmethod
     def preset_for(cls, dataset: Optional[str], backbone: Optional[str] = None, preset: Optional[str] = None,
                    num_tasks: Optional[int] = None):
-        """The config a run starts from (before --set): see :meth:`preset_name`."""
-        return cls.PRESETS[cls.preset_name(dataset, preset, num_tasks)]
+        """The config a run starts from (before --set): the preset (see :meth:`preset_name`) with what the
+        reference script for (dataset, backbone family) sets beyond it (``SCRIPTS``; not for ``small``,
+        which is no script's)."""
+        name = cls.preset_name(dataset, preset, num_tasks)
+        family = backbone_family(backbone or "") or ""
+        settings = {} if name == "small" else cls.SCRIPTS.get((dataset or "", family), {})
+        return dataclasses.replace(cls.PRESETS[name], **settings)
 
     @classmethod
     def preset_name(cls, dataset: Optional[str], preset: Optional[str] = None, num_tasks: Optional[int] = None) -> str:

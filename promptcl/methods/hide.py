@@ -21,7 +21,7 @@ from torch import nn
 
 from promptcl.core.alignment import ClassGaussians, align_head, collect_features
 from promptcl.core.attention import static_prompt
-from promptcl.core.backbone import backbone_family, encode
+from promptcl.core.backbone import encode
 from promptcl.core.prompts import reference_batch_mixed_pairs
 from promptcl.config import require, require_layers
 from promptcl.distributed import gather_in_order
@@ -119,11 +119,6 @@ COSINE_MIN_LR = 1e-5  # the reference's timm cosine floor (absolute, per group)
 SELF_SUPERVISED = ("ibot21k", "ibot1k", "dino1k", "mocov3_1k")
 
 
-def script_settings(table: dict[tuple[str, str], dict], dataset: Optional[str], backbone: Optional[str]) -> dict:
-    """What the reference script for (dataset, backbone family) sets beyond the dataset's preset."""
-    return table.get((dataset or "", backbone_family(backbone or "") or ""), {})
-
-
 # HiDe's scripts with self-supervised backbones (norga.md 1.6): shorter prompt training, more momentum.
 HIDE_SCRIPTS = {
     **{("cifar100", b): dict(epochs=20, prompt_momentum=0.1) for b in SELF_SUPERVISED},
@@ -135,21 +130,11 @@ HIDE_SCRIPTS = {
 class HiDePrompt(PromptMethod):
     Config = HiDeConfig
     PRESETS = reference_presets(HiDeConfig())
-    SCRIPTS: dict[tuple[str, str], dict] = HIDE_SCRIPTS
+    SCRIPTS = HIDE_SCRIPTS
     # The reference's Sup-21K checkpoint is the original in21k ViT-B/16, not AugReg.
     DEFAULT_BACKBONES = {name: "sup21k" for name in ("cifar100", "imagenet_r", "cub200", "five_datasets")}
     TEST_PASSES = 2
     REFERENCE_CODE_BASE = "hide"
-
-    @classmethod
-    def preset_for(cls, dataset: Optional[str], backbone: Optional[str] = None, preset: Optional[str] = None,
-                   num_tasks: Optional[int] = None):
-        """The dataset's preset with the settings its reference script uses for this backbone (a
-        reference preset only: ``small`` is not a script's)."""
-        name = cls.preset_name(dataset, preset, num_tasks)
-        if name == "small":
-            return cls.PRESETS[name]
-        return dataclasses.replace(cls.PRESETS[name], **script_settings(cls.SCRIPTS, dataset, backbone))
 
     def __init__(self, config: HiDeConfig, *, backbone: nn.Module, num_classes: int, num_tasks: int) -> None:
         super().__init__(config, backbone=backbone, num_classes=num_classes, num_tasks=num_tasks)
