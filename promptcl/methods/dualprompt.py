@@ -32,6 +32,7 @@ from promptcl.core.prompts import (SharedPrefix, batch_majority, cosine_similari
                                    prefix_prompt, pull_constraint, reference_batch_mixed_pairs)
 from promptcl.methods import register_method
 from promptcl.methods.base import Phase, PromptMethod, TaskInfo, mask_logits, timm_linear_init
+from promptcl.methods.recipes import NORGA_BASELINE_SCRIPTS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,13 +71,17 @@ SMALL = dataclasses.replace(PAPER, g_layers=(0,), g_length=2, e_layers=(1, 2), e
 # MoE_PromptCL configs/{cifar100,imr}_dualprompt.py as its scripts run them (--batch-size 128).
 NORGA_CIFAR100 = dataclasses.replace(PAPER, e_length=20, epochs=20, batch_size=128, lr=0.0025)
 NORGA_IMAGENET_R = dataclasses.replace(NORGA_CIFAR100, epochs=50)
+# dualprompt-pytorch has no 5-datasets config; NoRGa's (configs/five_datasets_dualprompt.py) is the one:
+# a pool of 5, 40-token E-prompts, 10-token G-prompts, pull 0.5 (its batch-wise vote: batchwise_prompt).
+FIVE_DATASETS = dataclasses.replace(NORGA_CIFAR100, g_length=10, e_length=40, pull_weight=0.5)
 
 
 @register_method("dualprompt")
 class DualPrompt(PromptMethod):
     Config = DualPromptConfig
-    PRESETS = {"paper": PAPER, "imagenet-r": IMAGENET_R, "small": SMALL,
+    PRESETS = {"paper": PAPER, "imagenet-r": IMAGENET_R, "5datasets": FIVE_DATASETS, "small": SMALL,
                "norga-cifar100": NORGA_CIFAR100, "norga-imagenet-r": NORGA_IMAGENET_R}
+    SCRIPTS = NORGA_BASELINE_SCRIPTS
     TEST_PASSES = 2
     REFERENCE_CODE_BASE = "hide"
 
@@ -166,4 +171,5 @@ class SPromptPlusPlus(DualPrompt):
     G-prompt. promptcl's ``sprompt`` is the official S-Prompts (K-means centroids, prompt tuning)."""
 
     PRESETS = {"paper": SPROMPT_PP, "imagenet-r": dataclasses.replace(SPROMPT_PP, epochs=50),
+               "5datasets": dataclasses.replace(SPROMPT_PP, e_length=40, pull_weight=0.5),
                "small": dataclasses.replace(SMALL, g_layers=(), e_layers=(0, 1, 2))}

@@ -1,5 +1,9 @@
 """Training recipes shared by methods from the same code base.
 
+NoRGa's baseline trainer (L2P, DualPrompt, S-Prompt++ in its table): its 5-datasets scripts train 40
+epochs with Sup-21K and keep the configs' 20 with iBOT-21K (``NORGA_BASELINE_SCRIPTS``, applied by
+``PromptMethod.preset_for``).
+
 VQ-Prompt's code base, on which SMoPE's is built: AdamW with the prompts at a multiple of the
 head's learning rate, held at ``min_lr`` for ``lr_hold_iters`` iterations then a cosine down to it
 (``schedule="hold-cosine"``; the CUB scripts use CODA's per-epoch cosine instead, "epoch-cosine");
@@ -18,6 +22,9 @@ from torch import nn
 from promptcl.config import require
 from promptcl.core.alignment import ClassGaussians, align_head
 from promptcl.methods.base import TaskInfo, coda_cosine, hold_then_cosine
+
+
+NORGA_BASELINE_SCRIPTS = {("five_datasets", "sup21k"): dict(epochs=40)}
 
 
 @dataclass(frozen=True, kw_only=True)
