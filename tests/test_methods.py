@@ -271,6 +271,20 @@ def test_dualprompt_lineage_five_datasets_presets_follow_norgas_configs_and_scri
     assert get_method("l2p").preset_for("cifar100", "sup21k") == get_method("l2p").PRESETS["paper"]
 
 
+@pytest.mark.parametrize("name", ["l2p", "dualprompt", "sprompt++"])
+def test_norga_cub_presets_step_the_rate_on_the_first_task_only(name):
+    """NoRGa's baseline trainer on CUB: timm's StepLR (x0.1 every 30 epochs) stepped after each epoch
+    with that epoch's index, and bound to the first task's optimizer; later tasks keep the base rate."""
+    cls = get_method(name)
+    config = cls.preset_for("cub200", "sup21k")
+    assert (config.epochs, config.lr, config.batch_size, config.schedule) == (50, 0.0025, 128, "norga_cub")
+    m = make(name, schedule="norga_cub", epochs=50)
+    first, later = (m.phases(TaskInfo(t, range(2 * t, 2 * t + 2), T))[0].lr_factor for t in (0, 1))
+    per_epoch = [first(10 * e, 500) for e in range(50)]  # 10 iterations per epoch
+    assert per_epoch == [1.0] * 31 + [pytest.approx(0.1)] * 19  # epoch e trains at 0.1 ** ((e - 1) // 30)
+    assert later is None
+
+
 def test_vqprompt_presets_follow_the_official_configs_per_benchmark():
     vq = get_method("vqprompt")
     picked = {d: vq.preset_for(d, None, None, 10) for d in ("cifar100", "imagenet_r", "cub200")}

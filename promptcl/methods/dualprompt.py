@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ from promptcl.core.prompts import (SharedPrefix, batch_majority, cosine_similari
                                    prefix_prompt, pull_constraint, reference_batch_mixed_pairs)
 from promptcl.methods import register_method
 from promptcl.methods.base import Phase, PromptMethod, TaskInfo, mask_logits, timm_linear_init
-from promptcl.methods.recipes import NORGA_BASELINE_SCRIPTS
+from promptcl.methods.recipes import NORGA_BASELINE_SCRIPTS, norga_cub_schedule
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +50,7 @@ class DualPromptConfig:
     batch_size: int = 192
     lr: float = 0.0028125
     grad_clip: float = 1.0
+    schedule: Literal["constant", "norga_cub"] = "constant"  # norga_cub: see recipes.norga_cub_schedule
     batchwise_prompt: bool = False
     compat_reference_gather: bool = False
     compat_unmasked_test_logits: bool = False
@@ -74,12 +76,13 @@ NORGA_IMAGENET_R = dataclasses.replace(NORGA_CIFAR100, epochs=50)
 # dualprompt-pytorch has no 5-datasets config; NoRGa's (configs/five_datasets_dualprompt.py) is the one:
 # a pool of 5, 40-token E-prompts, 10-token G-prompts, pull 0.5 (its batch-wise vote: batchwise_prompt).
 FIVE_DATASETS = dataclasses.replace(NORGA_CIFAR100, g_length=10, e_length=40, pull_weight=0.5)
+CUB200 = dataclasses.replace(NORGA_CIFAR100, epochs=50, schedule="norga_cub")  # configs/cub_dualprompt.py
 
 
 @register_method("dualprompt")
 class DualPrompt(PromptMethod):
     Config = DualPromptConfig
-    PRESETS = {"paper": PAPER, "imagenet-r": IMAGENET_R, "5datasets": FIVE_DATASETS, "small": SMALL,
+    PRESETS = {"paper": PAPER, "imagenet-r": IMAGENET_R, "5datasets": FIVE_DATASETS, "cub200": CUB200, "small": SMALL,
                "norga-cifar100": NORGA_CIFAR100, "norga-imagenet-r": NORGA_IMAGENET_R}
     SCRIPTS = NORGA_BASELINE_SCRIPTS
     TEST_PASSES = 2
@@ -147,7 +150,8 @@ class DualPrompt(PromptMethod):
         c = self.config
         groups = [{"params": [*self.g_prompt.parameters(), self.e_prompts, self.keys, *self.head.parameters()],
                    "lr": c.lr}]
-        return [Phase("train", c.epochs, groups, grad_clip=c.grad_clip or None)]
+        factor = norga_cub_schedule(task, c.epochs) if c.schedule == "norga_cub" else None
+        return [Phase("train", c.epochs, groups, lr_factor=factor, grad_clip=c.grad_clip or None)]
 
     def training_loss(self, images, labels, task: TaskInfo, phase: Phase):
         t = task.index
@@ -172,4 +176,5 @@ class SPromptPlusPlus(DualPrompt):
 
     PRESETS = {"paper": SPROMPT_PP, "imagenet-r": dataclasses.replace(SPROMPT_PP, epochs=50),
                "5datasets": dataclasses.replace(SPROMPT_PP, e_length=40, pull_weight=0.5),
+               "cub200": dataclasses.replace(SPROMPT_PP, epochs=50, schedule="norga_cub"),  # its CUB scripts: 50
                "small": dataclasses.replace(SMALL, g_layers=(), e_layers=(0, 1, 2))}

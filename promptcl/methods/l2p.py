@@ -34,7 +34,7 @@ from promptcl.core.prompts import (batch_majority, cosine_similarity_matrix, pre
                                    pull_constraint, top_keys)
 from promptcl.methods import register_method
 from promptcl.methods.base import Phase, PromptMethod, TaskInfo, coda_cosine, mask_logits, timm_linear_init
-from promptcl.methods.recipes import NORGA_BASELINE_SCRIPTS
+from promptcl.methods.recipes import NORGA_BASELINE_SCRIPTS, norga_cub_schedule
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,7 +51,7 @@ class L2PConfig:
     epochs: int = 5
     batch_size: int = 128
     lr: float = 0.001875  # 0.03 x 16 / 256, the port's per-device scaling
-    schedule: Literal["constant", "coda_cosine"] = "constant"
+    schedule: Literal["constant", "coda_cosine", "norga_cub"] = "constant"
     grad_clip: float = 1.0
     batchwise_prompt: bool = False  # the reference default is True (see the module docstring)
     token_layout: Literal["l2p-pytorch", "dualprompt-pytorch"] = "l2p-pytorch"  # prompt form only
@@ -92,6 +92,7 @@ NORGA_CIFAR100 = dataclasses.replace(PAPER, token_layout="dualprompt-pytorch", p
 # prompts of 10 tokens, top-4, pull 0.5, 20 epochs (40 in its Sup-21K script: NORGA_BASELINE_SCRIPTS)
 FIVE_DATASETS = dataclasses.replace(NORGA_CIFAR100, pool_size=20, prompt_length=10, top_k=4, pull_weight=0.5,
                                     epochs=20)
+CUB200 = dataclasses.replace(NORGA_CIFAR100, epochs=50, schedule="norga_cub")  # NoRGa's configs/cub_l2p.py
 
 
 @register_method("l2p")
@@ -100,7 +101,7 @@ class L2P(PromptMethod):
     PRESETS = {"paper": PAPER, "l2p++": L2P_PLUS, "deep-l2p++": DEEP_L2P_PLUS,
                "imagenet-r": dataclasses.replace(PAPER, epochs=50), "small": SMALL,
                "norga-cifar100": NORGA_CIFAR100, "norga-imagenet-r": dataclasses.replace(NORGA_CIFAR100, epochs=50),
-               "5datasets": FIVE_DATASETS}
+               "5datasets": FIVE_DATASETS, "cub200": CUB200}
     SCRIPTS = NORGA_BASELINE_SCRIPTS
     TEST_PASSES = 2
     REFERENCE_CODE_BASE = "hide"
@@ -154,7 +155,8 @@ class L2P(PromptMethod):
     def phases(self, task: TaskInfo) -> list[Phase]:
         c = self.config
         groups = [{"params": [self.pool, self.keys, *self.head.parameters()], "lr": c.lr}]
-        factor = coda_cosine(c.epochs) if c.schedule == "coda_cosine" else None
+        factor = {"coda_cosine": coda_cosine(c.epochs), "norga_cub": norga_cub_schedule(task, c.epochs),
+                  "constant": None}[c.schedule]
         return [Phase("train", c.epochs, groups, lr_factor=factor, grad_clip=c.grad_clip or None)]
 
     def training_loss(self, images, labels, task: TaskInfo, phase: Phase):

@@ -2,7 +2,8 @@
 
 NoRGa's baseline trainer (L2P, DualPrompt, S-Prompt++ in its table): its 5-datasets scripts train 40
 epochs with Sup-21K and keep the configs' 20 with iBOT-21K (``NORGA_BASELINE_SCRIPTS``, applied by
-``PromptMethod.preset_for``).
+``PromptMethod.preset_for``); its CUB configs step the learning rate on the first task only
+(:func:`norga_cub_schedule`).
 
 VQ-Prompt's code base, on which SMoPE's is built: AdamW with the prompts at a multiple of the
 head's learning rate, held at ``min_lr`` for ``lr_hold_iters`` iterations then a cosine down to it
@@ -14,17 +15,27 @@ realigned on Gaussian replays of every seen class.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Optional
 
 import torch
 from torch import nn
 
 from promptcl.config import require
 from promptcl.core.alignment import ClassGaussians, align_head
-from promptcl.methods.base import TaskInfo, coda_cosine, hold_then_cosine
+from promptcl.methods.base import TaskInfo, coda_cosine, hold_then_cosine, per_epoch
 
 
 NORGA_BASELINE_SCRIPTS = {("five_datasets", "sup21k"): dict(epochs=40)}
+
+
+def norga_cub_schedule(task: TaskInfo, epochs: int) -> Optional[Callable[[int, int], float]]:
+    """The learning rate of NoRGa's baseline trainer on CUB (``--sched step``: timm's StepLR, x0.1
+    every 30 epochs, no warm-up). The trainer steps it after each epoch with that epoch's index, so
+    epoch e trains at 0.1 ** ((e - 1) // 30); and it is bound to the first task's optimizer, which
+    every later task replaces: from the second task on the rate stays at its base."""
+    if task.index > 0:
+        return None
+    return per_epoch(lambda e, n: 0.1 ** (max(e - 1, 0) // 30), epochs)
 
 
 @dataclass(frozen=True, kw_only=True)
