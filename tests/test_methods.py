@@ -254,21 +254,23 @@ def test_dualprompt_never_picks_an_unseen_tasks_key_and_copies_the_previous_prom
     assert torch.equal(m.e_prompts[2], m.e_prompts[1])
 
 
-def test_dualprompt_lineage_five_datasets_presets_follow_norgas_configs_and_scripts():
-    """No dualprompt-/l2p-pytorch config covers 5-datasets; NoRGa's does, and its Sup-21K scripts
-    train 40 epochs where its iBOT-21K ones keep the config's 20."""
+def test_five_datasets_presets_follow_the_reference_configs_and_scripts():
+    """DualPrompt and S-Prompt++ have only NoRGa's 5-datasets config, whose Sup-21K scripts train 40
+    epochs where its iBOT-21K ones keep the config's 20; L2P's own is l2p-pytorch's, NoRGa's explicit."""
     picked = {(n, b): get_method(n).preset_for("five_datasets", b, None, 5)
-              for n in ("l2p", "dualprompt", "sprompt++") for b in ("sup21k", "ibot21k")}
-    assert {k: c.epochs for k, c in picked.items()} == {(n, b): 40 if b == "sup21k" else 20
-                                                       for n, b in picked}
+              for n in ("dualprompt", "sprompt++") for b in ("sup21k", "ibot21k")}
+    assert {k: c.epochs for k, c in picked.items()} == {(n, b): 40 if b == "sup21k" else 20 for n, b in picked}
     assert all((c.batch_size, c.lr, c.pull_weight) == (128, 0.0025, 0.5) for c in picked.values())
-    l2p, dual, spp = (picked[(n, "sup21k")] for n in ("l2p", "dualprompt", "sprompt++"))
-    assert (l2p.pool_size, l2p.prompt_length, l2p.top_k, l2p.token_layout) == (20, 10, 4, "dualprompt-pytorch")
+    dual, spp = picked[("dualprompt", "sup21k")], picked[("sprompt++", "sup21k")]
     assert (dual.g_length, dual.e_length, dual.g_layers, spp.e_length, spp.g_layers) == (10, 40, (0, 1), 40, ())
-    # a script's settings never reach the small preset, and other datasets keep theirs
+    l2p = get_method("l2p")
+    own, norga = l2p.preset_for("five_datasets", "sup21k"), l2p.PRESETS["norga-5datasets"]
+    assert (own.pool_size, own.prompt_length, own.top_k, own.pull_weight) == (20, 10, 4, 0.5)
+    assert (own.epochs, own.lr, own.token_layout) == (5, 0.001875, "l2p-pytorch")  # no script settings
+    assert (norga.epochs, norga.lr, norga.token_layout) == (20, 0.0025, "dualprompt-pytorch")
+    # a script's settings never reach the small preset
     small = get_method("dualprompt").PRESETS["small"]
     assert get_method("dualprompt").preset_for("five_datasets", "sup21k", "small") == small and small.epochs != 40
-    assert get_method("l2p").preset_for("cifar100", "sup21k") == get_method("l2p").PRESETS["paper"]
 
 
 @pytest.mark.parametrize("name", ["l2p", "dualprompt", "sprompt++"])

@@ -34,7 +34,7 @@ from promptcl.core.prompts import (batch_majority, cosine_similarity_matrix, pre
                                    pull_constraint, top_keys)
 from promptcl.methods import register_method
 from promptcl.methods.base import Phase, PromptMethod, TaskInfo, coda_cosine, mask_logits, timm_linear_init
-from promptcl.methods.recipes import NORGA_BASELINE_SCRIPTS, norga_cub_schedule
+from promptcl.methods.recipes import norga_cub_schedule
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,10 +88,12 @@ SMALL = dataclasses.replace(PAPER, pool_size=10, prompt_length=2, top_k=3, epoch
 # MoE_PromptCL configs/{cifar100,imr}_l2p.py as its scripts run them (--batch-size 128, lr 0.005 x 128 / 256).
 NORGA_CIFAR100 = dataclasses.replace(PAPER, token_layout="dualprompt-pytorch", pool_size=30, top_k=5, epochs=10,
                                      lr=0.0025)
-# l2p-pytorch has no 5-datasets config; NoRGa's (configs/five_datasets_l2p.py) is the one: a pool of 20
-# prompts of 10 tokens, top-4, pull 0.5, 20 epochs (40 in its Sup-21K script: NORGA_BASELINE_SCRIPTS)
-FIVE_DATASETS = dataclasses.replace(NORGA_CIFAR100, pool_size=20, prompt_length=10, top_k=4, pull_weight=0.5,
-                                    epochs=20)
+# l2p-pytorch's configs/five_datasets_l2p.py: a pool of 20 prompts of 10 tokens, top-4, pull 0.5
+FIVE_DATASETS = dataclasses.replace(PAPER, pool_size=20, prompt_length=10, top_k=4, pull_weight=0.5)
+# NoRGa's (its configs/five_datasets_l2p.py): the same pool in its layout, 20 epochs (its Sup-21K script
+# passes --epochs 40)
+NORGA_FIVE_DATASETS = dataclasses.replace(NORGA_CIFAR100, pool_size=20, prompt_length=10, top_k=4,
+                                          pull_weight=0.5, epochs=20)
 CUB200 = dataclasses.replace(NORGA_CIFAR100, epochs=50, schedule="norga_cub")  # NoRGa's configs/cub_l2p.py
 
 
@@ -101,8 +103,7 @@ class L2P(PromptMethod):
     PRESETS = {"paper": PAPER, "l2p++": L2P_PLUS, "deep-l2p++": DEEP_L2P_PLUS,
                "imagenet-r": dataclasses.replace(PAPER, epochs=50), "small": SMALL,
                "norga-cifar100": NORGA_CIFAR100, "norga-imagenet-r": dataclasses.replace(NORGA_CIFAR100, epochs=50),
-               "5datasets": FIVE_DATASETS, "cub200": CUB200}
-    SCRIPTS = NORGA_BASELINE_SCRIPTS
+               "5datasets": FIVE_DATASETS, "norga-5datasets": NORGA_FIVE_DATASETS, "cub200": CUB200}
     TEST_PASSES = 2
     REFERENCE_CODE_BASE = "hide"
 

@@ -2,7 +2,8 @@
 
 NoRGa's baseline trainer (L2P, DualPrompt, S-Prompt++ in its table): its 5-datasets scripts train 40
 epochs with Sup-21K and keep the configs' 20 with iBOT-21K (``NORGA_BASELINE_SCRIPTS``, applied by
-``PromptMethod.preset_for``); its CUB configs step the learning rate on the first task only
+``PromptMethod.preset_for`` to DualPrompt and S-Prompt++, whose only 5-datasets config is NoRGa's;
+L2P's ``5datasets`` preset is l2p-pytorch's); its CUB configs step the learning rate on the first task only
 (:func:`norga_cub_schedule`).
 
 VQ-Prompt's code base, on which SMoPE's is built: AdamW with the prompts at a multiple of the
