@@ -187,10 +187,14 @@ def read_coda_split(train_yaml: Path) -> tuple[dict[str, str], dict[str, int]]:
     return split, classes
 
 
+def is_coda_split(path: Path) -> bool:
+    return Path(path).name.endswith((".yaml", ".yml"))
+
+
 def split_files(path: Path) -> list[Path]:
     """The files a split file stands for: itself, or CODA-Prompt's train yaml and its test yaml."""
     path = Path(path)
-    if not path.name.endswith((".yaml", ".yml")):
+    if not is_coda_split(path):
         return [path]
     if "_train." not in path.name:
         raise ValueError(f"CODA-Prompt split file {str(path)!r} must be the *_train.yaml file "
@@ -209,7 +213,7 @@ def split_sha256(path: Path) -> str:
 def read_imagenet_r_split(path: Path) -> tuple[dict[str, str], dict[str, int]]:
     """A split file (promptcl's list or CODA-Prompt's yaml pair): ``<wnid>/<file>`` -> train/test,
     and ``wnid`` -> class index (promptcl's list: the sorted wnids, as an ImageFolder numbers them)."""
-    if str(path).endswith((".yaml", ".yml")):
+    if is_coda_split(path):
         return read_coda_split(path)
     split = read_split_file(path)
     return split, {wnid: i for i, wnid in enumerate(sorted({name.split("/")[0] for name in split}))}
