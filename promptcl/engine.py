@@ -40,6 +40,10 @@ FINAL_METRICS = ("final_average_accuracy", "cumulative_average_accuracy", "forge
                  "frozen_images_reused")
 
 
+# reference behaviours that mix prompts across a batch or vote on them batch-wide
+BATCH_DEPENDENT_SWITCHES = ("compat_reference_gather", "batchwise_prompt")
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunSpec:
     """Everything that defines one CL run; ``resolve_run`` validates it before any work starts."""
@@ -88,11 +92,15 @@ class ResolvedRun:
     def flat_params(self) -> dict[str, Any]:
         return as_flat_dict(self.to_dict())
 
+    def batch_dependent_switches(self) -> list[str]:
+        """The switches on in this run that make a sample's prompts depend on the rest of its batch."""
+        return [k for k in BATCH_DEPENDENT_SWITCHES if getattr(self.config, k, False) is True]
+
     def protocol_tags(self) -> dict[str, str]:
         """Tags marking reference-compatibility switches that make a run's protocol unfair
         (e.g. prompts gathered across samples of a batch, a batch-wide vote on the prompts)."""
         on = [k for k, v in dataclasses.asdict(self.config).items()
-              if (k.startswith("compat_") or k == "batchwise_prompt") and v is True]
+              if (k.startswith("compat_") or k in BATCH_DEPENDENT_SWITCHES) and v is True]
         tags = {f"compat/{k}": "true" for k in on}
         if on:
             tags["unfair_protocol"] = "true"

@@ -46,7 +46,7 @@ class Scaling:
     def check(self, run: ResolvedRun) -> None:
         """Raise ValueError before any work when the run cannot be spread this way."""
         check_divisible(run.config.batch_size, self.num_workers)
-        batch_dependent = [k for k in ("compat_reference_gather", "batchwise_prompt") if getattr(run.config, k, False)]
+        batch_dependent = run.batch_dependent_switches()
         if self.num_workers > 1 and batch_dependent:
             raise ValueError(f"{' and '.join(batch_dependent)}: a sample's prompts depend on its whole batch, which "
                              f"{self.num_workers} workers would split into shards; run it on one worker")
