@@ -94,18 +94,22 @@ def test_prefix_shape_errors_are_clear():
         prefix_attention(q, k, v, Prefix(values=torch.zeros(B, H + 1, 2, D), keys=torch.zeros(B, H + 1, 2, D)))
 
 
-def _both_paths(prefix_of, dtype, seed=0):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]  # on a GPU the fused path is SDPA's CUDA kernels
+
+
+def _both_paths(prefix_of, dtype, seed=0, device="cpu"):
     """Output and gradients (queries, keys, values, prefix tensors, gate scalars) of the eager and
     the fused path on the same inputs."""
     g = torch.Generator().manual_seed(seed)
     results = {}
     for impl in ("eager", "fused"):
         g.manual_seed(seed)
-        q, k, v = (torch.randn(B, H, 33, D, generator=g).to(dtype).requires_grad_() for _ in range(3))
-        prefix, leaves = prefix_of(g, dtype)
+        q, k, v = (torch.randn(B, H, 33, D, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+        prefix, leaves = prefix_of(g, dtype, device)
         with prefix_attention_impl(impl):
             out = prefix_attention(q, k, v, prefix)
-        weights = torch.randn(out.shape, generator=g).to(dtype)
+        weights = torch.randn(out.shape, generator=g).to(device, dtype)
         grads = torch.autograd.grad((out * weights).sum(), [q, k, v, *leaves])
         results[impl] = (out, grads)
     return results["eager"], results["fused"]
@@ -114,9 +118,9 @@ def _both_paths(prefix_of, dtype, seed=0):
 def _gated_keys(num_prompts, activation="tanh"):
     gate = NoRGaGate(activation, alpha=0.7, tau=1.9)
 
-    def make(g, dtype):
-        pk, pv = (torch.randn(B, H, num_prompts, D, generator=g).to(dtype).requires_grad_() for _ in range(2))
-        gate.to(dtype)
+    def make(g, dtype, device):
+        pk, pv = (torch.randn(B, H, num_prompts, D, generator=g).to(device, dtype).requires_grad_() for _ in range(2))
+        gate.to(device, dtype)
         return Prefix(values=pv, keys=pk, gate=gate), [pk, pv, gate.alpha, gate.tau]
     return make
 
@@ -124,11 +128,11 @@ def _gated_keys(num_prompts, activation="tanh"):
 def _shared_logits(num_prompts, gated=False):
     gate = NoRGaGate("sigmoid", alpha=0.5, tau=1.2) if gated else None
 
-    def make(g, dtype):
-        logits = (3 * torch.randn(B, H, num_prompts, generator=g)).to(dtype).requires_grad_()
-        pv = torch.randn(B, H, num_prompts, D, generator=g).to(dtype).requires_grad_()
+    def make(g, dtype, device):
+        logits = (3 * torch.randn(B, H, num_prompts, generator=g)).to(device, dtype).requires_grad_()
+        pv = torch.randn(B, H, num_prompts, D, generator=g).to(device, dtype).requires_grad_()
         if gate is not None:
-            gate.to(dtype)
+            gate.to(device, dtype)
         return Prefix(values=pv, logits=logits, gate=gate), [logits, pv] + ([gate.alpha, gate.tau] if gate else [])
     return make
 
@@ -141,18 +145,20 @@ PREFIXES = {
 }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(PREFIXES))
-def test_fused_prefix_attention_equals_the_eager_path_forward_and_backward_in_fp32(name):
-    (eager, eager_grads), (fused, fused_grads) = _both_paths(PREFIXES[name], torch.float32)
+def test_fused_prefix_attention_equals_the_eager_path_forward_and_backward_in_fp32(name, device):
+    (eager, eager_grads), (fused, fused_grads) = _both_paths(PREFIXES[name], torch.float32, device=device)
     torch.testing.assert_close(fused, eager, atol=1e-5, rtol=0)
     for a, b in zip(fused_grads, eager_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["norga_5", "smope_8"])
-def test_fused_prefix_attention_equals_the_eager_path_in_bf16(name):
-    (eager, eager_grads), (fused, fused_grads) = _both_paths(PREFIXES[name], torch.bfloat16)
-    reference, reference_grads = _both_paths(PREFIXES[name], torch.float32)[0]
+def test_fused_prefix_attention_equals_the_eager_path_in_bf16(name, device):
+    (eager, eager_grads), (fused, fused_grads) = _both_paths(PREFIXES[name], torch.bfloat16, device=device)
+    reference, reference_grads = _both_paths(PREFIXES[name], torch.float32, device=device)[0]
     # bf16 tolerance: the fused path is about as far from the fp32 result as the eager path is.
     # Not compared: the gate scalars' gradients, sums of B*H*N*P bf16 products that mostly cancel,
     # whose error is the accumulation's in either path (training keeps them in fp32 under autocast).
@@ -176,17 +182,18 @@ def test_auto_is_the_fused_path_and_an_unknown_choice_is_refused():
             pass
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["norga", "smope"])
-def test_a_prompted_model_is_the_same_through_either_path(method):
+def test_a_prompted_model_is_the_same_through_either_path(method, device):
     """Whole prompted forward and its prompt gradients on the digits backbone, eager vs fused."""
     from promptcl.methods import get_method
 
     cls = get_method(method)
     torch.manual_seed(0)
     model = cls(cls.PRESETS["small"], backbone=build_backbone("vit_digits", pretrained=False), num_classes=10,
-                num_tasks=5)
-    x = torch.randn(6, 1, 8, 8)
-    forward = {"norga": lambda: model.features(x, torch.tensor([0, 1, 2, 3, 4, 0])),
+                num_tasks=5).to(device)
+    x = torch.randn(6, 1, 8, 8).to(device)
+    forward = {"norga": lambda: model.features(x, torch.tensor([0, 1, 2, 3, 4, 0], device=device)),
                "smope": lambda: model.features(x, mode="sparse")}[method]
     results = {}
     for impl in ("eager", "fused"):

@@ -59,8 +59,9 @@ def gram_schmidt_rows(matrix: torch.Tensor, start: int, stop: int, generator: to
     """A copy of ``matrix`` (rows flattened) with rows ``start:stop`` replaced by random unit vectors
     orthogonal to the span of every earlier row and to each other, and the rows after ``stop``
     zeroed. (The reference projects out each earlier row separately, which is exact only while the
-    earlier rows are still orthogonal; here they are orthonormalised first.)"""
-    flat = matrix.detach().flatten(1).double()
+    earlier rows are still orthogonal; here they are orthonormalised first.) Computed on the CPU, where
+    ``generator`` draws, so a seed gives the same rows on every device."""
+    flat = matrix.detach().flatten(1).double().cpu()
     out = flat.clone()
     out[stop:] = 0
     basis = torch.linalg.qr(flat[:start].T).Q if start else flat.new_zeros(flat.shape[1], 0)
@@ -71,7 +72,7 @@ def gram_schmidt_rows(matrix: torch.Tensor, start: int, stop: int, generator: to
         v = F.normalize(v, dim=0)
         basis = torch.cat([basis, v[:, None]], dim=1)
         out[i] = v
-    return out.to(matrix.dtype).reshape(matrix.shape)
+    return out.to(matrix.device, matrix.dtype).reshape(matrix.shape)
 
 
 @register_method("coda")
@@ -108,7 +109,7 @@ class CODAPrompt(PromptMethod):
         with torch.no_grad():
             for param in (self.components, self.keys, self.attention):
                 for layer in range(len(param)):
-                    param[layer] = gram_schmidt_rows(param[layer], start, stop, generator).to(param.device)
+                    param[layer] = gram_schmidt_rows(param[layer], start, stop, generator)
         self.active.fill_(stop)
 
     def pool(self, param: torch.Tensor, trainable_from: int) -> torch.Tensor:
