@@ -405,7 +405,7 @@ def run_sequence(
     with torch.random.fork_rng(devices=[]):  # costs are measured on a fresh copy: leave the run's RNG alone
         cost = measure_cost(run.method_cls, run.config, run.backbone, setup.num_classes, setup.image_shape,
                             num_tasks=T)
-    autocast = lambda: precision_context(device, spec.precision)  # noqa: E731
+    method.pass_autocast = lambda: precision_context(device, spec.precision)
     store = _feature_store(feature_cache, run, method, device) if feature_cache else None
     method.feature_store = store
 
@@ -440,10 +440,10 @@ def run_sequence(
         for phase in method.phases(task):
             train_phase(method, phase, task, loader, device, progress=progress, precision=spec.precision)
         method.feature_store = store
-        with autocast():
-            method.end_task(task, lambda augmented=False: scenario.train_loader(
-                                t, batch_size=batch_size, seed=spec.seed, shuffle=False, augmented=augmented),
-                            lambda name: evaluate_seen(t, name))
+        # Not under autocast: its backbone passes take the run's precision (collect_features), its fits fp32.
+        method.end_task(task, lambda augmented=False: scenario.train_loader(
+                            t, batch_size=batch_size, seed=spec.seed, shuffle=False, augmented=augmented),
+                        lambda name: evaluate_seen(t, name))
         broadcast_from_main(method.checkpoint_state().values())
         evaluate_seen(t, "accuracy")
         if store is not None:

@@ -7,7 +7,7 @@ from the Gaussians of all seen classes.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -82,16 +82,6 @@ class ClassGaussians(nn.Module):
             feats.append(draw)
             labels.append(torch.full((per_class,), c, dtype=torch.long, device=self.mean.device))
         return torch.cat(feats), torch.cat(labels)
-
-
-@torch.no_grad()
-def collect_features(encode: Callable[[torch.Tensor], torch.Tensor], batches: Iterable,
-                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    feats, labels = [], []
-    for images, y in batches:
-        feats.append(encode(images.to(device)))
-        labels.append(y.to(device))
-    return torch.cat(feats), torch.cat(labels)
 
 
 def align_head(

@@ -7,10 +7,11 @@ A method declares its prompts and head (``__init__``), what it trains in each ph
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Iterable, Literal, Optional
+from typing import Callable, ClassVar, ContextManager, Iterable, Literal, Optional
 
 import torch
 from torch import nn
@@ -119,6 +120,7 @@ class PromptMethod(nn.Module):
         self.seen_classes = 0
         self.feature_store: Optional[FeatureStore] = None  # attached by the engine for a study-wide cache
         self.training_augmented = False  # set by the engine: the benchmark's training pipeline augments
+        self.pass_autocast: Callable[[], ContextManager] = contextlib.nullcontext  # set by the engine
         self.frozen_images_computed = 0  # un-prompted passes made without a store (per image)
         # the un-prompted pass itself; the engine may swap in a torch.compile'd one
         self.frozen_encoder: Callable[[torch.Tensor], torch.Tensor] = lambda x: encode(self.backbone, x)
@@ -228,6 +230,22 @@ class PromptMethod(nn.Module):
             self.frozen_images_computed += len(images)
             return self.frozen_encoder(images)
         return self.feature_store.features(images, self.frozen_encoder)
+
+    @torch.no_grad()
+    def collect_features(self, encode: Callable[[torch.Tensor], torch.Tensor],
+                         batches: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, labels) of ``batches`` through ``encode``, for the fits of ``end_task``. The
+        passes run under the run's autocast (``pass_autocast``, set by the engine) and the features
+        come back in fp32; the engine runs ``end_task`` itself without autocast, because statistics,
+        task-identity and replay-alignment fits in bf16 break (NoRGa on digits: task identity 86 %
+        in fp32, 21 % with its end_task under bf16 autocast)."""
+        device = self.device()
+        feats, labels = [], []
+        for images, y in batches:
+            with self.pass_autocast():
+                feats.append(encode(images.to(device)).float())
+            labels.append(y.to(device))
+        return torch.cat(feats), torch.cat(labels)
 
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device

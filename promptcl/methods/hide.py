@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptcl.core.alignment import ClassGaussians, align_head, collect_features
+from promptcl.core.alignment import ClassGaussians, align_head
 from promptcl.core.attention import static_prompt
 from promptcl.core.backbone import encode
 from promptcl.core.prompts import reference_batch_mixed_pairs
@@ -223,7 +223,7 @@ class HiDePrompt(PromptMethod):
     @torch.no_grad()
     def end_task(self, task: TaskInfo, train_batches: Callable[[], Iterable],
                  snapshot: Callable[[str], None]) -> None:
-        c, t, device = self.config, task.index, self.device()
+        c, t = self.config, task.index
         generator = torch.Generator().manual_seed(torch.initial_seed() + t)
         self.eval()
         if t > 0 and c.prompt_momentum > 0:  # store the prompt that was trained through
@@ -232,14 +232,14 @@ class HiDePrompt(PromptMethod):
         seen = range(0, task.num_seen)
         # Stage A: task-identity inference on frozen features (each rank encodes its shard; the MLP
         # trains on all of them, in the single-process order). Statistics: un-augmented images.
-        frozen, labels = collect_features(self.frozen_features, train_batches(), device)
+        frozen, labels = self.collect_features(self.frozen_features, train_batches())
         self.tii.stats.fit(frozen, labels)
         if c.tii_augmented and self.training_augmented:
             # One loader for all epochs: each pass over it draws new augmentations (new worker seeds).
             augmented = train_batches(augmented=True)
 
             def epoch_features():  # a fresh augmented pass per epoch, as the reference trains stage A
-                fresh = collect_features(lambda x: self.frozen_features(x, storable=False), augmented, device)
+                fresh = self.collect_features(lambda x: self.frozen_features(x, storable=False), augmented)
                 return gather_in_order(fresh[0]), gather_in_order(fresh[1])
         else:
             frozen, labels = gather_in_order(frozen), gather_in_order(labels)
@@ -255,7 +255,7 @@ class HiDePrompt(PromptMethod):
                                  samples_per_class=c.tii_ca_samples_per_class, lr=c.tii_ca_lr, generator=generator)
         # Stage B: class Gaussians on features prompted with this task's prompt, then TAP.
         slot = lambda x: self.features(x, torch.full((len(x),), t, dtype=torch.long, device=x.device))  # noqa: E731
-        self.class_stats.fit(*collect_features(slot, train_batches(), device))
+        self.class_stats.fit(*self.collect_features(slot, train_batches()))
         if t > 0 and c.tap_epochs > 0:
             snapshot("before_tap")
             with torch.enable_grad():

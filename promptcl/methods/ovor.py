@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from promptcl.config import require
-from promptcl.core.alignment import collect_features
 from promptcl.distributed import gather_in_order
 from promptcl.methods import register_method
 from promptcl.methods.base import Phase, TaskInfo, mask_logits, per_epoch
@@ -116,7 +115,7 @@ class OVOR(OnePromptMethod):
         if c.vor_epochs == 0:
             return
         self.eval()
-        feats, labels = collect_features(self.features, train_batches(), self.device())
+        feats, labels = self.collect_features(self.features, train_batches())
         feats, labels = gather_in_order(feats), gather_in_order(labels)  # every rank trains the same head
         generator = torch.Generator().manual_seed(torch.initial_seed() + task.index)
         outliers = virtual_outliers(

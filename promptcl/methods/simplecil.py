@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptcl.config import require
-from promptcl.core.alignment import ClassGaussians, collect_features
+from promptcl.core.alignment import ClassGaussians
 from promptcl.methods import register_method
 from promptcl.methods.base import Phase, PromptMethod, TaskInfo
 
@@ -42,7 +42,7 @@ class SimpleCIL(PromptMethod):
     @torch.no_grad()
     def end_task(self, task: TaskInfo, train_batches, snapshot) -> None:
         self.eval()
-        self.prototypes.fit(*collect_features(self.frozen_features, train_batches(), self.device()))
+        self.prototypes.fit(*self.collect_features(self.frozen_features, train_batches()))
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Cosine similarity to every class prototype (unseen classes are masked by ``predict``)."""

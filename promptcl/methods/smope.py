@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptcl.core.alignment import ClassGaussians, collect_features
+from promptcl.core.alignment import ClassGaussians
 from promptcl.core.backbone import encode
 from promptcl.config import require, require_layers
 from promptcl.core.experts import Routing, SparsePromptExperts
@@ -149,7 +149,6 @@ class SMoPE(PromptMethod):
     @torch.no_grad()
     def end_task(self, task: TaskInfo, train_batches: Callable[[], Iterable],
                  snapshot: Callable[[str], None]) -> None:
-        device = self.device()
         self.eval()
         # One pass over the task's training set: clean top-k usage counts and the features.
         def features_counting_usage(images: torch.Tensor) -> torch.Tensor:
@@ -160,7 +159,7 @@ class SMoPE(PromptMethod):
 
         usage_before = self.experts.usage.clone()
         batches = train_batches(augmented=self.config.compat_augmented_statistics)
-        self.class_stats.fit(*collect_features(features_counting_usage, batches, device))
+        self.class_stats.fit(*self.collect_features(features_counting_usage, batches))
         self.experts.sum_usage_over_ranks(usage_before)
         self.config.align(self.head, self.class_stats, task, snapshot)
         self.eval()

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptcl.config import require
-from promptcl.core.alignment import collect_features
 from promptcl.core.backbone import encode_tokens
 from promptcl.distributed import gather_in_order
 from promptcl.methods import register_method
@@ -137,8 +136,7 @@ class SPrompt(PromptMethod):
     @torch.no_grad()
     def end_task(self, task: TaskInfo, train_batches, snapshot) -> None:
         self.eval()
-        feats, _ = collect_features(lambda x: F.normalize(self.frozen_features(x), dim=1),
-                                    train_batches(), self.device())
+        feats, _ = self.collect_features(lambda x: F.normalize(self.frozen_features(x), dim=1), train_batches())
         centroids = kmeans_centroids(gather_in_order(feats), self.config.centroids_per_task)
         # fewer distinct points than K: repeat the last centroid (a duplicate never changes the min)
         padded = torch.cat([centroids, centroids[-1:].expand(self.config.centroids_per_task - len(centroids), -1)])

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptcl.config import require, require_layers
-from promptcl.core.alignment import ClassGaussians, collect_features
+from promptcl.core.alignment import ClassGaussians
 from promptcl.core.backbone import encode
 from promptcl.core.prompts import prefix_prompt
 from promptcl.methods import register_method
@@ -121,6 +121,6 @@ class VQPrompt(PromptMethod):
     @torch.no_grad()
     def end_task(self, task: TaskInfo, train_batches, snapshot) -> None:
         self.eval()
-        self.class_stats.fit(*collect_features(lambda x: self.features(x)[0], train_batches(), self.device()))
+        self.class_stats.fit(*self.collect_features(lambda x: self.features(x)[0], train_batches()))
         self.config.align(self.head, self.class_stats, task, snapshot)
         self.eval()
