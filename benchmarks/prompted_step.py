@@ -17,8 +17,13 @@ on them). Ratios:
 - ``eager`` rows use the explicit-softmax reference path; ``fused`` the fused one (the default).
   Methods whose prompts are plain prefixes (linear gate) take the same SDPA path in both, so they
   are timed once.
+- ``--clock kernels`` (CUDA): each call is timed as the GPU's summed kernel time (profiler) instead
+  of wall time; at small batches a GPU waits on the host's kernel launches, and wall-time ratios
+  then count kernels rather than arithmetic.
 - ``--bf16``: each method's test forward and train step also under bf16 autocast on the fused path,
-  and ``bf16 speed-up`` = the fp32 eager step ÷ the bf16 fused step (the GPU target is at least 2×).
+  and ``bf16 speed-up`` = the fp32 eager step ÷ the bf16 fused step (the GPU target is at least 2×);
+  the bf16 forward and step are also divided by a plain forward and fine-tuning step under the same
+  autocast (the GPU target for the forward: at most 1.10× per pass).
 """
 
 from __future__ import annotations
@@ -59,16 +64,36 @@ def uses_gated_prefix(forward: Callable[[], object]) -> bool:
     return bool(calls)
 
 
-def time_interleaved(variants: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Median seconds per call of each variant."""
+def wall_seconds(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def kernel_seconds(fn: Callable[[], None]) -> float:
+    """Seconds the GPU spent in kernels during ``fn`` (PyTorch's profiler, CUPTI): the device's own
+    work, without the gaps while the host launches the next kernel."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    busy = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e6
+    if busy <= 0:
+        raise RuntimeError("the profiler saw no CUDA kernel")
+    return busy
+
+
+def time_interleaved(variants: dict[str, Callable[[], None]], repeats: int,
+                     clock: Callable[[Callable[[], None]], float] = wall_seconds) -> dict[str, float]:
+    """Median seconds per call of each variant, by ``clock``."""
     times: dict[str, list[float]] = {k: [] for k in variants}
     for fn in variants.values():
         fn()  # warm-up
     for _ in range(repeats):
         for key, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - start)
+            times[key].append(clock(fn))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -81,7 +106,11 @@ def main(argv=None) -> dict:
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="also time bf16 fused forwards and steps")
+    p.add_argument("--clock", choices=("wall", "kernels"), default="wall",
+                   help="kernels (CUDA only): the GPU's summed kernel time per call, without host launch gaps")
     args = p.parse_args(argv)
+    if args.clock == "kernels" and not args.device.startswith("cuda"):
+        p.error("--clock kernels needs a CUDA device")
     methods = args.methods or list(method_names())
     num_tasks, classes_per_task = 10, 10
     device = torch.device(args.device)
@@ -106,6 +135,9 @@ def main(argv=None) -> dict:
         head.zero_grad(set_to_none=True)
 
     variants: dict[str, Callable[[], None]] = {"plain forward": plain_forward, "plain step": plain_step}
+    if args.bf16:  # the bf16 prompted passes are also compared with bf16 plain ones
+        variants["plain bf16 forward"] = lambda: _with_impl("fused", plain_forward, device, "bf16")
+        variants["plain bf16 step"] = lambda: _with_impl("fused", plain_step, device, "bf16")
     timed = []  # (method, its class, impls, trains)
     for name in methods:
         cls = get_method(name)
@@ -142,7 +174,7 @@ def main(argv=None) -> dict:
         timed.append((name, cls, impls, bool(phases), flops_ratio))
     if device.type == "cuda":  # time the kernels, not their launch
         variants = {k: lambda fn=fn: (fn(), torch.cuda.synchronize()) for k, fn in variants.items()}
-    seconds = time_interleaved(variants, args.repeats)
+    seconds = time_interleaved(variants, args.repeats, kernel_seconds if args.clock == "kernels" else wall_seconds)
 
     rows = []
     for name, cls, impls, trains, flops_ratio in timed:
@@ -156,25 +188,40 @@ def main(argv=None) -> dict:
             rows[-1]["bf16_forward_speedup"] = seconds[f"{name} {impls[0]} forward"] / seconds[f"{name} bf16 forward"]
             rows[-1]["bf16_step_speedup"] = (seconds[f"{name} {impls[0]} step"] / seconds[f"{name} bf16 step"]
                                              if trains else None)
+            # and the bf16 prompted pass over the bf16 plain one (the GPU forward target: at most 1.10x per pass)
+            bf16_forward_ratio = seconds[f"{name} bf16 forward"] / seconds["plain bf16 forward"]
+            rows[-1]["bf16_forward_ratio"] = bf16_forward_ratio
+            rows[-1]["bf16_per_pass_ratio"] = bf16_forward_ratio / cls.TEST_PASSES
+            rows[-1]["bf16_step_ratio"] = (seconds[f"{name} bf16 step"] / seconds["plain bf16 step"]
+                                           if trains else None)
 
     report = {"backbone": args.backbone, "batch": args.batch, "repeats": args.repeats, "device": str(device),
+              "clock": args.clock,
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "plain_forward_ms": seconds["plain forward"] * 1e3, "plain_step_ms": seconds["plain step"] * 1e3,
               "rows": rows}
+    if args.bf16:
+        report["plain_bf16_forward_ms"] = seconds["plain bf16 forward"] * 1e3
+        report["plain_bf16_step_ms"] = seconds["plain bf16 step"] * 1e3
     print(f"{args.backbone}, batch {args.batch}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{device}, "
-          f"median of {args.repeats}; plain forward {report['plain_forward_ms']:.0f} ms, "
-          f"plain fine-tuning step {report['plain_step_ms']:.0f} ms")
+          f"{'GPU kernel time' if args.clock == 'kernels' else 'wall time'}, "
+          f"median of {args.repeats}; plain forward {report['plain_forward_ms']:.1f} ms, "
+          f"plain fine-tuning step {report['plain_step_ms']:.1f} ms")
     header = ["method", "path", "passes", "test FLOPs ÷ plain", "forward ÷ plain", "per pass",
               "train step ÷ plain fine-tuning step"]
     table = [[r["method"], r["path"], str(r["passes"]), f"{r['test_flops_ratio']:.3f}x",
               f"{r['forward_ratio']:.2f}x", f"{r['per_pass_ratio']:.2f}x",
               f"{r['step_ratio']:.2f}x" if r["step_ratio"] is not None else "– (no training)"] for r in rows]
     if args.bf16:
-        header += ["bf16 speed-up: forward", "step (fp32 eager ÷ bf16 fused)"]
+        print(f"bf16 autocast: plain forward {report['plain_bf16_forward_ms']:.1f} ms, "
+              f"plain fine-tuning step {report['plain_bf16_step_ms']:.1f} ms")
+        header += ["bf16: forward ÷ bf16 plain", "per pass", "step ÷ bf16 plain step",
+                   "bf16 speed-up: forward", "step (fp32 eager ÷ bf16 fused)"]
         for r, cells in zip(rows, table):
-            speedups = [r.get("bf16_forward_speedup"), r.get("bf16_step_speedup")]
-            cells += [f"{s:.2f}x" if s is not None else "–" for s in speedups]
+            figures = [r.get(k) for k in ("bf16_forward_ratio", "bf16_per_pass_ratio", "bf16_step_ratio",
+                                          "bf16_forward_speedup", "bf16_step_speedup")]
+            cells += [f"{f:.2f}x" if f is not None else "–" for f in figures]
     print_table(header, table)
     return write_json(report, args.json)
 

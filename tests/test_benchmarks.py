@@ -41,7 +41,19 @@ def test_prompted_step_bf16_columns_compare_fp32_eager_with_bf16_fused(tmp_path,
     assert smope_fused["bf16_step_speedup"] > 0 and smope_fused["bf16_forward_speedup"] > 0
     assert "bf16_step_speedup" not in report["rows"][0]  # on the last row of a method only
     assert report["rows"][2]["bf16_step_speedup"] is None  # SimpleCIL does not train
+    # bf16 prompted ÷ bf16 plain: per pass is the forward ratio over the method's passes
+    assert smope_fused["bf16_forward_ratio"] > 0 and smope_fused["bf16_step_ratio"] > 0
+    assert smope_fused["bf16_per_pass_ratio"] == smope_fused["bf16_forward_ratio"]  # one pass
+    assert report["rows"][2]["bf16_step_ratio"] is None and report["plain_bf16_step_ms"] > 0
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith("| –")
+
+
+def test_kernel_clock_needs_a_cuda_device(capsys):
+    import prompted_step
+
+    with pytest.raises(SystemExit) as exit_info:
+        prompted_step.main(["--backbone", "vit_digits", "--device", "cpu", "--clock", "kernels"])
+    assert exit_info.value.code == 2 and "--clock kernels needs a CUDA device" in capsys.readouterr().err
 
 
 def test_method_table_prints_and_writes_a_row_per_method(capsys, tmp_path):
