@@ -85,6 +85,16 @@ def kernel_seconds(fn: Callable[[], None]) -> float:
     return busy
 
 
+def print_profile(title: str, fn: Callable[[], None], device: torch.device) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n{title}\n{prof.key_averages().table(sort_by=sort_by, row_limit=12)}")
+
+
 def time_interleaved(variants: dict[str, Callable[[], None]], repeats: int,
                      clock: Callable[[Callable[[], None]], float] = wall_seconds) -> dict[str, float]:
     """Median seconds per call of each variant, by ``clock``."""
@@ -108,6 +118,9 @@ def main(argv=None) -> dict:
     p.add_argument("--bf16", action="store_true", help="also time bf16 fused forwards and steps")
     p.add_argument("--clock", choices=("wall", "kernels"), default="wall",
                    help="kernels (CUDA only): the GPU's summed kernel time per call, without host launch gaps")
+    p.add_argument("--profile", action="store_true",
+                   help="also print the 12 costliest operators (kernels on CUDA) of the plain forward and of each "
+                        "method's forward (bf16 with --bf16), for finding where a prompted pass spends its excess")
     args = p.parse_args(argv)
     if args.clock == "kernels" and not args.device.startswith("cuda"):
         p.error("--clock kernels needs a CUDA device")
@@ -175,6 +188,11 @@ def main(argv=None) -> dict:
     if device.type == "cuda":  # time the kernels, not their launch
         variants = {k: lambda fn=fn: (fn(), torch.cuda.synchronize()) for k, fn in variants.items()}
     seconds = time_interleaved(variants, args.repeats, kernel_seconds if args.clock == "kernels" else wall_seconds)
+    if args.profile:
+        kind = "bf16" if args.bf16 else "fused"
+        for key in ["plain bf16 forward" if args.bf16 else "plain forward",
+                    *(f"{name} {kind} forward" for name, *_ in timed)]:
+            print_profile(key, variants[key], device)
 
     rows = []
     for name, cls, impls, trains, flops_ratio in timed:

@@ -48,6 +48,15 @@ def test_prompted_step_bf16_columns_compare_fp32_eager_with_bf16_fused(tmp_path,
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith("| –")
 
 
+def test_profile_prints_the_costliest_operators_of_each_forward(capsys):
+    import prompted_step
+
+    prompted_step.main(["--backbone", "vit_digits", "--batch", "2", "--repeats", "1", "--methods", "smope",
+                        "--profile", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "\nplain forward\n" in out and "\nsmope fused forward\n" in out and "aten::addmm" in out
+
+
 def test_kernel_clock_needs_a_cuda_device(capsys):
     import prompted_step
 
