@@ -253,7 +253,9 @@ def _run(args) -> int:
         raise
     print(f"FA {summary['final_average_accuracy']:.2f}  CA {summary['cumulative_average_accuracy']:.2f}  "
           f"FM {summary['forgetting']:.2f}  trainable {summary['trainable_params']:,}  "
-          f"test GFLOPs/img {summary['test_flops_per_image'] / 1e9:.4f}  -> {args.out}")
+          f"test GFLOPs/img {summary['test_flops_per_image'] / 1e9:.4f}"
+          + (f"  train TFLOPs/run {summary['train_flops_per_run'] / 1e12:.3f}" if "train_flops_per_run" in summary
+             else "") + f"  -> {args.out}")
     return 0
 
 
@@ -324,7 +326,8 @@ def _cost(args) -> int:
         print(json.dumps(result))
     else:
         for key, value in result.items():
-            print(f"{key:>26}: {value:,}")
+            for name, number in (value.items() if isinstance(value, dict) else [(None, value)]):
+                print(f"{key if name is None else f'{key}[{name}]':>36}: {number:,}")
     return 0
 
 

@@ -1,5 +1,8 @@
 """Cost accounting: trainable/total parameters and train/test FLOPs per image.
 
+:func:`train_flops_per_run` turns them into the training FLOPs of a whole run, from the work the
+engine counted (images per training phase, end-of-task passes).
+
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode``. Its registry has no formula
 for the CPU SDPA kernel, which would count attention as zero, so one is registered here; every
 forward pass a method needs at test time is counted (``predict`` runs them all). Counting runs the
@@ -76,21 +79,34 @@ def _measure_cost(method_cls, config, backbone: str, num_classes: int,
     images = torch.randn(batch, *image_shape)
     labels = torch.zeros(batch, dtype=torch.long)
 
-    def train_step() -> None:
-        if not phases:  # a training-free method (e.g. class means) still encodes each image once
-            with torch.no_grad():
-                encode(vit, images)
-            return
+    def train_step(phase) -> None:
         method.train()
         vit.eval()
-        loss, _ = method.training_loss(images, labels, task, phases[-1])  # the main training phase
+        loss, _ = method.training_loss(images, labels, task, phase)
         loss.backward()
+        method.zero_grad(set_to_none=True)
 
-    out["train_flops_per_image"] = count_flops(train_step) // batch
-    method.zero_grad(set_to_none=True)
+    by_phase = {phase.name: count_flops(lambda: train_step(phase)) // batch for phase in phases}
     method.eval()
     with torch.no_grad():
-        out["test_flops_per_image"] = count_flops(lambda: method.predict(images[:1]))
         out["backbone_flops_per_image"] = count_flops(lambda: encode(vit, images[:1]))
+        out["test_flops_per_image"] = count_flops(lambda: method.predict(images[:1]))
+    # the main (last) phase's step; a training-free method (e.g. class means) encodes each image once
+    out["train_flops_per_image"] = by_phase[phases[-1].name] if phases else out["backbone_flops_per_image"]
+    out["train_flops_per_image_by_phase"] = by_phase
+    # one prompted pass (what end-of-task statistics make): the test forward less its frozen passes
+    out["prompted_pass_flops_per_image"] = (out["test_flops_per_image"]
+                                            - (method_cls.TEST_PASSES - 1) * out["backbone_flops_per_image"])
     out["test_passes"] = method_cls.TEST_PASSES
     return out
+
+
+def train_flops_per_run(cost: dict[str, Any], work: dict[str, Any]) -> int:
+    """FLOPs of a run's training: every training step (images seen per phase × that phase's step per
+    image) and every end-of-task backbone pass (frozen: task-identity and query features, prototypes;
+    prompted: class statistics), all tasks. Un-counted: fits on features (task-identity MLP, Gaussian
+    replay, K-means), each under 1 % of one backbone pass per image. A study's feature store saves
+    some frozen passes; this counts the method's own work, with or without one."""
+    steps = sum(images * cost["train_flops_per_image_by_phase"][name] for name, images in work["phase_images"].items())
+    return int(steps + work["frozen_pass_images"] * cost["backbone_flops_per_image"]
+               + work["prompted_pass_images"] * cost["prompted_pass_flops_per_image"])

@@ -36,8 +36,8 @@ from promptcl.methods.base import Phase, PromptMethod, TaskInfo
 # The scalar results of a run that trackers and studies report (summary.json has them all).
 FINAL_METRICS = ("final_average_accuracy", "cumulative_average_accuracy", "forgetting", "backward_transfer",
                  "trainable_params", "total_params", "train_flops_per_image", "test_flops_per_image",
-                 "backbone_flops_per_image", "wall_seconds", "num_workers", "frozen_images_computed",
-                 "frozen_images_reused")
+                 "backbone_flops_per_image", "train_flops_per_run", "wall_seconds", "num_workers",
+                 "frozen_images_computed", "frozen_images_reused")
 
 
 # reference behaviours that mix prompts across a batch or vote on them batch-wide
@@ -202,9 +202,10 @@ class TaskReport:
 
 
 def train_phase(method: PromptMethod, phase: Phase, task: TaskInfo, loader, device, *,
-                progress: bool, precision: str = "fp32") -> dict[str, float]:
+                progress: bool, precision: str = "fp32") -> tuple[dict[str, float], int]:
     """``phase.epochs`` passes over ``loader``; in a process group each step's gradients are those
-    of the whole global batch, so every rank takes the same optimizer steps."""
+    of the whole global batch, so every rank takes the same optimizer steps. Returns the last
+    step's logs and the number of training images this rank stepped on."""
     if phase.optimizer == "sgd":
         optimizer = torch.optim.SGD(phase.param_groups, momentum=phase.momentum, weight_decay=phase.weight_decay)
     else:
@@ -227,6 +228,7 @@ def train_phase(method: PromptMethod, phase: Phase, task: TaskInfo, loader, devi
             scheduler.step()
 
     logs: dict[str, float] = {}
+    images_seen = 0
     for epoch in range(phase.epochs):
         method.train()
         method.backbone.eval()  # frozen: no dropout or drop-path noise from the backbone
@@ -240,11 +242,12 @@ def train_phase(method: PromptMethod, phase: Phase, task: TaskInfo, loader, devi
             loss.backward()
             step(len(labels))
             steps += 1
+            images_seen += len(labels)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         for _ in range(steps_per_epoch - steps):  # this rank's share of the last batch was empty
             optimizer.zero_grad(set_to_none=True)
             step(0)
-    return logs
+    return logs, images_seen
 
 
 @dataclass
@@ -298,10 +301,10 @@ def _config_key(run: ResolvedRun) -> str:
 
 
 def save_task_checkpoint(path: Path, *, task: int, method: PromptMethod, run: ResolvedRun,
-                         matrices: dict[str, np.ndarray]) -> None:
+                         matrices: dict[str, np.ndarray], work: Optional[dict[str, Any]] = None) -> None:
     torch.save({"task": task, "seen_classes": method.seen_classes, "state": method.checkpoint_state(),
                 "matrices": {k: torch.from_numpy(m[: task + 1, : task + 1].copy()) for k, m in matrices.items()},
-                "rng": _rng_state(), "config": _config_key(run)}, path)
+                "rng": _rng_state(), "config": _config_key(run), "work": work}, path)
 
 
 def load_task_checkpoint(path: Path) -> dict[str, Any]:
@@ -389,7 +392,7 @@ def run_sequence(
     each global batch and holds the same state; rank 0 alone writes files and checkpoints
     (``TaskReport.checkpoint`` is None on the other ranks).
     """
-    from promptcl.cost import measure_cost
+    from promptcl.cost import measure_cost, train_flops_per_run
 
     spec = run.spec
     started = time.perf_counter()
@@ -410,8 +413,11 @@ def run_sequence(
     method.feature_store = store
 
     matrices: dict[str, np.ndarray] = {"accuracy": np.zeros((T, T))}
+    # the training work done so far, for train_flops_per_run (None: resumed from a checkpoint without it)
+    work: Optional[dict[str, Any]] = {"phase_images": {}, "frozen_pass_images": 0, "prompted_pass_images": 0}
     first_task = 0
     if resumed is not None:
+        work = resumed.get("work")
         method.load_checkpoint_state(resumed["state"], resumed["seen_classes"])
         for name, m in resumed["matrices"].items():
             matrices[name] = np.zeros((T, T))
@@ -437,20 +443,27 @@ def run_sequence(
                                        cumulative=method.TRAINS_ON_SEEN_TASKS)
         # Augmented images never repeat: their frozen features are computed, not stored.
         method.feature_store = None if method.training_augmented else store
+        task_work = {"frozen": 0, "prompted": 0}
         for phase in method.phases(task):
-            train_phase(method, phase, task, loader, device, progress=progress, precision=spec.precision)
+            _, images = train_phase(method, phase, task, loader, device, progress=progress, precision=spec.precision)
+            task_work[phase.name] = task_work.get(phase.name, 0) + images
         method.feature_store = store
+        passes_before = dict(method.end_of_task_pass_images)
         # Not under autocast: its backbone passes take the run's precision (collect_features), its fits fp32.
         method.end_task(task, lambda augmented=False: scenario.train_loader(
                             t, batch_size=batch_size, seed=spec.seed, shuffle=False, augmented=augmented),
                         lambda name: evaluate_seen(t, name))
+        for kind in ("frozen", "prompted"):
+            task_work[kind] = method.end_of_task_pass_images[kind] - passes_before[kind]
+        if work is not None:
+            _add_work(work, task_work)
         broadcast_from_main(method.checkpoint_state().values())
         evaluate_seen(t, "accuracy")
         if store is not None:
             store.flush()
         ckpt = out_dir / "checkpoints" / f"task_{t:02d}.pt" if main_rank else None
         if ckpt is not None:
-            save_task_checkpoint(ckpt, task=t, method=method, run=run, matrices=matrices)
+            save_task_checkpoint(ckpt, task=t, method=method, run=run, matrices=matrices, work=work)
         if on_task_end:
             on_task_end(TaskReport(t, T, matrices["accuracy"][: t + 1, : t + 1].copy(), ckpt, cost))
 
@@ -468,6 +481,9 @@ def run_sequence(
         "class_order": scenario.class_order,
         "config": run.to_dict(),
     }
+    if work is not None:
+        summary["train_flops_per_run"] = train_flops_per_run(cost, work)
+        summary["training_work"] = work
     if "task_identity" in matrices:
         summary["task_identity_accuracy"] = float(matrices["task_identity"][-1].mean())
     for name, m in matrices.items():
@@ -479,6 +495,17 @@ def run_sequence(
         write_results(out_dir / "results.parquet", rows)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _add_work(work: dict[str, Any], task_work: dict[str, int]) -> None:
+    """Add one task's work (this rank's images per phase and end-of-task pass; summed over ranks)."""
+    names = sorted(task_work)
+    totals = all_reduce_sum(torch.tensor([task_work[n] for n in names], dtype=torch.float64))
+    for name, total in zip(names, totals.tolist()):
+        if name in ("frozen", "prompted"):
+            work[f"{name}_pass_images"] += int(total)
+        else:
+            work["phase_images"][name] = work["phase_images"].get(name, 0) + int(total)
 
 
 def _feature_store(root: str, run: ResolvedRun, method: PromptMethod, device: torch.device):

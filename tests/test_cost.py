@@ -6,8 +6,9 @@ import torch
 
 from promptcl.core.backbone import LOCAL_BACKBONES, build_backbone, encode
 from promptcl.cli import main
-from promptcl.cost import count_flops, measure_cost
-from promptcl.methods import get_method
+from promptcl.cost import count_flops, measure_cost, train_flops_per_run
+from promptcl.methods import get_method, method_names
+from promptcl.methods.base import TaskInfo
 
 
 def analytic_vit_flops(img, patch, chans, dim, depth, heads, mlp_ratio):
@@ -81,3 +82,25 @@ def test_flops_count_the_method_not_the_fused_kernel_layout():
             costs[name] = measure_cost(cls, cls.PRESETS["small"], "vit_digits", 10, (1, 8, 8), num_tasks=5)
     assert costs["norga"]["test_flops_per_image"] == costs["hide"]["test_flops_per_image"]
     assert costs["norga"]["test_flops_per_image"] > 2 * costs["norga"]["backbone_flops_per_image"]
+
+
+def test_train_flops_per_run_by_hand():
+    cost = {"train_flops_per_image_by_phase": {"warmup": 7, "main": 5}, "backbone_flops_per_image": 3,
+            "prompted_pass_flops_per_image": 4}
+    work = {"phase_images": {"warmup": 10, "main": 100}, "frozen_pass_images": 20, "prompted_pass_images": 30}
+    assert train_flops_per_run(cost, work) == 10 * 7 + 100 * 5 + 20 * 3 + 30 * 4
+
+
+def test_every_phase_a_method_trains_is_costed():
+    """train_flops_per_run prices each phase by its own step: every phase name of tasks 0-2 has one."""
+    for name in method_names():
+        cls = get_method(name)
+        config = cls.PRESETS["small"]
+        cost = measure_cost(cls, config, "vit_digits", 10, (1, 8, 8), num_tasks=5)
+        method = cls(config, backbone=build_backbone("vit_digits", pretrained=False), num_classes=10, num_tasks=5)
+        for t in range(3):
+            task = TaskInfo(t, range(2 * t, 2 * t + 2), 5)
+            method.begin_task(task)
+            assert {p.name for p in method.phases(task)} <= set(cost["train_flops_per_image_by_phase"]), name
+        expected_prompted = cost["test_flops_per_image"] - (cls.TEST_PASSES - 1) * cost["backbone_flops_per_image"]
+        assert cost["prompted_pass_flops_per_image"] == expected_prompted

@@ -123,6 +123,8 @@ def test_statistics_based_methods_on_two_ranks_match_one_process(tmp_path):
         single = run_sequence(_short_run(method), tmp_path / f"{method}-single")
         ranks = [torch.load(tmp_path / f"{method}.{r}.pt", weights_only=False) for r in range(2)]
         assert ranks[0]["accuracy_matrix"] == ranks[1]["accuracy_matrix"]
+        # the training work is summed over the ranks' shards: the whole run's, on every rank
+        assert ranks[0]["training_work"] == ranks[1]["training_work"] == single["training_work"]
         if method == "simplecil":
             assert ranks[0]["accuracy_matrix"] == single["accuracy_matrix"]
         else:

@@ -207,6 +207,8 @@ def test_stage_a_trains_on_a_fresh_augmented_pass_per_epoch_as_the_reference(ben
     assert passes == ([False, True, True, True, False] if fresh else [False, False])
     assert m.frozen_images_computed == (3 * 8 if fresh else 0)  # augmented passes bypass the store
     assert stored == in_memory == 8  # the un-augmented images, once
+    # training work (train_flops_per_run) counts every frozen pass, stored or not, and stage B's prompted one
+    assert m.end_of_task_pass_images == {"frozen": 8 + (3 * 8 if fresh else 0), "prompted": 8}
 
 
 def test_presets_and_backbone_defaults(cifar100_files):
@@ -333,9 +335,15 @@ def test_end_task_passes_take_the_run_autocast_and_return_fp32_features():
         seen.append(torch.is_autocast_cpu_enabled())
         return method.frozen_features(images).bfloat16()  # a pass whose last op ran in bf16
 
-    feats, labels = method.collect_features(encode, [(torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 1]))])
+    batches = [(torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 1]))]
+    feats, labels = method.collect_features(encode, batches, prompted=False)
     assert seen == [True] and not torch.is_autocast_cpu_enabled()
     assert feats.dtype == torch.float32 and feats.shape == (3, method.embed_dim) and labels.tolist() == [0, 1, 1]
+    # training work: the frozen passes encode made; a prompted encode that also makes a query pass
+    assert method.end_of_task_pass_images == {"frozen": 3, "prompted": 0}
+    method.collect_features(lambda x: method.features(x, torch.zeros(len(x), dtype=torch.long))
+                            + 0 * method.frozen_features(x), batches, prompted=True)
+    assert method.end_of_task_pass_images == {"frozen": 6, "prompted": 3}
 
 
 def test_a_bf16_run_keeps_the_fp32_run_task_identity_and_accuracy(tmp_path):

@@ -48,6 +48,7 @@ def test_two_workers_train_within_two_points_of_one(one_worker, two_workers):
     assert (one["num_workers"], two["num_workers"]) == (1, 2)
     assert abs(one["final_average_accuracy"] - two["final_average_accuracy"]) <= 2.0
     assert two["config"] == one["config"]
+    assert two["train_flops_per_run"] == one["train_flops_per_run"] > 0  # the work of all ranks, counted once
     assert sorted(p.name for p in (two_workers / "checkpoints").iterdir()) == [f"task_{t:02d}.pt" for t in range(5)]
     assert (two_workers / "results.parquet").is_file()
 

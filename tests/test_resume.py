@@ -6,6 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from promptcl.data.benchmarks import load_dataset
 from promptcl.engine import RunSpec, load_task_checkpoint, resolve_run, run_sequence
 
 
@@ -28,8 +29,10 @@ def test_resume_after_task_2_equals_an_uninterrupted_run(tmp_path, method):
     resumed = run_sequence(run, tmp_path / "resumed", resume_from=tmp_path / "cut" / "checkpoints" / "task_02.pt")
     assert pq.read_table(tmp_path / "resumed" / "results.parquet").equals(
         pq.read_table(tmp_path / "full" / "results.parquet"))
-    for key in ("accuracy_matrix", "before_alignment_matrix", "before_tap_matrix", "task_identity_matrix"):
+    for key in ("accuracy_matrix", "before_alignment_matrix", "before_tap_matrix", "task_identity_matrix",
+                "training_work", "train_flops_per_run"):  # the work of tasks 0-2 comes from the checkpoint
         assert resumed.get(key) == full.get(key)
+    assert full["train_flops_per_run"] > 0
 
 
 def test_hide_summary_reports_task_identity_and_before_tap_accuracy(tmp_path):
@@ -42,6 +45,15 @@ def test_hide_summary_reports_task_identity_and_before_tap_accuracy(tmp_path):
     assert before[0] == [0.0] * 5  # no TAP on the first task
     assert any(v > 0 for v in before[4])
     assert summary["test_passes"] == 2
+    # training work: 2 epochs of steps over each training image, one frozen pass (task identity:
+    # un-augmented images, computed once) and one prompted pass (class statistics) per image
+    work = summary["training_work"]
+    images = work["frozen_pass_images"]
+    assert work == {"phase_images": {"wtp": 2 * images}, "frozen_pass_images": images, "prompted_pass_images": images}
+    assert images == len(load_dataset("digits").train)  # the tasks partition the training set
+    assert summary["train_flops_per_run"] == (2 * images * summary["train_flops_per_image"]
+                                              + images * summary["backbone_flops_per_image"]
+                                              + images * summary["prompted_pass_flops_per_image"])
     assert json.loads((tmp_path / "summary.json").read_text())["task_identity_accuracy"] == summary["task_identity_accuracy"]
 
 

@@ -122,6 +122,8 @@ class PromptMethod(nn.Module):
         self.training_augmented = False  # set by the engine: the benchmark's training pipeline augments
         self.pass_autocast: Callable[[], ContextManager] = contextlib.nullcontext  # set by the engine
         self.frozen_images_computed = 0  # un-prompted passes made without a store (per image)
+        self.frozen_images_requested = 0  # every image asked of frozen_features, stored or not
+        self.end_of_task_pass_images = {"frozen": 0, "prompted": 0}  # collect_features' passes (work)
         # the un-prompted pass itself; the engine may swap in a torch.compile'd one
         self.frozen_encoder: Callable[[torch.Tensor], torch.Tensor] = lambda x: encode(self.backbone, x)
         self.validate_for_backbone()
@@ -226,25 +228,33 @@ class PromptMethod(nn.Module):
         task-identity and prototype inputs. Read from the run's feature store when it has one
         (the engine attaches it), so a study computes it once per image; ``storable=False`` for
         images that never repeat (augmented ones), which are computed and not stored."""
+        self.frozen_images_requested += len(images)
         if self.feature_store is None or not storable:
             self.frozen_images_computed += len(images)
             return self.frozen_encoder(images)
         return self.feature_store.features(images, self.frozen_encoder)
 
     @torch.no_grad()
-    def collect_features(self, encode: Callable[[torch.Tensor], torch.Tensor],
-                         batches: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features, labels) of ``batches`` through ``encode``, for the fits of ``end_task``. The
-        passes run under the run's autocast (``pass_autocast``, set by the engine) and the features
-        come back in fp32; the engine runs ``end_task`` itself without autocast, because statistics,
-        task-identity and replay-alignment fits in bf16 break (NoRGa on digits: task identity 86 %
-        in fp32, 21 % with its end_task under bf16 autocast)."""
+    def collect_features(self, encode: Callable[[torch.Tensor], torch.Tensor], batches: Iterable, *,
+                         prompted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, labels) of ``batches`` through ``encode``, for the fits of ``end_task``;
+        ``prompted``: whether ``encode`` makes a prompted pass (counted as training work per image,
+        as are the frozen passes it makes through :meth:`frozen_features`). The passes run under the
+        run's autocast (``pass_autocast``, set by the engine) and the features come back in fp32; the
+        engine runs ``end_task`` itself without autocast, because statistics, task-identity and
+        replay-alignment fits in bf16 break (NoRGa on digits: task identity 86 % in fp32, 21 % with
+        its end_task under bf16 autocast)."""
         device = self.device()
         feats, labels = [], []
+        frozen_before = self.frozen_images_requested
         for images, y in batches:
             with self.pass_autocast():
                 feats.append(encode(images.to(device)).float())
             labels.append(y.to(device))
+            if prompted:
+                self.end_of_task_pass_images["prompted"] += len(y)
+        # frozen passes made by encode itself (the features, or a prompted pass's query)
+        self.end_of_task_pass_images["frozen"] += self.frozen_images_requested - frozen_before
         return torch.cat(feats), torch.cat(labels)
 
     def device(self) -> torch.device:

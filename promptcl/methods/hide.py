@@ -232,14 +232,15 @@ class HiDePrompt(PromptMethod):
         seen = range(0, task.num_seen)
         # Stage A: task-identity inference on frozen features (each rank encodes its shard; the MLP
         # trains on all of them, in the single-process order). Statistics: un-augmented images.
-        frozen, labels = self.collect_features(self.frozen_features, train_batches())
+        frozen, labels = self.collect_features(self.frozen_features, train_batches(), prompted=False)
         self.tii.stats.fit(frozen, labels)
         if c.tii_augmented and self.training_augmented:
             # One loader for all epochs: each pass over it draws new augmentations (new worker seeds).
             augmented = train_batches(augmented=True)
 
             def epoch_features():  # a fresh augmented pass per epoch, as the reference trains stage A
-                fresh = self.collect_features(lambda x: self.frozen_features(x, storable=False), augmented)
+                fresh = self.collect_features(lambda x: self.frozen_features(x, storable=False), augmented,
+                                              prompted=False)
                 return gather_in_order(fresh[0]), gather_in_order(fresh[1])
         else:
             frozen, labels = gather_in_order(frozen), gather_in_order(labels)
@@ -255,7 +256,7 @@ class HiDePrompt(PromptMethod):
                                  samples_per_class=c.tii_ca_samples_per_class, lr=c.tii_ca_lr, generator=generator)
         # Stage B: class Gaussians on features prompted with this task's prompt, then TAP.
         slot = lambda x: self.features(x, torch.full((len(x),), t, dtype=torch.long, device=x.device))  # noqa: E731
-        self.class_stats.fit(*self.collect_features(slot, train_batches()))
+        self.class_stats.fit(*self.collect_features(slot, train_batches(), prompted=True))
         if t > 0 and c.tap_epochs > 0:
             snapshot("before_tap")
             with torch.enable_grad():

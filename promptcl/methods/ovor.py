@@ -115,7 +115,7 @@ class OVOR(OnePromptMethod):
         if c.vor_epochs == 0:
             return
         self.eval()
-        feats, labels = self.collect_features(self.features, train_batches())
+        feats, labels = self.collect_features(self.features, train_batches(), prompted=True)
         feats, labels = gather_in_order(feats), gather_in_order(labels)  # every rank trains the same head
         generator = torch.Generator().manual_seed(torch.initial_seed() + task.index)
         outliers = virtual_outliers(

@@ -42,7 +42,7 @@ class SimpleCIL(PromptMethod):
     @torch.no_grad()
     def end_task(self, task: TaskInfo, train_batches, snapshot) -> None:
         self.eval()
-        self.prototypes.fit(*self.collect_features(self.frozen_features, train_batches()))
+        self.prototypes.fit(*self.collect_features(self.frozen_features, train_batches(), prompted=False))
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Cosine similarity to every class prototype (unseen classes are masked by ``predict``)."""

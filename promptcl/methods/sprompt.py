@@ -136,7 +136,8 @@ class SPrompt(PromptMethod):
     @torch.no_grad()
     def end_task(self, task: TaskInfo, train_batches, snapshot) -> None:
         self.eval()
-        feats, _ = self.collect_features(lambda x: F.normalize(self.frozen_features(x), dim=1), train_batches())
+        feats, _ = self.collect_features(lambda x: F.normalize(self.frozen_features(x), dim=1), train_batches(),
+                                         prompted=False)
         centroids = kmeans_centroids(gather_in_order(feats), self.config.centroids_per_task)
         # fewer distinct points than K: repeat the last centroid (a duplicate never changes the min)
         padded = torch.cat([centroids, centroids[-1:].expand(self.config.centroids_per_task - len(centroids), -1)])

@@ -121,6 +121,6 @@ class VQPrompt(PromptMethod):
     @torch.no_grad()
     def end_task(self, task: TaskInfo, train_batches, snapshot) -> None:
         self.eval()
-        self.class_stats.fit(*self.collect_features(lambda x: self.features(x)[0], train_batches()))
+        self.class_stats.fit(*self.collect_features(lambda x: self.features(x)[0], train_batches(), prompted=True))
         self.config.align(self.head, self.class_stats, task, snapshot)
         self.eval()
