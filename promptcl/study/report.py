@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -49,7 +50,9 @@ def export_study(tracking_uri: str, experiment: str, *, parent_run_id: Optional[
                  "config": json.dumps({k.split("/", 1)[1]: v for k, v in run.data.params.items()
                                        if k.startswith("method_config/")}, sort_keys=True),
                  "method_state": json.dumps(summary.get("method_state", {})),
-                 **{k: float(summary[k]) for k in TRIAL_METRICS}}
+                 **{k: float(summary[k]) for k in TRIAL_METRICS},
+                 # runs made before the engine counted training work have no per-run figure
+                 "train_flops_per_run": float(summary.get("train_flops_per_run", math.nan))}
         rows.extend(_matrix_rows(trial, np.asarray(summary["accuracy_matrix"])))
     return rows
 
@@ -145,29 +148,39 @@ def _log_if_wide(ax, values, axis: str) -> None:
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
 
 
+def _train_flops(trial: dict[str, Any]) -> float:
+    """The trial's training FLOPs per run, NaN where it has none (older runs and tables)."""
+    value = trial.get("train_flops_per_run")
+    return math.nan if value is None else float(value)
+
+
 def _tradeoff_figure(items, front, front_label: str):
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    panels = [("trainable_params", "trainable parameters"), ("test_flops_per_image", "test FLOPs per image")]
+    if any(math.isfinite(_train_flops(t)) for t in items):
+        panels.append(("train_flops_per_run", "training FLOPs per run"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.8), sharey=True)
     colours = _colours(items)
-    for ax, key, label in ((axes[0], "trainable_params", "trainable parameters"),
-                           (axes[1], "test_flops_per_image", "test FLOPs per image")):
+    for ax, (key, label) in zip(axes, panels):
+        value = _train_flops if key == "train_flops_per_run" else (lambda t, key=key: t[key])
+        shown = [(t, on_front) for t, on_front in zip(items, front) if math.isfinite(value(t))]
         for method, colour in colours.items():
-            pts = [t for t in items if t["method"] == method]
-            ax.scatter([t[key] for t in pts], [t["final_average_accuracy"] for t in pts], s=30, alpha=0.8,
+            pts = [t for t, _ in shown if t["method"] == method]
+            ax.scatter([value(t) for t in pts], [t["final_average_accuracy"] for t in pts], s=30, alpha=0.8,
                        color=colour, label=method)
-        on = [t for t, f in zip(items, front) if f]
-        ax.scatter([t[key] for t in on], [t["final_average_accuracy"] for t in on], marker="*", s=220,
+        on = [t for t, on_front in shown if on_front]
+        ax.scatter([value(t) for t in on], [t["final_average_accuracy"] for t in on], marker="*", s=220,
                    facecolors="none", edgecolors="black", label=front_label)
         for t in on:
-            ax.annotate(_label(t), (t[key], t["final_average_accuracy"]), fontsize=7, xytext=(4, 4),
+            ax.annotate(_label(t), (value(t), t["final_average_accuracy"]), fontsize=7, xytext=(4, 4),
                         textcoords="offset points")
         if key == "test_flops_per_image":
             ax.axvline(items[0]["backbone_flops_per_image"], color="grey", ls="--", lw=1)
             ax.text(items[0]["backbone_flops_per_image"], ax.get_ylim()[0], " one plain backbone pass",
                     fontsize=7, color="grey", va="bottom")
             ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0), useOffset=False)
-        _log_if_wide(ax, [t[key] for t in items], "x")
+        _log_if_wide(ax, [value(t) for t, _ in shown], "x")
         ax.set_xlabel(label)
     axes[0].set_ylabel("final average accuracy (%)")
     axes[0].legend(fontsize=8)
@@ -262,12 +275,14 @@ def _html(title: str, items, front, front_label: str, out_dir: Path, figures: li
 
     columns = [("trial", "trial"), ("method", "method"), ("settings", None), ("FA", "final_average_accuracy"),
                ("CA", "cumulative_average_accuracy"), ("FM", "forgetting"), ("trainable params", "trainable_params"),
-               ("test FLOPs/img", "test_flops_per_image"), ("Pareto", None)]
+               ("test FLOPs/img", "test_flops_per_image"), ("train FLOPs/run", "train_flops_per_run"),
+               ("Pareto", None)]
     head = "".join(f"<th>{html.escape(name)}</th>" for name, _ in columns)
     body = []
     for t, on_front in zip(items, front):
         values = [t["trial"], t["method"], _label(t), t["final_average_accuracy"], t["cumulative_average_accuracy"],
-                  t["forgetting"], t["trainable_params"], t["test_flops_per_image"], "yes" if on_front else ""]
+                  t["forgetting"], t["trainable_params"], t["test_flops_per_image"], _train_flops(t),
+                  "yes" if on_front else ""]
         cells = "".join(f'<td data-v="{html.escape(str(v))}">{html.escape(_fmt(v))}</td>' for v in values)
         body.append(f"<tr>{cells}</tr>")
     gates = [t for t in items if "alpha" in t["method_state"]]
@@ -295,6 +310,8 @@ column header to sort.</p>
 
 
 def _fmt(value: Any) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "–"
     if isinstance(value, float):
         return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.2f}"
     return str(value)
