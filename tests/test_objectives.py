@@ -8,6 +8,7 @@ from promptcl.study.objectives import Objective, parse_objectives, pareto_mask
 def test_parse_objectives():
     assert parse_objectives("final_average_accuracy:max, trainable_params:min") == (
         Objective("final_average_accuracy", "max"), Objective("trainable_params", "min"))
+    assert parse_objectives("train_flops_per_run:min") == (Objective("train_flops_per_run", "min"),)
     for bad, message in (("final_average_accuracy", "metric:max or metric:min"),
                          ("final_average_accuracy:up", "metric:max or metric:min"),
                          ("accuracy:max", "unknown objective metric 'accuracy'"),

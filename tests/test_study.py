@@ -178,11 +178,11 @@ def test_smoke_study_over_http_logs_runs_and_a_persistent_multi_objective_optuna
 
     uri, storage = mlflow_server, f"sqlite:///{tmp_path}/optuna.db"
     assert smope_topk.main(["--smoke", "--num-samples", "4", "--max-concurrent", "4", "--objectives",
-                            "final_average_accuracy:max,trainable_params:min", "--runs-dir", str(tmp_path),
-                            "--mlflow-uri", uri]) == 0
+                            "final_average_accuracy:max,trainable_params:min,train_flops_per_run:min",
+                            "--runs-dir", str(tmp_path), "--mlflow-uri", uri]) == 0
     out = capsys.readouterr().out
     assert "Best trial per top_k" in out and "test MFLOPs/img" in out
-    assert "Pareto front of final_average_accuracy:max, trainable_params:min" in out
+    assert "Pareto front of final_average_accuracy:max, trainable_params:min, train_flops_per_run:min" in out
     assert f"optuna-dashboard {storage}" in out
     # The console: one line per trial event (off a terminal, per task too), Ray's output in the log,
     # the paths of the log, the report and the MLflow store last.
@@ -200,7 +200,7 @@ def test_smoke_study_over_http_logs_runs_and_a_persistent_multi_objective_optuna
     study = optuna.load_study(study_name="smope_topk_smoke", storage=storage)
     trials = study.get_trials()
     assert len(trials) == 4
-    assert all(t.state == optuna.trial.TrialState.COMPLETE and len(t.values) == 2 for t in trials)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE and len(t.values) == 3 for t in trials)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("smope_topk_smoke")
     runs = client.search_runs([experiment.experiment_id])
@@ -225,7 +225,7 @@ def test_smoke_study_over_http_logs_runs_and_a_persistent_multi_objective_optuna
 
     results = ExperimentAnalysis(str(tmp_path / "ray_results" / "smope_topk_smoke")).trial_dataframes
     assert len(results) == 4 and all(len(df) == 5 and df["trainable_params"].notna().all() for df in results.values())
-    values = lambda r: (r.data.metrics["final_average_accuracy"], r.data.metrics["trainable_params"])  # noqa: E731
+    values = lambda r: tuple(r.data.metrics[k] for k in study.metric_names)  # noqa: E731
     # Optuna's objective values are the MLflow metrics of the same trials
     assert Counter(tuple(t.values) for t in trials) == Counter(values(r) for r in children)
     # Optuna's front is the set of trials MLflow tags pareto=true
@@ -235,7 +235,8 @@ def test_smoke_study_over_http_logs_runs_and_a_persistent_multi_objective_optuna
     assert len(parent.data.tags["pareto_trials"].split(",")) == len(study.best_trials)
     assert "report/index.html" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
 
-    assert study.metric_names == ["final_average_accuracy", "trainable_params"]
+    # a final-only cost (the training FLOPs the engine counted) is an objective like the accuracy
+    assert study.metric_names == ["final_average_accuracy", "trainable_params", "train_flops_per_run"]
 
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on runs, not traces
 
@@ -264,7 +265,7 @@ def test_smoke_study_over_http_logs_runs_and_a_persistent_multi_objective_optuna
     try:
         listed = json.loads(browser.wait_for_http(f"http://127.0.0.1:{port}/api/studies"))
         assert [(s["study_name"], s["directions"]) for s in listed["study_summaries"]] == [
-            ("smope_topk_smoke", ["maximize", "minimize"])]
+            ("smope_topk_smoke", ["maximize", "minimize", "minimize"])]
 
         # In headless Chromium (skipped from here when it is not installed): the dashboard renders
         # the front without console errors, and the MLflow UI lists the trials with their FA.

@@ -1,7 +1,8 @@
 """What a study optimises: one or more ``metric:direction`` objectives, and their Pareto front.
 
 The cost metrics are known before training (:func:`promptcl.cost.measure_cost` needs none), so
-every result Ray Tune sees carries them; the accuracy metrics arrive with a trial's final result.
+every result Ray Tune sees carries them; the accuracy metrics and the training FLOPs per run arrive
+with a trial's final result.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from typing import Any, Literal, Sequence
 ACCURACY_METRICS = ("final_average_accuracy", "cumulative_average_accuracy", "forgetting", "backward_transfer",
                     "task_identity_accuracy")
 COST_METRICS = ("trainable_params", "train_flops_per_image", "test_flops_per_image")
-OBJECTIVE_METRICS = ACCURACY_METRICS + COST_METRICS
+# costs a run knows only at its end (the training work the engine counted), like the accuracies
+RUN_COST_METRICS = ("train_flops_per_run",)
+OBJECTIVE_METRICS = ACCURACY_METRICS + COST_METRICS + RUN_COST_METRICS
 
 
 @dataclass(frozen=True)
