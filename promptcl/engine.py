@@ -443,20 +443,19 @@ def run_sequence(
                                        cumulative=method.TRAINS_ON_SEEN_TASKS)
         # Augmented images never repeat: their frozen features are computed, not stored.
         method.feature_store = None if method.training_augmented else store
-        task_work = {"frozen": 0, "prompted": 0}
+        phase_images: dict[str, int] = {}
         for phase in method.phases(task):
             _, images = train_phase(method, phase, task, loader, device, progress=progress, precision=spec.precision)
-            task_work[phase.name] = task_work.get(phase.name, 0) + images
+            phase_images[phase.name] = phase_images.get(phase.name, 0) + images
         method.feature_store = store
         passes_before = dict(method.end_of_task_pass_images)
         # Not under autocast: its backbone passes take the run's precision (collect_features), its fits fp32.
         method.end_task(task, lambda augmented=False: scenario.train_loader(
                             t, batch_size=batch_size, seed=spec.seed, shuffle=False, augmented=augmented),
                         lambda name: evaluate_seen(t, name))
-        for kind in ("frozen", "prompted"):
-            task_work[kind] = method.end_of_task_pass_images[kind] - passes_before[kind]
+        passes = {kind: method.end_of_task_pass_images[kind] - passes_before[kind] for kind in passes_before}
         if work is not None:
-            _add_work(work, task_work)
+            _add_work(work, phase_images, passes)
         broadcast_from_main(method.checkpoint_state().values())
         evaluate_seen(t, "accuracy")
         if store is not None:
@@ -497,15 +496,16 @@ def run_sequence(
     return summary
 
 
-def _add_work(work: dict[str, Any], task_work: dict[str, int]) -> None:
-    """Add one task's work (this rank's images per phase and end-of-task pass; summed over ranks)."""
-    names = sorted(task_work)
-    totals = all_reduce_sum(torch.tensor([task_work[n] for n in names], dtype=torch.float64))
-    for name, total in zip(names, totals.tolist()):
-        if name in ("frozen", "prompted"):
-            work[f"{name}_pass_images"] += int(total)
-        else:
-            work["phase_images"][name] = work["phase_images"].get(name, 0) + int(total)
+def _add_work(work: dict[str, Any], phase_images: dict[str, int], passes: dict[str, int]) -> None:
+    """Add one task's work: this rank's images per training phase and per kind of end-of-task pass,
+    summed over the ranks (each stepped on and passed its shard)."""
+    phases, kinds = sorted(phase_images), sorted(passes)
+    local = [phase_images[n] for n in phases] + [passes[k] for k in kinds]
+    totals = [int(v) for v in all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()]
+    for name, total in zip(phases, totals):
+        work["phase_images"][name] = work["phase_images"].get(name, 0) + total
+    for kind, total in zip(kinds, totals[len(phases):]):
+        work[f"{kind}_pass_images"] += total
 
 
 def _feature_store(root: str, run: ResolvedRun, method: PromptMethod, device: torch.device):
