@@ -455,7 +455,7 @@ def run_sequence(
                         lambda name: evaluate_seen(t, name))
         passes = {kind: method.end_of_task_pass_images[kind] - passes_before[kind] for kind in passes_before}
         if work is not None:
-            _add_work(work, phase_images, passes)
+            _add_work(work, phase_images, passes, device)
         broadcast_from_main(method.checkpoint_state().values())
         evaluate_seen(t, "accuracy")
         if store is not None:
@@ -496,12 +496,13 @@ def run_sequence(
     return summary
 
 
-def _add_work(work: dict[str, Any], phase_images: dict[str, int], passes: dict[str, int]) -> None:
+def _add_work(work: dict[str, Any], phase_images: dict[str, int], passes: dict[str, int],
+              device: torch.device) -> None:
     """Add one task's work: this rank's images per training phase and per kind of end-of-task pass,
     summed over the ranks (each stepped on and passed its shard)."""
     phases, kinds = sorted(phase_images), sorted(passes)
     local = [phase_images[n] for n in phases] + [passes[k] for k in kinds]
-    totals = [int(v) for v in all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()]
+    totals = [int(v) for v in all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=device)).tolist()]
     for name, total in zip(phases, totals):
         work["phase_images"][name] = work["phase_images"].get(name, 0) + total
     for kind, total in zip(kinds, totals[len(phases):]):

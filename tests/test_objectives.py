@@ -30,3 +30,18 @@ def test_pareto_mask_with_mixed_directions_by_hand():
     assert pareto_mask(rows, objectives) == [True, True, False, True, True, False]
     # one objective: the best rows only
     assert pareto_mask(rows, objectives[:1]) == [True, False, False, True, False, False]
+
+
+def test_a_single_final_only_objective_ignores_the_per_task_reports():
+    """A study optimising one metric known only at the end (here the training FLOPs per run) gets
+    per-task reports without it: the searcher skips them instead of failing the trial."""
+    from ray import tune
+
+    from promptcl.study.tuner import StoredOptunaSearch
+
+    search = StoredOptunaSearch(space={"top_k": tune.choice([1, 2])}, metric="train_flops_per_run", mode="min")
+    trial = search.suggest("trial-1")
+    assert trial["top_k"] in (1, 2)
+    search.on_trial_result("trial-1", {"task": 0, "average_accuracy": 50.0, "training_iteration": 1})
+    search.on_trial_complete("trial-1", {"train_flops_per_run": 1e12, "training_iteration": 5})
+    assert search._ot_study.trials[0].values == [1e12]

@@ -283,7 +283,7 @@ def _html(title: str, items, front, front_label: str, out_dir: Path, figures: li
         values = [t["trial"], t["method"], _label(t), t["final_average_accuracy"], t["cumulative_average_accuracy"],
                   t["forgetting"], t["trainable_params"], t["test_flops_per_image"], _train_flops(t),
                   "yes" if on_front else ""]
-        cells = "".join(f'<td data-v="{html.escape(str(v))}">{html.escape(_fmt(v))}</td>' for v in values)
+        cells = "".join(f'<td data-v="{html.escape(_sort_key(v))}">{html.escape(_fmt(v))}</td>' for v in values)
         body.append(f"<tr>{cells}</tr>")
     gates = [t for t in items if "alpha" in t["method_state"]]
     gate_rows = "".join(
@@ -307,6 +307,11 @@ column header to sort.</p>
 {gate_table}
 <script>{SORT_SCRIPT}</script></body></html>
 """
+
+
+def _sort_key(value: Any) -> str:
+    """A cell's value for the table's sort script: a missing number sorts below every number."""
+    return "-Infinity" if isinstance(value, float) and math.isnan(value) else str(value)
 
 
 def _fmt(value: Any) -> str:

@@ -231,9 +231,12 @@ class StoredOptunaSearch(OptunaSearch):
     """OptunaSearch over a persistent Optuna study. The database can be ahead of the searcher
     state Tune saved (every few seconds): after a driver loss, a resumed trial that had already
     finished in the database re-delivers its results, which Optuna must not take again (it
-    refuses to update a finished trial)."""
+    refuses to update a finished trial). A single objective known only at the end (an accuracy,
+    ``train_flops_per_run``) is missing from the per-task reports: those are not Optuna's to take."""
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if isinstance(self.metric, str) and self.metric not in result:
+            return
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None and self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
             return
