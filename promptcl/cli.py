@@ -325,9 +325,11 @@ def _cost(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        for key, value in result.items():
-            for name, number in (value.items() if isinstance(value, dict) else [(None, value)]):
-                print(f"{key if name is None else f'{key}[{name}]':>36}: {number:,}")
+        lines = [(key if name is None else f"{key}[{name}]", number) for key, value in result.items()
+                 for name, number in (value.items() if isinstance(value, dict) else [(None, value)])]
+        width = max(len(label) for label, _ in lines)
+        for label, number in lines:
+            print(f"{label:>{width}}: {number:,}")
     return 0
 
 

@@ -61,6 +61,15 @@ def test_cost_command_for_vit_base_with_json(capsys):
     assert out["test_flops_per_image"] / out["backbone_flops_per_image"] < 1.01
 
 
+def test_cost_command_prints_every_figure_aligned_with_one_line_per_phase(capsys):
+    assert main(["cost", "--method", "smope", "--backbone", "vit_digits", "--num-classes", "10", "--num-tasks", "5",
+                 "--preset", "small"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    labels = [line.split(":")[0].strip() for line in lines]
+    assert {"train_flops_per_image_by_phase[dense_warmup]", "train_flops_per_image_by_phase[sparse]"} <= set(labels)
+    assert len({line.index(":") for line in lines}) == 1  # the colons line up
+
+
 def test_cost_command_rejects_bad_input(capsys):
     assert main(["cost", "--method", "smope", "--backbone", "resnet50", "--num-classes", "10"]) == 2
     assert main(["cost", "--method", "smope", "--backbone", "vit_digits", "--num-classes", "10",
