@@ -2,7 +2,8 @@
 
     python dashboards/tradeoff.py --experiment smope_topk [--mlflow-uri URI] [--out runs/tradeoff.png]
 
-Prints the trials with their Pareto status and saves a two-panel scatter plot.
+Prints the trials with their Pareto status and saves the report's trade-off figure (FA against
+trainable parameters, test FLOPs per image and, for runs that report it, training FLOPs per run).
 """
 
 from __future__ import annotations
@@ -44,19 +45,10 @@ def _plot(rows, front, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from promptcl.study.report import tradeoff_figure
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, key, label in ((axes[0], "trainable_params", "trainable parameters"),
-                           (axes[1], "test_flops_per_image", "test FLOPs per image")):
-        for on_front, marker in ((False, "o"), (True, "*")):
-            pts = [r for r, f in zip(rows, front) if f == on_front]
-            ax.scatter([r[key] for r in pts], [r[ACCURACY_KEY] for r in pts], marker=marker,
-                       s=120 if on_front else 30, label="Pareto front" if on_front else "trial")
-        ax.set_xlabel(label)
-    axes[0].set_ylabel("final average accuracy (%)")
-    axes[0].legend()
-    fig.tight_layout()
+    # a run's flattened method_config params are its config (what the front's labels name)
+    fig = tradeoff_figure([{**row, "config": row} for row in rows], front, "Pareto front (FA, params, test FLOPs)")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
 

@@ -78,13 +78,13 @@ def test_the_map_uses_the_front_the_study_tagged(rows, tmp_path):
 
 
 def test_tradeoff_map_adds_training_flops_per_run_where_trials_have_it(rows):
-    from promptcl.study.report import _tradeoff_figure
+    from promptcl.study.report import tradeoff_figure
 
     items = trials(rows)
-    with_runs = _tradeoff_figure(items, [True, False, False], "front")
+    with_runs = tradeoff_figure(items, [True, False, False], "front")
     assert [ax.get_xlabel() for ax in with_runs.axes] == ["trainable parameters", "test FLOPs per image",
                                                           "training FLOPs per run"]
     per_method = with_runs.axes[2].collections[:-1]  # one scatter per method, then the front's stars
     assert sum(len(c.get_offsets()) for c in per_method) == 2  # l2p's trial has no figure: not drawn
     old = [{k: v for k, v in t.items() if k != "train_flops_per_run"} for t in items]
-    assert len(_tradeoff_figure(old, [True, False, False], "front").axes) == 2
+    assert len(tradeoff_figure(old, [True, False, False], "front").axes) == 2

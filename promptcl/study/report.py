@@ -111,7 +111,7 @@ def build_report(rows: list[dict[str, Any]], out_dir: Path, *, title: str) -> Pa
         front, front_label = pareto_mask(items, ACCURACY_AND_COST), "Pareto front (FA, params, FLOPs)"
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = {
-        "tradeoff.png": _tradeoff_figure(items, front, front_label),
+        "tradeoff.png": tradeoff_figure(items, front, front_label),
         "forgetting.png": _forgetting_figure(items),
         "task_curves.png": _curves_figure(items),
         "accuracy_matrix.png": _heatmap_figure(items[0]),
@@ -154,7 +154,10 @@ def _train_flops(trial: dict[str, Any]) -> float:
     return math.nan if value is None else float(value)
 
 
-def _tradeoff_figure(items, front, front_label: str):
+def tradeoff_figure(items, front, front_label: str):
+    """FA against trainable parameters, test FLOPs per image and (trials that report it) training
+    FLOPs per run; ``front`` marks the trials to star and label. ``items``: one dict per trial with
+    its ``method``, ``config`` and final metrics (also what ``dashboards/tradeoff.py`` draws)."""
     import matplotlib.pyplot as plt
 
     panels = [("trainable_params", "trainable parameters"), ("test_flops_per_image", "test FLOPs per image")]
