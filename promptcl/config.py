@@ -49,7 +49,9 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
                 raise ValueError(value)
             return value
     except ValueError:
-        raise ConfigError(f"invalid value {value!r} for {name} (expected {getattr(hint, '__name__', hint)})") from None
+        expected = (f"one of {', '.join(map(str, typing.get_args(hint)))}" if origin is typing.Literal
+                    else getattr(hint, "__name__", hint))
+        raise ConfigError(f"invalid value {value!r} for {name} (expected {expected})") from None
     raise ConfigError(f"{name} cannot be set from the command line")
 
 

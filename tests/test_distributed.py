@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import SequentialSampler
 
-from promptcl.core.alignment import ClassGaussians
+from promptcl.core.alignment import ClassCentroids, ClassGaussians
 from promptcl.distributed import ShardedBatchSampler, check_divisible, gather_in_order, sync_gradients
 
 
@@ -55,6 +55,10 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         stats = ClassGaussians(4, 5, covariance=cov)
         stats.fit(features[shard], labels[shard])
         result[cov] = (stats.mean.clone(), stats.cov.clone(), stats.fitted.clone())
+    torch.manual_seed(rank)  # K-means restarts are seeded per run: rank 0's clustering must win everywhere
+    mixture = ClassCentroids(4, 5, centroids=2)
+    mixture.fit(features[shard], labels[shard])
+    result["centroids"] = mixture.state_dict()
     result["gathered"] = gather_in_order(features[shard])
     # one step of the global mean loss; the unused extra parameter must keep grad=None
     model, unused = _model(), torch.nn.Parameter(torch.zeros(2))
@@ -85,6 +89,12 @@ def test_two_ranks_reduce_to_exactly_what_one_process_computes(tmp_path):
     x = features[labels == 1].double().numpy()
     np.testing.assert_allclose(stats.cov[1].numpy(), np.cov(x.T) + 1e-4 * np.eye(5), atol=1e-5)
     np.testing.assert_allclose(stats.cov[3].numpy(), 1e-4 * np.eye(5), atol=1e-7)
+    torch.manual_seed(0)
+    mixture = ClassCentroids(4, 5, centroids=2)
+    mixture.fit(features, labels)
+    for r in ranks:  # rank 0 clusters the gathered data with its seed; rank 1 takes the result
+        for key, value in mixture.state_dict().items():
+            assert torch.equal(r["centroids"][key], value), key
     for r in ranks:
         assert torch.equal(r["gathered"], features)
         assert r["unused_grad"] is None

@@ -13,6 +13,7 @@ from promptcl.cli import main
 from promptcl.engine import RunSpec, resolve_run
 from promptcl.methods import get_method
 from promptcl.methods.base import TaskInfo
+from promptcl.core.alignment import ClassCentroids, ClassGaussians
 from promptcl.core.tii import ResidualMLP, TaskIdentifier
 
 T = 5
@@ -143,6 +144,109 @@ def test_contrastive_loss_by_hand():
     torch.testing.assert_close(m.contrastive_loss(feats, old_classes=1), expected)
 
 
+def test_contrastive_loss_reads_every_cluster_mean_with_multi_centroid_statistics():
+    """HiDe's multi-centroid runs put every stored cluster mean of the old classes into the
+    contrastive rows (the reference's orth_loss extends its rows by each class's list of means)."""
+    m = make(statistics="multi-centroid", n_centroids=3)
+    assert isinstance(m.class_stats, ClassCentroids) and isinstance(m.tii.stats, ClassCentroids)
+    m.class_stats.mean[0, 0], m.class_stats.mean[0, 1] = torch.ones(64), -torch.ones(64)
+    m.class_stats.mean[1, 0] = torch.full((64,), 2.0)  # a later class: not an old one
+    m.class_stats.present[0, :2] = True
+    m.class_stats.present[1, 0] = True
+    feats = torch.zeros(2, 64)
+    feats[0, 0] = 1.0
+    rows = torch.stack([torch.ones(64), -torch.ones(64), feats[0], feats[1]])
+    expected = torch.nn.functional.cross_entropy(rows @ rows.T / 0.8, torch.arange(4))
+    torch.testing.assert_close(m.contrastive_loss(feats, old_classes=1), expected)
+
+
+def _clustered(seed=0):
+    """Class 0: three tight clusters of 20; class 1: two of 20 and one far single point."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[0.0, 0, 0, 0], [10, 0, 0, 0], [0, 10, 0, 0], [0, 0, 10, 0], [0, 0, 0, 10]])
+    parts = [centres[i] + 0.5 * torch.randn(20, 4, generator=g) for i in range(5)]
+    single = torch.tensor([[-30.0, -30, -30, -30]])
+    features = torch.cat([*parts, single])
+    labels = torch.tensor([0] * 60 + [1] * 41)
+    return features, labels, parts, single
+
+
+def test_multi_centroid_statistics_are_kmeans_clusters_with_diagonal_gaussians():
+    features, labels, parts, single = _clustered()
+    torch.manual_seed(0)
+    stats = ClassCentroids(3, 4, centroids=3)
+    stats.fit(features, labels)
+    assert stats.fitted.tolist() == [True, True, False] and stats.present[:2].all()
+
+    def by_first_coords(rows):
+        return sorted(rows.tolist(), key=lambda r: (round(r[0]), round(r[1]), round(r[2])))
+
+    # each class's clusters are its groups: mean and population variance (ddof 0) of each
+    for c, groups in ((0, parts[:3]), (1, [*parts[3:], single])):
+        want_means = by_first_coords(torch.stack([g.mean(0) for g in groups]))
+        got = sorted(zip(stats.mean[c].tolist(), stats.var[c].tolist()), key=lambda mv: (
+            round(mv[0][0]), round(mv[0][1]), round(mv[0][2])))
+        torch.testing.assert_close(torch.tensor([m for m, _ in got]), torch.tensor(want_means), atol=1e-5, rtol=0)
+        want_vars = [g.var(0, unbiased=False) for g in sorted(
+            groups, key=lambda g: tuple(round(v) for v in g.mean(0).tolist()[:3]))]
+        torch.testing.assert_close(torch.tensor([v for _, v in got]), torch.stack(want_vars), atol=1e-5, rtol=0)
+    # replays: per_class draws from every cluster with spread; the single point is skipped
+    feats, drawn = stats.sample(range(0, 2), 200, torch.Generator().manual_seed(1))
+    assert drawn.tolist() == [0] * 600 + [1] * 400
+    assert feats[drawn == 1].min() > -20  # nothing drawn around the single point
+    for group in parts:  # 200 draws near each cluster mean, with its spread (+ eps)
+        near = feats[(feats - group.mean(0)).norm(dim=1) < 4]
+        assert len(near) == 200
+        torch.testing.assert_close(near.mean(0), group.mean(0), atol=0.15, rtol=0)
+    # the contrastive rows: every fitted cluster mean (single point included, as the reference)
+    assert stats.means(range(0, 2)).shape == (6, 4) and stats.means(range(0, 1)).shape == (3, 4)
+    with pytest.raises(RuntimeError, match="never fitted"):
+        stats.sample(range(0, 3), 1, torch.Generator())
+
+
+def test_multi_centroid_fit_is_deterministic_and_handles_fewer_points_than_centroids():
+    features, labels, _, _ = _clustered()
+    fits = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        stats = ClassCentroids(2, 4, centroids=4)
+        stats.fit(features, labels)
+        fits.append(stats.state_dict())
+    assert all(torch.equal(fits[0][k], fits[1][k]) for k in fits[0])
+    few = ClassCentroids(1, 4, centroids=5)
+    few.fit(torch.tensor([[1.0, 0, 0, 0], [1.0, 0, 0, 0], [0, 2.0, 0, 0]]), torch.tensor([0, 0, 0]))
+    assert few.present[0].tolist() == [True, True, False, False, False]
+    # one cluster has two identical points, the other one point: no spread anywhere, nothing to draw
+    assert few.sample(range(0, 1), 4, torch.Generator())[0].shape == (0, 4)
+    with pytest.raises(ValueError, match="centroids must be >= 1"):
+        ClassCentroids(1, 4, centroids=0)
+
+
+def test_statistics_option_selects_the_reference_storage_methods():
+    full, diag, mixture = (make(statistics=s) for s in ("covariance", "variance", "multi-centroid"))
+    assert isinstance(full.class_stats, ClassGaussians) and full.class_stats.covariance == "full"
+    assert isinstance(diag.tii.stats, ClassGaussians) and diag.tii.stats.covariance == "diag"
+    assert mixture.class_stats.mean.shape == (10, 10, 64)  # 10 centroids per class by default
+    with pytest.raises(ValueError, match="'kmeans' for statistics .expected one of covariance, variance, multi-centr"):
+        resolve_run(RunSpec(method="hide", dataset="digits", overrides={"statistics": "kmeans"}))
+    with pytest.raises(ValueError, match="n_centroids must be >= 1"):
+        resolve_run(RunSpec(method="hide", dataset="digits", overrides={"n_centroids": "0"}))
+
+
+def test_multi_centroid_run_fits_both_stages_and_realigns():
+    """A short digits run with HiDe's own statistics: stage A and stage B store cluster mixtures
+    and the run still identifies tasks and classes (FA well above chance)."""
+    with tempfile.TemporaryDirectory() as root:
+        out = str(Path(root) / "run")
+        assert main(["run", "--method", "hide", "--dataset", "digits", "--seed", "0", "--set", "epochs=2",
+                     "--set", "statistics=multi-centroid", "--set", "n_centroids=3", "--out", out]) == 0
+        summary = json.loads((Path(out) / "summary.json").read_text())
+        state = torch.load(Path(out) / "checkpoints" / "task_04.pt", weights_only=False)["state"]
+    assert summary["final_average_accuracy"] > 60
+    present = [v for k, v in state.items() if k.endswith("stats.present")]
+    assert len(present) == 2 and all(bool(p.any(-1).all()) for p in present)  # every class clustered
+
+
 def test_residual_mlp_structures():
     two = ResidualMLP(768, (2,))
     assert sum(p.numel() for p in two.parameters()) == 768 * 1536 + 1536 + 1536 * 768 + 768 + 2 * 768
@@ -265,6 +369,43 @@ def test_self_supervised_scripts_change_more_than_the_gate():
     assert (imr.epochs, imr.schedule, imr.tap_epochs, imr.prompt_length) == (50, "constant", 80, 20)
     assert (norga.preset_for("cub200", "ibot21k").tii_lr, norga.preset_for("cub200", "sup21k").tii_lr) == (2.5e-4, 5e-3)
     assert norga.preset_for("cifar100", "vit_tiny_patch16_224").gate_activation == "sigmoid"  # no script: preset's
+
+
+# HiDe-Prompt's own scripts (thu-ml/HiDe-Prompt training_scripts/train_*_vit.sh, configs/*_hideprompt_5e.py),
+# written out: (per-GPU batch, GPUs, stage-B --lr, head at a tenth?, stage-A --lr) and what each sets.
+UPSTREAM = {
+    "upstream-cifar100": (24, 8, 0.03, True, 5e-4, dict(epochs=50, schedule="step", prompt_length=5, reg=0.1)),
+    "upstream-imagenet-r": (24, 8, 0.03, True, 5e-4, dict(epochs=150, schedule="cosine", prompt_length=20, reg=0.5)),
+    "upstream-cub200": (24, 8, 0.03, False, 1e-2, dict(epochs=50, schedule="step", prompt_length=20, reg=0.01)),
+    "upstream-5datasets": (32, 4, 0.03, True, 1e-3, dict(epochs=20, schedule="constant", prompt_length=40, reg=0.1,
+                                                          grad_clip=2.0, tii_structure=(4, 4), batchwise_prompt=True)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UPSTREAM))
+def test_upstream_presets_follow_hide_prompts_own_scripts(name):
+    """unscale_lr: every rate x per-GPU batch / 256 (stage A's realignment from 0.005, stage B's TAP
+    unscaled at 0.005); replays draw the per-GPU count on each GPU; multi-centroid statistics."""
+    per_gpu, gpus, lr, tenth, tii_lr, settings = UPSTREAM[name]
+    c = get_method("hide").PRESETS[name]
+    scale = per_gpu / 256
+    assert c.batch_size == per_gpu * gpus
+    assert (c.lr, c.head_lr) == pytest.approx((lr * scale, lr * scale * (0.1 if tenth else 1.0)))
+    assert (c.tii_lr, c.tii_ca_lr) == pytest.approx((tii_lr * scale, 0.005 * scale))
+    assert (c.tap_lr, c.tap_epochs, c.tii_epochs, c.tii_ca_epochs) == (0.005, 30, 20, 30)
+    assert (c.tap_samples_per_class, c.tii_ca_samples_per_class) == (5 * per_gpu * gpus, per_gpu * gpus)
+    assert (c.statistics, c.n_centroids, c.prompt_momentum) == ("multi-centroid", 10, 0.01)
+    assert {k: getattr(c, k) for k in settings} == settings
+    # the self-supervised scripts on top: as NoRGa's HiDe scripts, and CUB iBOT-21K's stage A at 0.0005
+    dataset = {"upstream-cifar100": "cifar100", "upstream-imagenet-r": "imagenet_r", "upstream-cub200": "cub200",
+               "upstream-5datasets": "five_datasets"}[name]
+    ibot = get_method("hide").preset_for(dataset, "ibot21k", preset=name)
+    expected = {"cifar100": dict(epochs=20, prompt_momentum=0.1), "imagenet_r": dict(epochs=50, schedule="constant"),
+                "cub200": dict(tii_lr=pytest.approx(5e-4 * scale)), "five_datasets": {}}[dataset]
+    assert {k: getattr(ibot, k) for k in expected} == expected
+    assert get_method("hide").preset_for(dataset, "sup21k", preset=name) == c
+    with pytest.raises(ValueError, match="unknown preset"):  # NoRGa has no HiDe-upstream scripts
+        get_method("norga").preset_name(dataset, name)
 
 
 def test_head_and_task_identity_mlp_start_as_the_reference_initialises_them():

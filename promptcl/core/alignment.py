@@ -1,21 +1,26 @@
-"""Per-class Gaussian feature statistics and classifier alignment by Gaussian feature replay.
+"""Per-class feature statistics and classifier alignment by Gaussian feature replay.
 
-Shared by SMoPE (diagonal covariance) and the HiDe/NoRGa family (full covariance): after a task,
-store a Gaussian per class on frozen/prompted features; later retrain a head on samples drawn
-from the Gaussians of all seen classes.
+Shared by SMoPE (diagonal covariance) and the HiDe/NoRGa family (full covariance, or HiDe's own
+per-class K-means mixture of diagonal Gaussians): after a task, store the statistics of each class
+on frozen/prompted features; later retrain a head on samples drawn from those of all seen classes.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
-from promptcl.distributed import all_reduce_sum
+from promptcl.distributed import all_reduce_sum, broadcast_from_main, gather_in_order, is_main
 from promptcl.methods.base import hold_then_cosine, mask_logits
 
 Covariance = Literal["diag", "full"]
+# The HiDe-Prompt code base's ``ca_storage_efficient_method``: one full-covariance Gaussian, one
+# diagonal Gaussian, or K-means clusters with a diagonal Gaussian each.
+Statistics = Literal["covariance", "variance", "multi-centroid"]
+STATISTICS = ("covariance", "variance", "multi-centroid")
 COV_EPS = 1e-4
 
 
@@ -67,6 +72,10 @@ class ClassGaussians(nn.Module):
         self.cov[classes] = spread.to(self.cov.dtype)
         self.fitted[classes] = True
 
+    def means(self, classes: range) -> torch.Tensor:
+        """``[rows, dim]``: the stored mean of each class in ``classes``."""
+        return self.mean[classes.start:classes.stop]
+
     @torch.no_grad()
     def sample(self, classes: range, per_class: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``per_class`` draws from each class in ``classes``, in class order (shuffle yourself)."""
@@ -84,9 +93,92 @@ class ClassGaussians(nn.Module):
         return torch.cat(feats), torch.cat(labels)
 
 
+def kmeans(features: torch.Tensor, k: int, *, seed: int, n_init: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's K-means (k-means++ seeding) on CPU float64: (centres ``[k', D]``, cluster of each
+    row). ``k`` drops to the number of distinct rows when there are fewer."""
+    from sklearn.cluster import KMeans
+
+    data = features.detach().double().cpu().numpy()
+    k = min(k, len(np.unique(data, axis=0)))
+    fitted = KMeans(n_clusters=k, random_state=seed, n_init=n_init).fit(data)
+    return torch.from_numpy(fitted.cluster_centers_).to(features.dtype), torch.from_numpy(fitted.labels_).long()
+
+
+class ClassCentroids(nn.Module):
+    """HiDe-Prompt's ``multi-centroid`` statistics: K-means on each class's features (``centroids``
+    clusters, sklearn's default single k-means++ start, seeded by the run) and a diagonal Gaussian
+    per cluster (mean, population variance, + eps·I when sampled, as the reference). Replays draw
+    ``per_class`` samples from every cluster of a class whose variance is not all zero (the
+    reference skips single-point clusters); the contrastive term reads every cluster mean.
+
+    Stored as buffers (checkpointed): ``mean``/``var`` ``[classes, centroids, dim]``, ``present``
+    (the cluster was fitted; fewer distinct features than ``centroids`` fit fewer) and ``fitted``.
+    """
+
+    def __init__(self, num_classes: int, dim: int, centroids: int = 10) -> None:
+        super().__init__()
+        if centroids < 1:
+            raise ValueError(f"centroids must be >= 1, got {centroids}")
+        self.register_buffer("mean", torch.zeros(num_classes, centroids, dim))
+        self.register_buffer("var", torch.zeros(num_classes, centroids, dim))
+        self.register_buffer("present", torch.zeros(num_classes, centroids, dtype=torch.bool))
+        self.register_buffer("fitted", torch.zeros(num_classes, dtype=torch.bool))
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Cluster every class present in ``labels``. In a process group ``features``/``labels`` are
+        this rank's shard: rank 0 clusters the gathered whole and every rank takes its result."""
+        features, labels = gather_in_order(features), gather_in_order(labels)
+        classes = torch.unique(labels).tolist()
+        if is_main():
+            for c in classes:
+                rows = features[labels == c].double()
+                # one seed per (run, class): K-means restarts differ across seeds, repeat within one
+                _, cluster = kmeans(rows, self.mean.shape[1], seed=(torch.initial_seed() + c) % 2**32, n_init=1)
+                self.present[c] = False
+                for j in range(int(cluster.max()) + 1):
+                    members = rows[cluster.to(rows.device) == j]
+                    self.mean[c, j] = members.mean(0).to(self.mean.dtype)
+                    self.var[c, j] = members.var(0, unbiased=False).to(self.var.dtype)
+                    self.present[c, j] = True
+        self.fitted[classes] = True
+        broadcast_from_main([self.mean, self.var, self.present])
+
+    def means(self, classes: range) -> torch.Tensor:
+        """``[rows, dim]``: every fitted cluster mean of the classes in ``classes``."""
+        part = slice(classes.start, classes.stop)
+        return self.mean[part][self.present[part]]
+
+    @torch.no_grad()
+    def sample(self, classes: range, per_class: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``per_class`` draws from each sampled cluster of each class in ``classes``, in class then
+        cluster order (shuffle yourself)."""
+        if not bool(self.fitted[classes.start:classes.stop].all()):
+            raise RuntimeError("sampling from a class whose statistics were never fitted")
+        feats, labels = [], []
+        for c in classes:
+            sampled = self.present[c] & (self.var[c].mean(-1) > 0)
+            means, spread = self.mean[c][sampled], (self.var[c][sampled] + COV_EPS).sqrt()
+            noise = torch.randn(len(means), per_class, self.mean.shape[-1], generator=generator).to(self.mean)
+            feats.append((means[:, None] + noise * spread[:, None]).flatten(0, 1))
+            labels.append(torch.full((len(means) * per_class,), c, dtype=torch.long, device=self.mean.device))
+        return torch.cat(feats), torch.cat(labels)
+
+
+def class_statistics(kind: Statistics, num_classes: int, dim: int, centroids: int = 10) -> nn.Module:
+    """The per-class statistics of the HiDe-Prompt code base's ``ca_storage_efficient_method``."""
+    if kind == "covariance":
+        return ClassGaussians(num_classes, dim, covariance="full")
+    if kind == "variance":
+        return ClassGaussians(num_classes, dim, covariance="diag")
+    if kind == "multi-centroid":
+        return ClassCentroids(num_classes, dim, centroids)
+    raise ValueError(f"unknown class statistics {kind!r}; choose one of {list(STATISTICS)}")
+
+
 def align_head(
     head: nn.Module,
-    gaussians: ClassGaussians,
+    gaussians: ClassGaussians | ClassCentroids,
     *,
     seen: range,
     iterations: int,

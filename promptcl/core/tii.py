@@ -2,8 +2,9 @@
 
 A frozen, un-prompted backbone gives [CLS] features; a residual MLP and a head over all classes
 learn to tell the classes (hence the tasks) apart, with per-task masked cross-entropy, per-class
-full-covariance Gaussians on the frozen features, and realignment on Gaussian replays of every
-seen class from the second task on. Un-augmented frozen features depend only on (backbone,
+statistics of the frozen features (full-covariance Gaussians, as NoRGa's scripts, or HiDe's
+multi-centroid mixtures), and realignment on Gaussian replays of every seen class from the second
+task on. Un-augmented frozen features depend only on (backbone,
 dataset, transform): they are computed once per task's images and reused across epochs; the
 reference's training on augmented images takes a fresh pass per epoch (HiDe's ``tii_augmented``).
 """
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptcl.core.alignment import ClassGaussians, align_head
+from promptcl.core.alignment import Statistics, align_head, class_statistics
 from promptcl.methods.base import mask_logits
 
 
@@ -44,11 +45,12 @@ class ResidualMLP(nn.Module):
 class TaskIdentifier(nn.Module):
     """Residual MLP + linear head over all classes, on frozen backbone features."""
 
-    def __init__(self, dim: int, num_classes: int, structure: tuple[int, ...]) -> None:
+    def __init__(self, dim: int, num_classes: int, structure: tuple[int, ...], *,
+                 statistics: Statistics = "covariance", centroids: int = 10) -> None:
         super().__init__()
         self.mlp = ResidualMLP(dim, structure)
         self.head = nn.Linear(dim, num_classes)
-        self.stats = ClassGaussians(num_classes, dim, covariance="full")
+        self.stats = class_statistics(statistics, num_classes, dim, centroids)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(self.mlp(features))

@@ -136,8 +136,14 @@ class PromptMethod(nn.Module):
         which is no script's)."""
         name = cls.preset_name(dataset, preset, num_tasks)
         family = backbone_family(backbone or "") or ""
-        settings = {} if name == "small" else cls.SCRIPTS.get((dataset or "", family), {})
+        settings = cls.scripts_for(name).get((dataset or "", family), {})
         return dataclasses.replace(cls.PRESETS[name], **settings)
+
+    @classmethod
+    def scripts_for(cls, preset: str) -> dict[tuple[str, str], dict]:
+        """The (dataset, backbone family) table that applies on top of ``preset``: ``SCRIPTS``, none
+        for ``small`` (no script's); a method whose presets come from several code bases picks per preset."""
+        return {} if preset == "small" else cls.SCRIPTS
 
     @classmethod
     def preset_name(cls, dataset: Optional[str], preset: Optional[str] = None, num_tasks: Optional[int] = None) -> str:

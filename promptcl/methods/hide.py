@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptcl.core.alignment import ClassGaussians, align_head
+from promptcl.core.alignment import STATISTICS, Statistics, align_head, class_statistics
 from promptcl.core.attention import static_prompt
 from promptcl.core.backbone import encode
 from promptcl.core.prompts import reference_batch_mixed_pairs
@@ -56,6 +56,11 @@ class HiDeConfig:
     tii_ca_epochs: int = 30
     tii_ca_samples_per_class: int = 128
     tii_grad_clip: float = 1.0
+    # Per-class statistics of both stages (replays, and the contrastive term's stored means):
+    # NoRGa's scripts use "covariance"; HiDe-Prompt's own default is "multi-centroid" (K-means
+    # with n_centroids clusters per class, a diagonal Gaussian each); "variance" is diagonal.
+    statistics: Statistics = "covariance"
+    n_centroids: int = 10
     # Stage A trains on a fresh frozen pass over augmented training images every epoch, as the
     # reference; False: on un-augmented frozen features computed once (tii_epochs times cheaper).
     # Benchmarks without training augmentation (the offline ones) compute them once either way.
@@ -82,6 +87,9 @@ class HiDeConfig:
         require(self.schedule in ("step", "cosine", "constant"), f"unknown schedule {self.schedule!r}")
         require(len(self.tii_structure) >= 1 and min(self.tii_structure) >= 1,
                 f"tii_structure must be positive width multiples, got {self.tii_structure}")
+        require(self.statistics in STATISTICS,
+                f"statistics must be one of {list(STATISTICS)}, got {self.statistics!r}")
+        require(self.n_centroids >= 1, f"n_centroids must be >= 1, got {self.n_centroids}")
 
 
 def reference_presets(base: HiDeConfig) -> dict[str, HiDeConfig]:
@@ -97,6 +105,37 @@ def reference_presets(base: HiDeConfig) -> dict[str, HiDeConfig]:
         "small": r(base, prompt_layers=(0, 1, 2), prompt_length=2, epochs=5, batch_size=32, lr=0.01,
                     head_lr=0.001, schedule="constant", tap_lr=0.01, tap_epochs=10, tap_samples_per_class=160,
                     tii_lr=1e-3, tii_epochs=10, tii_ca_lr=1e-2, tii_ca_epochs=10, tii_ca_samples_per_class=32),
+    }
+
+
+def upstream_presets(base: HiDeConfig) -> dict[str, HiDeConfig]:
+    """HiDe-Prompt's own scripts (thu-ml/HiDe-Prompt ``training_scripts/train_{cifar100,imr,cub,
+    5datsets}_vit.sh``), which made the HiDe-Prompt paper's numbers, as effective settings.
+
+    They run data-parallel on 8 GPUs x 24 images (5-datasets: 4 x 32), so the global batch is 192
+    (128); with ``unscale_lr`` every rate is scaled by the per-GPU batch / 256 (stage B's prompts
+    from 0.03, its head at a tenth with ``--larger_prompt_lr``, which the CUB script omits; stage
+    A from each script's ``--lr`` and 0.005 for its realignment), not by the global batch. The
+    replays draw the per-GPU count on every GPU (TAP 5 x 24, stage A 24 per cluster), i.e. 8 times
+    that per step in all; statistics are multi-centroid (10 per class). Run with ``--num-workers 8``
+    (4) for the contrastive term to see per-GPU batches as there; every other term is a global-batch
+    mean, the same on any number of workers."""
+    r = dataclasses.replace
+
+    def scripted(per_gpu: int, gpus: int, tii_lr: float, larger_prompt_lr: bool = True, **settings) -> HiDeConfig:
+        scale = per_gpu / 256
+        head_lr = (0.003 if larger_prompt_lr else 0.03) * scale
+        return r(base, batch_size=per_gpu * gpus, lr=0.03 * scale, head_lr=head_lr,
+                 tii_lr=tii_lr * scale, tii_ca_lr=0.005 * scale, tii_ca_samples_per_class=per_gpu * gpus,
+                 tap_samples_per_class=5 * per_gpu * gpus, statistics="multi-centroid", n_centroids=10,
+                 **settings)
+
+    return {
+        "upstream-cifar100": scripted(24, 8, 5e-4),
+        "upstream-imagenet-r": scripted(24, 8, 5e-4, prompt_length=20, reg=0.5, epochs=150, schedule="cosine"),
+        "upstream-cub200": scripted(24, 8, 1e-2, larger_prompt_lr=False, prompt_length=20, reg=0.01),
+        "upstream-5datasets": scripted(32, 4, 1e-3, prompt_length=40, epochs=20, schedule="constant",
+                                       grad_clip=2.0, tii_structure=(4, 4), batchwise_prompt=True),
     }
 
 
@@ -124,12 +163,14 @@ HIDE_SCRIPTS = {
     **{("cifar100", b): dict(epochs=20, prompt_momentum=0.1) for b in SELF_SUPERVISED},
     **{("imagenet_r", b): dict(epochs=50, schedule="constant") for b in SELF_SUPERVISED},
 }
+# HiDe-Prompt's own scripts: the same self-supervised changes, and CUB iBOT-21K's stage A at 0.0005.
+HIDE_UPSTREAM_SCRIPTS = {**HIDE_SCRIPTS, ("cub200", "ibot21k"): dict(tii_lr=5e-4 * 24 / 256)}
 
 
 @register_method("hide")
 class HiDePrompt(PromptMethod):
     Config = HiDeConfig
-    PRESETS = reference_presets(HiDeConfig())
+    PRESETS = {**reference_presets(HiDeConfig()), **upstream_presets(HiDeConfig())}
     SCRIPTS = HIDE_SCRIPTS
     # The reference's Sup-21K checkpoint is the original in21k ViT-B/16, not AugReg.
     DEFAULT_BACKBONES = {name: "sup21k" for name in ("cifar100", "imagenet_r", "cub200", "five_datasets")}
@@ -143,10 +184,15 @@ class HiDePrompt(PromptMethod):
         self.prompts = nn.Parameter(torch.empty(shape).uniform_(-1.0, 1.0))
         self.gates = self.make_gates()
         self.head = nn.Linear(self.embed_dim, num_classes)
-        self.class_stats = ClassGaussians(num_classes, self.embed_dim, covariance="full")
-        self.tii = TaskIdentifier(self.embed_dim, num_classes, config.tii_structure)
+        self.class_stats = class_statistics(config.statistics, num_classes, self.embed_dim, config.n_centroids)
+        self.tii = TaskIdentifier(self.embed_dim, num_classes, config.tii_structure,
+                                  statistics=config.statistics, centroids=config.n_centroids)
         timm_linear_init(self.head, self.tii)  # the reference's init, not PyTorch's default
         self.register_buffer("task_of_class", torch.full((num_classes,), -1, dtype=torch.long))
+
+    @classmethod
+    def scripts_for(cls, preset: str) -> dict[tuple[str, str], dict]:
+        return HIDE_UPSTREAM_SCRIPTS if preset.startswith("upstream-") else super().scripts_for(preset)
 
     def make_gates(self) -> nn.ModuleList:
         """One gate per prompted layer; HiDe-Prompt's prefix tuning is linear (no gate modules)."""
@@ -215,8 +261,9 @@ class HiDePrompt(PromptMethod):
         return loss, logs
 
     def contrastive_loss(self, feats: torch.Tensor, old_classes: int) -> torch.Tensor:
-        """Every row of [old class means; batch features] must be most similar to itself."""
-        rows = torch.cat([self.class_stats.mean[:old_classes].detach(), feats])
+        """Every row of [old class means (every cluster mean with multi-centroid statistics); batch
+        features] must be most similar to itself."""
+        rows = torch.cat([self.class_stats.means(range(0, old_classes)).detach(), feats])
         sims = rows @ rows.T / CONTRASTIVE_TEMPERATURE
         return F.cross_entropy(sims, torch.arange(len(rows), device=rows.device))
 

@@ -15,12 +15,12 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from promptcl.config import require
+from promptcl.core.alignment import kmeans
 from promptcl.core.backbone import encode_tokens
 from promptcl.distributed import gather_in_order
 from promptcl.methods import register_method
@@ -55,13 +55,8 @@ SMALL = dataclasses.replace(PAPER, prompt_length=4, epochs=6, batch_size=32, lr=
 
 
 def kmeans_centroids(features: torch.Tensor, k: int) -> torch.Tensor:
-    """scikit-learn's K-means (``random_state=0``, as the code), on CPU float64."""
-    from sklearn.cluster import KMeans
-
-    data = features.detach().double().cpu().numpy()
-    k = min(k, len(np.unique(data, axis=0)))
-    fitted = KMeans(n_clusters=k, random_state=0, n_init=10).fit(data)
-    return torch.from_numpy(fitted.cluster_centers_).to(features.dtype)
+    """scikit-learn's K-means (``random_state=0``, 10 starts, as the code), on CPU float64."""
+    return kmeans(features, k, seed=0, n_init=10)[0]
 
 
 @register_method("sprompt")
