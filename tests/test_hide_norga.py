@@ -385,7 +385,8 @@ UPSTREAM = {
 @pytest.mark.parametrize("name", sorted(UPSTREAM))
 def test_upstream_presets_follow_hide_prompts_own_scripts(name):
     """unscale_lr: every rate x per-GPU batch / 256 (stage A's realignment from 0.005, stage B's TAP
-    unscaled at 0.005); replays draw the per-GPU count on each GPU; multi-centroid statistics."""
+    unscaled at 0.005); replays are one GPU's draw (every rank is seeded alike, so all GPUs draw the
+    same samples); multi-centroid statistics."""
     per_gpu, gpus, lr, tenth, tii_lr, settings = UPSTREAM[name]
     c = get_method("hide").PRESETS[name]
     scale = per_gpu / 256
@@ -393,7 +394,7 @@ def test_upstream_presets_follow_hide_prompts_own_scripts(name):
     assert (c.lr, c.head_lr) == pytest.approx((lr * scale, lr * scale * (0.1 if tenth else 1.0)))
     assert (c.tii_lr, c.tii_ca_lr) == pytest.approx((tii_lr * scale, 0.005 * scale))
     assert (c.tap_lr, c.tap_epochs, c.tii_epochs, c.tii_ca_epochs) == (0.005, 30, 20, 30)
-    assert (c.tap_samples_per_class, c.tii_ca_samples_per_class) == (5 * per_gpu * gpus, per_gpu * gpus)
+    assert (c.tap_samples_per_class, c.tii_ca_samples_per_class) == (5 * per_gpu, per_gpu)
     assert (c.statistics, c.n_centroids, c.prompt_momentum) == ("multi-centroid", 10, 0.01)
     assert {k: getattr(c, k) for k in settings} == settings
     # the self-supervised scripts on top: as NoRGa's HiDe scripts, and CUB iBOT-21K's stage A at 0.0005

@@ -89,8 +89,10 @@ def test_dry_run_prints_commands_that_promptcl_run_parses(capsys, monkeypatch, r
         assert ("compat_match_all_keys=true" in args.overrides) == (
             norga_code_base and row["method"] in ("dualprompt", "sprompt++"))
         # with the compat gather (or a batch-wise vote) a prediction depends on its batch: evaluate
-        # as the reference does (128)
-        assert args.eval_batch_size == (128 if norga_code_base else 256)
+        # as the reference does (128; HiDe-Prompt's own scripts, which made the HiDe rows, 24 per GPU)
+        hide_upstream = row["preset"].startswith("upstream-")
+        assert args.eval_batch_size == (24 if hide_upstream else 128 if norga_code_base else 256)
+        assert hide_upstream == (row["method"] == "hide" and row["source"].startswith("NoRGa"))
         if norga_code_base and row["method"] in ("l2p", "dualprompt"):
             assert row["preset"].startswith("norga-")
         # SMoPE's ImageNet-R numbers come from CODA-Prompt's split and class numbering

@@ -106,10 +106,11 @@ def kmeans(features: torch.Tensor, k: int, *, seed: int, n_init: int) -> tuple[t
 
 class ClassCentroids(nn.Module):
     """HiDe-Prompt's ``multi-centroid`` statistics: K-means on each class's features (``centroids``
-    clusters, sklearn's default single k-means++ start, seeded by the run) and a diagonal Gaussian
-    per cluster (mean, population variance, + eps·I when sampled, as the reference). Replays draw
-    ``per_class`` samples from every cluster of a class whose variance is not all zero (the
-    reference skips single-point clusters); the contrastive term reads every cluster mean.
+    clusters; 10 k-means++ starts, the default of the scikit-learn it pins; seeded by the run) and
+    a diagonal Gaussian per cluster (mean, population variance, + eps·I when sampled, as the
+    reference). Replays draw ``per_class`` samples from every cluster of a class whose variance is
+    not all zero (the reference skips single-point clusters); the contrastive term reads every
+    cluster mean.
 
     Stored as buffers (checkpointed): ``mean``/``var`` ``[classes, centroids, dim]``, ``present``
     (the cluster was fitted; fewer distinct features than ``centroids`` fit fewer) and ``fitted``.
@@ -134,10 +135,12 @@ class ClassCentroids(nn.Module):
             for c in classes:
                 rows = features[labels == c].double()
                 # one seed per (run, class): K-means restarts differ across seeds, repeat within one
-                _, cluster = kmeans(rows, self.mean.shape[1], seed=(torch.initial_seed() + c) % 2**32, n_init=1)
+                _, cluster = kmeans(rows, self.mean.shape[1], seed=(torch.initial_seed() + c) % 2**32, n_init=10)
                 self.present[c] = False
                 for j in range(int(cluster.max()) + 1):
                     members = rows[cluster.to(rows.device) == j]
+                    if len(members) == 0:  # K-means may end with an empty cluster: nothing to store
+                        continue
                     self.mean[c, j] = members.mean(0).to(self.mean.dtype)
                     self.var[c, j] = members.var(0, unbiased=False).to(self.var.dtype)
                     self.present[c, j] = True

@@ -113,21 +113,23 @@ def upstream_presets(base: HiDeConfig) -> dict[str, HiDeConfig]:
     5datsets}_vit.sh``), which made the HiDe-Prompt paper's numbers, as effective settings.
 
     They run data-parallel on 8 GPUs x 24 images (5-datasets: 4 x 32), so the global batch is 192
-    (128); with ``unscale_lr`` every rate is scaled by the per-GPU batch / 256 (stage B's prompts
-    from 0.03, its head at a tenth with ``--larger_prompt_lr``, which the CUB script omits; stage
-    A from each script's ``--lr`` and 0.005 for its realignment), not by the global batch. The
-    replays draw the per-GPU count on every GPU (TAP 5 x 24, stage A 24 per cluster), i.e. 8 times
-    that per step in all; statistics are multi-centroid (10 per class). Run with ``--num-workers 8``
-    (4) for the contrastive term to see per-GPU batches as there; every other term is a global-batch
-    mean, the same on any number of workers."""
+    (128); with ``unscale_lr`` the rates are scaled by the per-GPU batch / 256, not the global one
+    (stage B's prompts from 0.03, its head at a tenth with ``--larger_prompt_lr``, which the CUB
+    script omits; stage A from each script's ``--lr``, its realignment from 0.005; stage B's TAP
+    rate is not scaled). Every rank is seeded alike, so the Gaussian replays are the same on every
+    GPU: one GPU's draw is the step (TAP 5 x 24 per cluster, stage A 24). Statistics are
+    multi-centroid (10 per class). Run with ``--num-workers 8`` (4) for the contrastive term to see
+    per-GPU batches as there; every other term is a global-batch mean, the same on any number of
+    workers.
+    """
     r = dataclasses.replace
 
     def scripted(per_gpu: int, gpus: int, tii_lr: float, larger_prompt_lr: bool = True, **settings) -> HiDeConfig:
         scale = per_gpu / 256
         head_lr = (0.003 if larger_prompt_lr else 0.03) * scale
         return r(base, batch_size=per_gpu * gpus, lr=0.03 * scale, head_lr=head_lr,
-                 tii_lr=tii_lr * scale, tii_ca_lr=0.005 * scale, tii_ca_samples_per_class=per_gpu * gpus,
-                 tap_samples_per_class=5 * per_gpu * gpus, statistics="multi-centroid", n_centroids=10,
+                 tii_lr=tii_lr * scale, tii_ca_lr=0.005 * scale, tii_ca_samples_per_class=per_gpu,
+                 tap_samples_per_class=5 * per_gpu, statistics="multi-centroid", n_centroids=10,
                  **settings)
 
     return {
