@@ -73,6 +73,25 @@ def test_training_loader_is_reproducible(digits):
     assert a == b
 
 
+def test_batch_order_does_not_depend_on_the_loader_worker_count(digits):
+    """Epoch after epoch, 0 and 2 loader workers (persistent across epochs) give the same batches,
+    which are the ones a single-process loader sharing one generator with its RandomSampler gave
+    (the behaviour before the order had a generator of its own), so earlier runs repeat exactly."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    def epochs(loader, n=3):
+        return [[y.tolist() for _, y in loader] for _ in range(n)]
+
+    seeded = {w: epochs(ClassIncremental(digits, increments=2, seed=0, num_workers=w).train_loader(
+        1, batch_size=16, seed=7)) for w in (0, 2)}
+    assert seeded[0] == seeded[2]
+    assert seeded[0][0] != seeded[0][1]  # a new order every epoch
+    task = ClassIncremental(digits, increments=2, seed=0).train_dataset(1, augmented=True)
+    shared = torch.Generator().manual_seed(7 * 1000 + 1)
+    legacy = DataLoader(task, batch_size=16, sampler=RandomSampler(task, generator=shared), generator=shared)
+    assert epochs(legacy) == seeded[0]
+
+
 def test_unknown_dataset_and_missing_data_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("PROMPTCL_DATA", raising=False)
     with pytest.raises(ValueError, match="unknown dataset"):

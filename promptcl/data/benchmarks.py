@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler, Subset, TensorDataset
 
 from promptcl.distributed import ShardedBatchSampler, world
 
@@ -377,10 +377,11 @@ class ClassIncremental:
         statistics loader (dataset order, every image, no augmentation unless ``augmented``)."""
         augmented = shuffle if augmented is None else augmented
         dataset = self.train_dataset(task, cumulative=cumulative, augmented=augmented)
-        generator = torch.Generator().manual_seed(seed * 1000 + task)
-        order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        seed = seed * 1000 + task
+        order = SeededOrder(dataset, seed) if shuffle else SequentialSampler(dataset)
         sampler = ShardedBatchSampler(order, batch_size, *world(), drop_last=shuffle and self.drop_last)
-        return self._loader(dataset, sampler, generator, persistent=shuffle)
+        # the loader's own generator seeds its workers (their augmentations), apart from the order
+        return self._loader(dataset, sampler, torch.Generator().manual_seed(seed), persistent=shuffle)
 
     def test_loader(self, task: int, *, batch_size: int) -> DataLoader:
         dataset = self.test_dataset(task)
@@ -397,6 +398,27 @@ class ClassIncremental:
     def _check_task(self, task: int) -> None:
         if not 0 <= task < self.num_tasks:
             raise IndexError(f"task {task} out of range 0..{self.num_tasks - 1}")
+
+
+class SeededOrder(Sampler[int]):
+    """A seeded random order of ``dataset`` per epoch, the same whatever the loader's worker count.
+
+    A DataLoader takes one 64-bit draw from its generator whenever an epoch's iterator starts, but
+    with persistent workers only for the first epoch; had the order shared that generator, runs with
+    loader workers would see other batches than runs without. The order keeps its own generator
+    and makes that draw itself before each permutation, so every run sees the sequence a
+    single-process loader sharing one generator (the earlier behaviour) drew."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.permutations = RandomSampler(dataset, generator=self.generator)
+
+    def __iter__(self):
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        return iter(self.permutations)
+
+    def __len__(self) -> int:
+        return len(self.permutations)
 
 
 def _seed_worker(_worker_id: int) -> None:
