@@ -1,4 +1,4 @@
-"""Prompted vs plain ViT, per method: the test forward and the train step, eager vs fused prefix attention.
+"""Prompted vs plain ViT, per method: the test forward and the train step, per prefix-attention path.
 
     python benchmarks/prompted_step.py [--backbone vit_base_patch16_224] [--batch 16] [--repeats 2]
                                        [--methods smope norga ...] [--json runs/benchmarks/prompted_step.json]
@@ -14,14 +14,17 @@ on them). Ratios:
   a frozen query pass before the prompted one).
 - ``train step``: the method's first-task loss and backward (the backbone frozen) ÷ a plain timm
   fine-tuning step (forward, cross-entropy, backward into every weight) on the same batch.
-- ``eager`` rows use the explicit-softmax reference path; ``fused`` the fused one (the default).
-  Methods whose prompts are plain prefixes (linear gate) take the same SDPA path in both, so they
-  are timed once.
+- For gated or token-shared prefixes (NoRGa, SMoPE) one row per path: ``eager`` (the explicit
+  softmax, the reference), ``fused`` (one SDPA call over widened heads) and ``merged`` (the token
+  columns through the flash kernel, merged exactly with the prefix columns); ``auto``, the default,
+  is ``merged`` on the CPU and ``fused`` elsewhere. Methods whose prompts are plain prefixes (linear
+  gate) take the same SDPA path in all, so they are timed once (``sdpa``).
 - ``--clock kernels`` (CUDA): each call is timed as the GPU's summed kernel time (profiler) instead
   of wall time; at small batches a GPU waits on the host's kernel launches, and wall-time ratios
   then count kernels rather than arithmetic.
-- ``--bf16``: each method's test forward and train step also under bf16 autocast on the fused path,
-  and ``bf16 speed-up`` = the fp32 eager step ÷ the bf16 fused step (the GPU target is at least 2×);
+- ``--bf16``: each method's test forward and train step also under bf16 autocast on each row's path
+  (not ``eager``), and ``bf16 speed-up`` = the fp32 eager step ÷ that bf16 step (the GPU target is at
+  least 2×);
   the bf16 forward and step are also divided by a plain forward and fine-tuning step under the same
   autocast (the GPU target for the forward: at most 1.10× per pass).
 """
@@ -46,21 +49,21 @@ from promptcl.methods.base import TaskInfo
 
 
 def uses_gated_prefix(forward: Callable[[], object]) -> bool:
-    """Whether a forward goes through the gated / token-shared prefix path (where eager and
-    fused differ), found by counting calls of that path's fused function."""
+    """Whether a forward goes through the gated / token-shared prefix path (where the paths
+    differ), found by counting calls of that path's reference function under ``eager``."""
     calls = []
-    real = attention._fused_prefix_attention
+    real = attention._eager_prefix_attention
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    attention._fused_prefix_attention = counting
+    attention._eager_prefix_attention = counting
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), attention.prefix_attention_impl("eager"):
             forward()
     finally:
-        attention._fused_prefix_attention = real
+        attention._eager_prefix_attention = real
     return bool(calls)
 
 
@@ -115,7 +118,7 @@ def main(argv=None) -> dict:
     p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--bf16", action="store_true", help="also time bf16 fused forwards and steps")
+    p.add_argument("--bf16", action="store_true", help="also time bf16 forwards and steps on each path but eager")
     p.add_argument("--clock", choices=("wall", "kernels"), default="wall",
                    help="kernels (CUDA only): the GPU's summed kernel time per call, without host launch gaps")
     p.add_argument("--profile", action="store_true",
@@ -149,8 +152,8 @@ def main(argv=None) -> dict:
 
     variants: dict[str, Callable[[], None]] = {"plain forward": plain_forward, "plain step": plain_step}
     if args.bf16:  # the bf16 prompted passes are also compared with bf16 plain ones
-        variants["plain bf16 forward"] = lambda: _with_impl("fused", plain_forward, device, "bf16")
-        variants["plain bf16 step"] = lambda: _with_impl("fused", plain_step, device, "bf16")
+        variants["plain bf16 forward"] = lambda: _with_impl("auto", plain_forward, device, "bf16")
+        variants["plain bf16 step"] = lambda: _with_impl("auto", plain_step, device, "bf16")
     timed = []  # (method, its class, impls, trains)
     for name in methods:
         cls = get_method(name)
@@ -175,43 +178,49 @@ def main(argv=None) -> dict:
         flops = measure_cost(cls, preset, args.backbone, num_tasks * classes_per_task, input_shape(args.backbone),
                              num_tasks=num_tasks)
         flops_ratio = flops["test_flops_per_image"] / flops["backbone_flops_per_image"]
-        impls = ("eager", "fused") if uses_gated_prefix(forward) else ("fused",)
+        impls = ("eager", "fused", "merged") if uses_gated_prefix(forward) else ("auto",)
         for impl in impls:
             variants[f"{name} {impl} forward"] = lambda impl=impl, forward=forward: _with_impl(impl, forward)
             if phases:
                 variants[f"{name} {impl} step"] = lambda impl=impl, step=step: _with_impl(impl, step)
-        if args.bf16:
-            variants[f"{name} bf16 forward"] = lambda forward=forward: _with_impl("fused", forward, device, "bf16")
-            if phases:
-                variants[f"{name} bf16 step"] = lambda step=step: _with_impl("fused", step, device, "bf16")
+            if args.bf16 and impl != "eager":
+                variants[f"{name} {impl} bf16 forward"] = (
+                    lambda impl=impl, forward=forward: _with_impl(impl, forward, device, "bf16"))
+                if phases:
+                    variants[f"{name} {impl} bf16 step"] = (
+                        lambda impl=impl, step=step: _with_impl(impl, step, device, "bf16"))
         timed.append((name, cls, impls, bool(phases), flops_ratio))
     if device.type == "cuda":  # time the kernels, not their launch
         variants = {k: lambda fn=fn: (fn(), torch.cuda.synchronize()) for k, fn in variants.items()}
     seconds = time_interleaved(variants, args.repeats, kernel_seconds if args.clock == "kernels" else wall_seconds)
     if args.profile:
-        kind = "bf16" if args.bf16 else "fused"
+        suffix = " bf16" if args.bf16 else ""
         for key in ["plain bf16 forward" if args.bf16 else "plain forward",
-                    *(f"{name} {kind} forward" for name, *_ in timed)]:
+                    *(f"{name} {impl}{suffix} forward" for name, _, impls, *_ in timed for impl in impls
+                      if impl != "eager")]:
             print_profile(key, variants[key], device)
 
     rows = []
     for name, cls, impls, trains, flops_ratio in timed:
         for impl in impls:
             forward_ratio = seconds[f"{name} {impl} forward"] / seconds["plain forward"]
-            rows.append({"method": name, "path": impl if len(impls) > 1 else "sdpa", "passes": cls.TEST_PASSES,
-                         "test_flops_ratio": flops_ratio,
-                         "forward_ratio": forward_ratio, "per_pass_ratio": forward_ratio / cls.TEST_PASSES,
-                         "step_ratio": seconds[f"{name} {impl} step"] / seconds["plain step"] if trains else None})
-        if args.bf16:  # fp32 eager (the reference's arithmetic) over bf16 fused, forward and step
-            rows[-1]["bf16_forward_speedup"] = seconds[f"{name} {impls[0]} forward"] / seconds[f"{name} bf16 forward"]
-            rows[-1]["bf16_step_speedup"] = (seconds[f"{name} {impls[0]} step"] / seconds[f"{name} bf16 step"]
-                                             if trains else None)
+            row = {"method": name, "path": impl if len(impls) > 1 else "sdpa", "passes": cls.TEST_PASSES,
+                   "test_flops_ratio": flops_ratio,
+                   "forward_ratio": forward_ratio, "per_pass_ratio": forward_ratio / cls.TEST_PASSES,
+                   "step_ratio": seconds[f"{name} {impl} step"] / seconds["plain step"] if trains else None}
+            rows.append(row)
+            if not args.bf16 or impl == "eager":
+                continue
+            # fp32 eager (the reference's arithmetic) over this path in bf16, forward and step
+            bf16 = f"{name} {impl} bf16"
+            row["bf16_forward_speedup"] = seconds[f"{name} {impls[0]} forward"] / seconds[f"{bf16} forward"]
+            row["bf16_step_speedup"] = (seconds[f"{name} {impls[0]} step"] / seconds[f"{bf16} step"]
+                                        if trains else None)
             # and the bf16 prompted pass over the bf16 plain one (the GPU forward target: at most 1.10x per pass)
-            bf16_forward_ratio = seconds[f"{name} bf16 forward"] / seconds["plain bf16 forward"]
-            rows[-1]["bf16_forward_ratio"] = bf16_forward_ratio
-            rows[-1]["bf16_per_pass_ratio"] = bf16_forward_ratio / cls.TEST_PASSES
-            rows[-1]["bf16_step_ratio"] = (seconds[f"{name} bf16 step"] / seconds["plain bf16 step"]
-                                           if trains else None)
+            bf16_forward_ratio = seconds[f"{bf16} forward"] / seconds["plain bf16 forward"]
+            row["bf16_forward_ratio"] = bf16_forward_ratio
+            row["bf16_per_pass_ratio"] = bf16_forward_ratio / cls.TEST_PASSES
+            row["bf16_step_ratio"] = seconds[f"{bf16} step"] / seconds["plain bf16 step"] if trains else None
 
     report = {"backbone": args.backbone, "batch": args.batch, "repeats": args.repeats, "device": str(device),
               "clock": args.clock,
@@ -235,7 +244,7 @@ def main(argv=None) -> dict:
         print(f"bf16 autocast: plain forward {report['plain_bf16_forward_ms']:.1f} ms, "
               f"plain fine-tuning step {report['plain_bf16_step_ms']:.1f} ms")
         header += ["bf16: forward ÷ bf16 plain", "per pass", "step ÷ bf16 plain step",
-                   "bf16 speed-up: forward", "step (fp32 eager ÷ bf16 fused)"]
+                   "bf16 speed-up: forward", "step (fp32 eager ÷ this path in bf16)"]
         for r, cells in zip(rows, table):
             figures = [r.get(k) for k in ("bf16_forward_ratio", "bf16_per_pass_ratio", "bf16_step_ratio",
                                           "bf16_forward_speedup", "bf16_step_speedup")]

@@ -98,12 +98,12 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device 
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]  # on a GPU the fused path is SDPA's CUDA kernels
 
 
-def _both_paths(prefix_of, dtype, seed=0, device="cpu"):
-    """Output and gradients (queries, keys, values, prefix tensors, gate scalars) of the eager and
-    the fused path on the same inputs."""
+def _both_paths(prefix_of, dtype, seed=0, device="cpu", impl="fused"):
+    """Output and gradients (queries, keys, values, prefix tensors, gate scalars) of the eager path
+    and of ``impl`` on the same inputs."""
     g = torch.Generator().manual_seed(seed)
     results = {}
-    for impl in ("eager", "fused"):
+    for impl in ("eager", impl):
         g.manual_seed(seed)
         q, k, v = (torch.randn(B, H, 33, D, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
         prefix, leaves = prefix_of(g, dtype, device)
@@ -112,7 +112,7 @@ def _both_paths(prefix_of, dtype, seed=0, device="cpu"):
         weights = torch.randn(out.shape, generator=g).to(device, dtype)
         grads = torch.autograd.grad((out * weights).sum(), [q, k, v, *leaves])
         results[impl] = (out, grads)
-    return results["eager"], results["fused"]
+    return results["eager"], results[impl]
 
 
 def _gated_keys(num_prompts, activation="tanh"):
@@ -145,19 +145,24 @@ PREFIXES = {
 }
 
 
+IMPLS = ["fused", "merged"]  # on CUDA in fp32, merged has no flash kernel and is the fused path
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(PREFIXES))
-def test_fused_prefix_attention_equals_the_eager_path_forward_and_backward_in_fp32(name, device):
-    (eager, eager_grads), (fused, fused_grads) = _both_paths(PREFIXES[name], torch.float32, device=device)
+def test_fused_prefix_attention_equals_the_eager_path_forward_and_backward_in_fp32(name, device, impl):
+    (eager, eager_grads), (fused, fused_grads) = _both_paths(PREFIXES[name], torch.float32, device=device, impl=impl)
     torch.testing.assert_close(fused, eager, atol=1e-5, rtol=0)
     for a, b in zip(fused_grads, eager_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["norga_5", "smope_8"])
-def test_fused_prefix_attention_equals_the_eager_path_in_bf16(name, device):
-    (eager, eager_grads), (fused, fused_grads) = _both_paths(PREFIXES[name], torch.bfloat16, device=device)
+@pytest.mark.parametrize("name", ["norga_5", "smope_8", "norga_13"])
+def test_fused_prefix_attention_equals_the_eager_path_in_bf16(name, device, impl):
+    (eager, eager_grads), (fused, fused_grads) = _both_paths(PREFIXES[name], torch.bfloat16, device=device, impl=impl)
     reference, reference_grads = _both_paths(PREFIXES[name], torch.float32, device=device)[0]
     # bf16 tolerance: the fused path is about as far from the fp32 result as the eager path is.
     # Not compared: the gate scalars' gradients, sums of B*H*N*P bf16 products that mostly cancel,
@@ -170,7 +175,7 @@ def test_fused_prefix_attention_equals_the_eager_path_in_bf16(name, device):
         assert fused_error <= 2 * eager_error + 1e-2, (fused_error, eager_error)
 
 
-def test_auto_is_the_fused_path_and_an_unknown_choice_is_refused():
+def test_auto_is_the_merged_path_on_the_cpu_and_an_unknown_choice_is_refused():
     from promptcl.core import attention
 
     assert attention._IMPL == "auto"
@@ -180,6 +185,20 @@ def test_auto_is_the_fused_path_and_an_unknown_choice_is_refused():
     with pytest.raises(ValueError, match="unknown prefix attention implementation 'flash'"):
         with prefix_attention_impl("flash"):
             pass
+    q, k, v = qkv()
+    q.requires_grad_()
+    prefix = Prefix(values=torch.randn(B, H, 3, D), logits=torch.randn(B, H, 3))
+
+    def node(impl="auto", dtype=torch.float32, dropout_p=0.0):
+        with prefix_attention_impl(impl):
+            out = prefix_attention(q.to(dtype), k.to(dtype), v.to(dtype), prefix, dropout_p=dropout_p)
+        return type(out.grad_fn).__name__
+
+    assert node() == node("merged") == "_MergedPrefixAttentionBackward"
+    assert node("fused") != node()
+    # no flash kernel for float64, nor a merge with dropout: the fused path
+    assert node(dtype=torch.float64) == node("merged", dtype=torch.float64) == node("fused", dtype=torch.float64)
+    assert node(dropout_p=0.1) != "_MergedPrefixAttentionBackward"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -196,14 +215,15 @@ def test_a_prompted_model_is_the_same_through_either_path(method, device):
     forward = {"norga": lambda: model.features(x, torch.tensor([0, 1, 2, 3, 4, 0], device=device)),
                "smope": lambda: model.features(x, mode="sparse")}[method]
     results = {}
-    for impl in ("eager", "fused"):
+    for impl in ("eager", "fused", "merged"):
         model.zero_grad()
         with prefix_attention_impl(impl):
             out = forward()
         out.square().sum().backward()
         results[impl] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    (eager, eager_grads), (fused, fused_grads) = results["eager"], results["fused"]
-    torch.testing.assert_close(fused, eager, atol=1e-5, rtol=0)
-    assert eager_grads.keys() == fused_grads.keys() and eager_grads
-    for name in eager_grads:
-        torch.testing.assert_close(fused_grads[name], eager_grads[name], atol=1e-5, rtol=1e-4)
+    eager, eager_grads = results["eager"]
+    for fused, fused_grads in (results["fused"], results["merged"]):
+        torch.testing.assert_close(fused, eager, atol=1e-5, rtol=0)
+        assert eager_grads.keys() == fused_grads.keys() and eager_grads
+        for name in eager_grads:
+            torch.testing.assert_close(fused_grads[name], eager_grads[name], atol=1e-5, rtol=1e-4)

@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
-def test_prompted_step_times_every_method_and_both_paths_where_they_differ(tmp_path, capsys):
+def test_prompted_step_times_every_method_and_every_path_where_they_differ(tmp_path, capsys):
     import prompted_step
 
     out = tmp_path / "prompted_step.json"
@@ -17,11 +17,12 @@ def test_prompted_step_times_every_method_and_both_paths_where_they_differ(tmp_p
                                  "--methods", "smope", "hide", "simplecil", "--json", str(out)])
     assert json.loads(out.read_text()) == report
     paths = [(r["method"], r["path"]) for r in report["rows"]]
-    # SMoPE's token-shared logits differ between eager and fused; HiDe's linear prefix is one SDPA
-    assert paths == [("smope", "eager"), ("smope", "fused"), ("hide", "sdpa"), ("simplecil", "sdpa")]
-    hide = report["rows"][2]
+    # SMoPE's token-shared logits differ between the paths; HiDe's linear prefix is one SDPA
+    assert paths == [("smope", "eager"), ("smope", "fused"), ("smope", "merged"), ("hide", "sdpa"),
+                     ("simplecil", "sdpa")]
+    hide = report["rows"][3]
     assert hide["passes"] == 2 and hide["per_pass_ratio"] == hide["forward_ratio"] / 2
-    assert report["rows"][3]["step_ratio"] is None  # SimpleCIL does not train
+    assert report["rows"][4]["step_ratio"] is None  # SimpleCIL does not train
     assert all(r["forward_ratio"] > 0 for r in report["rows"])
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("simplecil | sdpa | 1 |")
     # counted test FLOPs: HiDe two passes, SimpleCIL one, SMoPE's experts under 1 % of a pass
@@ -30,21 +31,21 @@ def test_prompted_step_times_every_method_and_both_paths_where_they_differ(tmp_p
     assert 1 < flops["smope"] < 1.1
 
 
-def test_prompted_step_bf16_columns_compare_fp32_eager_with_bf16_fused(tmp_path, capsys):
-    """The GPU figure's script path (fp32 eager step ÷ bf16 fused step), run here on the CPU."""
+def test_prompted_step_bf16_columns_compare_fp32_eager_with_each_path_in_bf16(tmp_path, capsys):
+    """The GPU figure's script path (fp32 eager step ÷ each path's bf16 step), run here on the CPU."""
     import prompted_step
 
     report = prompted_step.main(["--backbone", "vit_digits", "--batch", "4", "--repeats", "1", "--methods", "smope",
                                  "simplecil", "--bf16", "--device", "cpu"])
-    smope_fused = report["rows"][1]
-    assert (smope_fused["method"], smope_fused["path"]) == ("smope", "fused")
-    assert smope_fused["bf16_step_speedup"] > 0 and smope_fused["bf16_forward_speedup"] > 0
-    assert "bf16_step_speedup" not in report["rows"][0]  # on the last row of a method only
-    assert report["rows"][2]["bf16_step_speedup"] is None  # SimpleCIL does not train
-    # bf16 prompted ÷ bf16 plain: per pass is the forward ratio over the method's passes
-    assert smope_fused["bf16_forward_ratio"] > 0 and smope_fused["bf16_step_ratio"] > 0
-    assert smope_fused["bf16_per_pass_ratio"] == smope_fused["bf16_forward_ratio"]  # one pass
-    assert report["rows"][2]["bf16_step_ratio"] is None and report["plain_bf16_step_ms"] > 0
+    for smope in report["rows"][1:3]:
+        assert smope["method"] == "smope" and smope["path"] in ("fused", "merged")
+        assert smope["bf16_step_speedup"] > 0 and smope["bf16_forward_speedup"] > 0
+        # bf16 prompted ÷ bf16 plain: per pass is the forward ratio over the method's passes
+        assert smope["bf16_forward_ratio"] > 0 and smope["bf16_step_ratio"] > 0
+        assert smope["bf16_per_pass_ratio"] == smope["bf16_forward_ratio"]  # one pass
+    assert "bf16_step_speedup" not in report["rows"][0]  # the eager row is the fp32 reference
+    assert report["rows"][3]["bf16_step_speedup"] is None  # SimpleCIL does not train
+    assert report["rows"][3]["bf16_step_ratio"] is None and report["plain_bf16_step_ms"] > 0
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith("| –")
 
 
@@ -54,7 +55,9 @@ def test_profile_prints_the_costliest_operators_of_each_forward(capsys):
     prompted_step.main(["--backbone", "vit_digits", "--batch", "2", "--repeats", "1", "--methods", "smope",
                         "--profile", "--device", "cpu"])
     out = capsys.readouterr().out
-    assert "\nplain forward\n" in out and "\nsmope fused forward\n" in out and "aten::addmm" in out
+    assert "\nplain forward\n" in out and "aten::addmm" in out
+    assert "\nsmope fused forward\n" in out and "\nsmope merged forward\n" in out
+    assert "flash_attention_for_cpu" in out.split("\nsmope merged forward\n")[1]  # the merged path's kernel
 
 
 def test_kernel_clock_needs_a_cuda_device(capsys):

@@ -52,17 +52,20 @@ class LayerPrompt(Protocol):
     def __call__(self, q: torch.Tensor) -> Prefix: ...
 
 
-PrefixAttentionImpl = Literal["auto", "fused", "eager"]
+PrefixAttentionImpl = Literal["auto", "merged", "fused", "eager"]
 _IMPL: PrefixAttentionImpl = "auto"
 
 
 @contextlib.contextmanager
 def prefix_attention_impl(impl: PrefixAttentionImpl) -> Iterator[None]:
-    """Choose how gated and token-shared prefixes are computed: ``fused`` (one SDPA kernel),
-    ``eager`` (the explicit softmax, the reference path) or ``auto`` (fused)."""
+    """Choose how gated and token-shared prefixes are computed: ``merged`` (the token columns through
+    the flash kernel, merged exactly with the explicit prefix columns; where that kernel exists, else
+    ``fused``), ``fused`` (one SDPA call over widened heads), ``eager`` (the explicit softmax, the
+    reference path) or ``auto``: ``merged`` on the CPU, where it is measured fastest, ``fused``
+    elsewhere (on CUDA ``merged`` awaits its measurement; see README "Performance")."""
     global _IMPL
-    if impl not in ("auto", "fused", "eager"):
-        raise ValueError(f"unknown prefix attention implementation {impl!r}; choose auto, fused or eager")
+    if impl not in ("auto", "merged", "fused", "eager"):
+        raise ValueError(f"unknown prefix attention implementation {impl!r}; choose auto, merged, fused or eager")
     previous, _IMPL = _IMPL, impl
     try:
         yield
@@ -98,6 +101,10 @@ def prefix_attention(
         prefix_scores = gate(prefix_scores)
     if _IMPL == "eager":
         return _eager_prefix_attention(q, k, v, prefix_scores, prefix.values, dropout_p)
+    if _IMPL == "merged" or (_IMPL == "auto" and q.device.type == "cpu"):
+        kernel = _flash_kernel(q, dropout_p)
+        if kernel is not None:
+            return _MergedPrefixAttention.apply(q, k, v, prefix_scores, prefix.values, kernel)
     return _fused_prefix_attention(q, k, v, prefix_scores, prefix.values, dropout_p)
 
 
@@ -132,6 +139,86 @@ def _fused_prefix_attention(q, k, v, prefix_scores, prefix_values, dropout_p: fl
     values = torch.cat([torch.cat([prefix_values, v], dim=2), zeros(B, H, P + v.shape[2], width)], dim=-1)
     out = F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p, scale=d ** -0.5)
     return out[..., :d]
+
+
+class _FlashKernel:
+    """One device's flash-attention kernel, called directly: unlike ``scaled_dot_product_attention``
+    it returns each query's log-sum-exp, and its backward takes the output and log-sum-exp it is
+    given (which lets the token part back-propagate the merged softmax)."""
+
+    def __init__(self, device_type: str) -> None:
+        self.device_type = device_type
+
+    def forward(self, q, k, v, scale: float):
+        """(output, fp32 log-sum-exp ``[B, H, N]``, what the backward needs besides them)."""
+        if self.device_type == "cpu":
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+            return out, lse, ()
+        out, lse, cum_q, cum_k, max_q, max_k, rng_state, unused, _ = \
+            torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+        return out, lse, (cum_q, cum_k, max_q, max_k, rng_state, unused)
+
+    def backward(self, grad_out, q, k, v, out, lse, state, scale: float):
+        if self.device_type == "cpu":
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_out, q, k, v, out, lse, 0.0, False, scale=scale)
+        cum_q, cum_k, max_q, max_k, rng_state, unused = state
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            grad_out, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, False, rng_state, unused, scale=scale)
+
+
+def _flash_kernel(q: torch.Tensor, dropout_p: float) -> Optional[_FlashKernel]:
+    """The flash kernel for ``q``'s device and dtype, if there is one (no dropout: the merge would
+    need the kernel's dropout mask)."""
+    if dropout_p:
+        return None
+    if q.device.type == "cpu":
+        return _FlashKernel("cpu") if q.dtype in (torch.float32, torch.bfloat16, torch.float16) else None
+    if (q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 256 and torch.backends.cuda.flash_sdp_enabled()
+            and torch.cuda.get_device_capability(q.device) >= (8, 0)):
+        return _FlashKernel("cuda")
+    return None
+
+
+class _MergedPrefixAttention(torch.autograd.Function):
+    """The one softmax over [prefix; tokens], exactly, without widening the heads.
+
+    The token columns go through the flash kernel, which gives their output ``O_t`` and log-sum-exp
+    ``l_t``; the small prefix columns (logits ``z``, values ``V_p``) are explicit. With the joint
+    log-sum-exp ``l = logaddexp(l_t, logsumexp(z))`` the output is ``exp(l_t - l) O_t + exp(z - l) V_p``.
+    Backward: the attention gradient of a token column depends on the softmax only through its
+    probability ``exp(s - l)`` and the row term ``dO . out``, so the kernel's own backward, handed
+    the merged output and ``l``, gives the exact query/key/value gradients; the prefix columns'
+    gradients are explicit. The merge runs in fp32 (autocast off), returned in the queries' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_scores, prefix_values, kernel: _FlashKernel):
+        scale = q.shape[-1] ** -0.5
+        with torch.autocast(q.device.type, enabled=False):
+            token_out, token_lse, state = kernel.forward(q, k, v, scale)
+            scores = prefix_scores.float()
+            lse = torch.logaddexp(token_lse, scores.logsumexp(-1))
+            prefix_probs = (scores - lse[..., None]).exp()
+            out = (token_out.float() * (token_lse - lse).exp()[..., None]
+                   + prefix_probs @ prefix_values.float()).to(q.dtype)
+        ctx.save_for_backward(q, k, v, prefix_values, out, lse, prefix_probs)
+        ctx.kernel, ctx.state, ctx.scale = kernel, state, scale
+        ctx.dtypes = (prefix_scores.dtype, prefix_values.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, prefix_values, out, lse, prefix_probs = ctx.saved_tensors
+        with torch.autocast(q.device.type, enabled=False):
+            grad_out = grad_out.to(out.dtype).contiguous()
+            dq, dk, dv = ctx.kernel.backward(grad_out, q, k, v, out, lse, ctx.state, ctx.scale)
+            grad = grad_out.float()
+            row = (grad * out.float()).sum(-1, keepdim=True)
+            d_scores = prefix_probs * (grad @ prefix_values.float().transpose(-2, -1) - row)
+            d_values = prefix_probs.transpose(-2, -1) @ grad
+        return dq, dk, dv, d_scores.to(ctx.dtypes[0]), d_values.to(ctx.dtypes[1]), None
 
 
 def _check_prefix(prefix: Prefix, q: torch.Tensor) -> None:
