@@ -199,6 +199,27 @@ def test_auto_is_the_merged_path_on_the_cpu_and_an_unknown_choice_is_refused():
     # no flash kernel for float64, nor a merge with dropout: the fused path
     assert node(dtype=torch.float64) == node("merged", dtype=torch.float64) == node("fused", dtype=torch.float64)
     assert node(dropout_p=0.1) != "_MergedPrefixAttentionBackward"
+    strided = v.transpose(-2, -1).contiguous().transpose(-2, -1)  # head vectors not contiguous: no kernel
+    with prefix_attention_impl("merged"):
+        out = prefix_attention(q, k, strided, prefix)
+    with prefix_attention_impl("eager"):
+        torch.testing.assert_close(out, prefix_attention(q, k, v, prefix), atol=1e-5, rtol=0)
+    assert type(out.grad_fn).__name__ != "_MergedPrefixAttentionBackward"
+
+
+def test_merged_path_without_token_gradients_still_trains_the_prefix():
+    """In the first prompted layer of a frozen backbone only the prefix needs gradients: the kernel's
+    backward is skipped and the prefix gradients are the eager path's."""
+    q, k, v = qkv()
+    grads = {}
+    for impl in ("eager", "merged"):
+        logits = torch.randn(B, H, 3, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        values = torch.randn(B, H, 3, D, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        with prefix_attention_impl(impl):
+            out = prefix_attention(q, k, v, Prefix(values=values, logits=logits))
+        grads[impl] = torch.autograd.grad(out.square().sum(), [logits, values])
+    for merged, eager in zip(grads["merged"], grads["eager"]):
+        torch.testing.assert_close(merged, eager, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)

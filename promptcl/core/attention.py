@@ -102,7 +102,7 @@ def prefix_attention(
     if _IMPL == "eager":
         return _eager_prefix_attention(q, k, v, prefix_scores, prefix.values, dropout_p)
     if _IMPL == "merged" or (_IMPL == "auto" and q.device.type == "cpu"):
-        kernel = _flash_kernel(q, dropout_p)
+        kernel = _flash_kernel(q, k, v, dropout_p)
         if kernel is not None:
             return _MergedPrefixAttention.apply(q, k, v, prefix_scores, prefix.values, kernel)
     return _fused_prefix_attention(q, k, v, prefix_scores, prefix.values, dropout_p)
@@ -167,15 +167,19 @@ class _FlashKernel:
             grad_out, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, False, rng_state, unused, scale=scale)
 
 
-def _flash_kernel(q: torch.Tensor, dropout_p: float) -> Optional[_FlashKernel]:
-    """The flash kernel for ``q``'s device and dtype, if there is one (no dropout: the merge would
-    need the kernel's dropout mask)."""
+def _flash_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> Optional[_FlashKernel]:
+    """The flash kernel for these queries, keys and values (one dtype and device, rows of
+    contiguous head vectors), if there is one (no dropout: the merge would need its mask)."""
     if dropout_p:
+        return None
+    if any(t.dtype != q.dtype or t.device != q.device or t.stride(-1) != 1 for t in (k, v)) or q.stride(-1) != 1:
         return None
     if q.device.type == "cpu":
         return _FlashKernel("cpu") if q.dtype in (torch.float32, torch.bfloat16, torch.float16) else None
-    if (q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0
-            and q.shape[-1] <= 256 and torch.backends.cuda.flash_sdp_enabled()
+    # CUDA's FlashAttention-2 (not ROCm's): half precision, head sizes the backward takes on every sm80+ GPU
+    if (q.device.type == "cuda" and torch.version.hip is None and q.dtype in (torch.bfloat16, torch.float16)
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128 and torch.backends.cuda.flash_sdp_enabled()
+            and torch.backends.cuda.is_flash_attention_available()
             and torch.cuda.get_device_capability(q.device) >= (8, 0)):
         return _FlashKernel("cuda")
     return None
@@ -212,8 +216,11 @@ class _MergedPrefixAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, prefix_values, out, lse, prefix_probs = ctx.saved_tensors
         with torch.autocast(q.device.type, enabled=False):
-            grad_out = grad_out.to(out.dtype).contiguous()
-            dq, dk, dv = ctx.kernel.backward(grad_out, q, k, v, out, lse, ctx.state, ctx.scale)
+            grad_out = grad_out.to(out.dtype)
+            dq = dk = dv = None
+            if any(ctx.needs_input_grad[:3]):  # e.g. not in the first prompted layer of a frozen backbone
+                # the CUDA kernel reads the log-sum-exp as a dense [B, H, N] fp32 buffer
+                dq, dk, dv = ctx.kernel.backward(grad_out, q, k, v, out, lse.contiguous(), ctx.state, ctx.scale)
             grad = grad_out.float()
             row = (grad * out.float()).sum(-1, keepdim=True)
             d_scores = prefix_probs * (grad @ prefix_values.float().transpose(-2, -1) - row)
