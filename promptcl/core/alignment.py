@@ -7,7 +7,7 @@ on frozen/prompted features; later retrain a head on samples drawn from those of
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ Covariance = Literal["diag", "full"]
 # The HiDe-Prompt code base's ``ca_storage_efficient_method``: one full-covariance Gaussian, one
 # diagonal Gaussian, or K-means clusters with a diagonal Gaussian each.
 Statistics = Literal["covariance", "variance", "multi-centroid"]
-STATISTICS = ("covariance", "variance", "multi-centroid")
+STATISTICS = get_args(Statistics)
 COV_EPS = 1e-4
 
 
