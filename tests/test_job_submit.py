@@ -20,19 +20,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_for_dashboard(address: str, head: subprocess.Popen, timeout: float = 120) -> None:
+def _dashboard_answers(address: str, head: subprocess.Popen, timeout: float = 120) -> bool:
+    """True once the dashboard answers; False if ``ray start`` exits first."""
     import urllib.request
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if head.poll() is not None:
-            raise AssertionError(f"ray start exited with {head.returncode}")
+            return False
         try:
             with urllib.request.urlopen(f"{address}/api/version", timeout=2):
-                return
+                return True
         except OSError:
             time.sleep(1)
     raise AssertionError("the head's dashboard never answered")
+
+
+def _start_head(ray: str, env: dict, log: Path, attempts: int = 3) -> tuple[subprocess.Popen, str]:
+    """A blocking ``ray start --head`` on free ports and its dashboard address. A port found free can
+    be taken before Ray binds it (the other tests' Ray starts workers meanwhile), and then ``ray
+    start`` exits: start again on new ports; after the last attempt fail with its output."""
+    for _ in range(attempts):
+        dashboard = free_port()
+        # --block keeps this head's processes under one parent: terminating it stops this cluster only
+        # (`ray stop` would also stop the other tests' local Ray, and with it the pytest process).
+        with open(log, "w") as out:
+            head = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                                     f"--port={free_port()}", "--num-cpus=2", "--object-store-memory=268435456",
+                                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                                     "--disable-usage-stats",
+                                     # the other tests' local Ray holds the default agent ports
+                                     f"--dashboard-agent-listen-port={free_port()}",
+                                     f"--dashboard-agent-grpc-port={free_port()}",
+                                     f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
+                                    env=env, stdout=out, stderr=subprocess.STDOUT)
+        address = f"http://127.0.0.1:{dashboard}"
+        if _dashboard_answers(address, head):
+            return head, address
+    raise AssertionError(f"ray start exited with {head.returncode}:\n{log.read_text()[-3000:]}")
 
 
 def test_job_submit_runs_the_smoke_study(tmp_path):
@@ -41,21 +66,8 @@ def test_job_submit_runs_the_smoke_study(tmp_path):
     # The job's `python` resolves from the PATH that `ray start` saw.
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
            "RAY_USAGE_STATS_ENABLED": "0"}
-    dashboard = free_port()
-    address = f"http://127.0.0.1:{dashboard}"
-    # --block keeps this head's processes under one parent: terminating it stops this cluster only
-    # (`ray stop` would also stop the other tests' local Ray, and with it the pytest process).
-    head = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-                             f"--port={free_port()}", "--num-cpus=2", "--object-store-memory=268435456",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                             "--disable-usage-stats",
-                             # the other tests' local Ray holds the default agent ports
-                             f"--dashboard-agent-listen-port={free_port()}",
-                             f"--dashboard-agent-grpc-port={free_port()}",
-                             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    head, address = _start_head(ray, env, tmp_path / "ray_start.log")
     try:
-        _wait_for_dashboard(address, head)
         for _attempt in range(30):  # the job agent comes up a little after the dashboard
             job = subprocess.run(
                 [ray, "job", "submit", "--address", address, "--working-dir", str(ROOT),
