@@ -13,6 +13,7 @@ from promptcl.cli import main
 from promptcl.engine import RunSpec, resolve_run
 from promptcl.methods import get_method
 from promptcl.methods.base import TaskInfo
+from promptcl.methods.hide import HiDeConfig
 from promptcl.core.alignment import ClassCentroids, ClassGaussians
 from promptcl.core.tii import ResidualMLP, TaskIdentifier
 
@@ -142,6 +143,27 @@ def test_contrastive_loss_by_hand():
     sims = rows @ rows.T / 0.8
     expected = torch.nn.functional.cross_entropy(sims, torch.arange(3))
     torch.testing.assert_close(m.contrastive_loss(feats, old_classes=1), expected)
+
+
+def test_contrastive_loss_per_group_is_the_mean_of_each_groups_term():
+    """contrastive_group = a GPU's share of the batch: the mean of the terms of the groups, each
+    against the same stored means, as data-parallel training averages the per-GPU terms' gradients
+    (the last group is short where the batch does not divide)."""
+    m = make(contrastive_group=2)
+    m.class_stats.mean[0] = torch.ones(64)
+    feats = 0.15 * torch.randn(5, 64, generator=torch.Generator().manual_seed(0))  # terms well above 0
+
+    def term(group):
+        rows = torch.cat([torch.ones(1, 64), group])
+        return torch.nn.functional.cross_entropy(rows @ rows.T / 0.8, torch.arange(len(rows)))
+
+    expected = (term(feats[:2]) + term(feats[2:4]) + term(feats[4:])) / 3
+    torch.testing.assert_close(m.contrastive_loss(feats, old_classes=1), expected)
+    assert not torch.allclose(expected, term(feats))  # grouping changes the term
+    whole = make().contrastive_loss(feats, old_classes=0)
+    torch.testing.assert_close(make(contrastive_group=5).contrastive_loss(feats, old_classes=0), whole)
+    with pytest.raises(ValueError, match="contrastive_group must be >= 0"):
+        HiDeConfig(contrastive_group=-1)
 
 
 def test_contrastive_loss_reads_every_cluster_mean_with_multi_centroid_statistics():
@@ -396,6 +418,7 @@ def test_upstream_presets_follow_hide_prompts_own_scripts(name):
     assert (c.tap_lr, c.tap_epochs, c.tii_epochs, c.tii_ca_epochs) == (0.005, 30, 20, 30)
     assert (c.tap_samples_per_class, c.tii_ca_samples_per_class) == (5 * per_gpu, per_gpu)
     assert (c.statistics, c.n_centroids, c.prompt_momentum) == ("multi-centroid", 10, 0.01)
+    assert c.contrastive_group == per_gpu  # each GPU's contrastive term is over its own share
     assert {k: getattr(c, k) for k in settings} == settings
     # the self-supervised scripts on top: as NoRGa's HiDe scripts, and CUB iBOT-21K's stage A at 0.0005
     dataset = {"upstream-cifar100": "cifar100", "upstream-imagenet-r": "imagenet_r", "upstream-cub200": "cub200",

@@ -40,6 +40,10 @@ class HiDeConfig:
     prompt_length: int = 5
     prompt_momentum: float = 0.01
     reg: float = 0.1  # weight of the contrastive term against stored class means
+    # The contrastive term compares each image with the others of its batch, so a data-parallel run
+    # computes it over each GPU's share: the term is the mean over groups of this many images of a
+    # worker's batch (HiDe-Prompt's scripts: 24 per GPU). 0: the worker's whole batch as one group.
+    contrastive_group: int = 0
     epochs: int = 50
     batch_size: int = 128
     lr: float = 0.015  # prompts (and gates)
@@ -77,6 +81,7 @@ class HiDeConfig:
         require(self.prompt_length >= 1, f"prompt_length must be >= 1, got {self.prompt_length}")
         require(0.0 <= self.prompt_momentum < 1.0, f"prompt_momentum must be in [0, 1), got {self.prompt_momentum}")
         require(self.reg >= 0, f"reg must be >= 0, got {self.reg}")
+        require(self.contrastive_group >= 0, f"contrastive_group must be >= 0, got {self.contrastive_group}")
         require(self.epochs >= 1 and self.batch_size >= 1 and self.tii_epochs >= 1,
                 "epochs, tii_epochs and batch_size must be >= 1")
         require(min(self.lr, self.head_lr, self.tap_lr, self.tii_lr, self.tii_ca_lr) > 0, "learning rates must be > 0")
@@ -118,9 +123,9 @@ def upstream_presets(base: HiDeConfig) -> dict[str, HiDeConfig]:
     script omits; stage A from each script's ``--lr``, its realignment from 0.005; stage B's TAP
     rate is not scaled). Every rank is seeded alike, so the Gaussian replays are the same on every
     GPU: one GPU's draw is the step (TAP 5 x 24 per cluster, stage A 24). Statistics are
-    multi-centroid (10 per class). Run with ``--num-workers 8`` (4) for the contrastive term to see
-    per-GPU batches as there; every other term is a global-batch mean, the same on any number of
-    workers.
+    multi-centroid (10 per class). The contrastive term is computed per group of one GPU's batch, as
+    there (``contrastive_group``); every other term is a global-batch mean. So every worker count
+    runs the scripts' objective, the single worker included.
     """
     r = dataclasses.replace
 
@@ -130,7 +135,7 @@ def upstream_presets(base: HiDeConfig) -> dict[str, HiDeConfig]:
         return r(base, batch_size=per_gpu * gpus, lr=0.03 * scale, head_lr=head_lr,
                  tii_lr=tii_lr * scale, tii_ca_lr=0.005 * scale, tii_ca_samples_per_class=per_gpu,
                  tap_samples_per_class=5 * per_gpu, statistics="multi-centroid", n_centroids=10,
-                 **settings)
+                 contrastive_group=per_gpu, **settings)
 
     return {
         "upstream-cifar100": scripted(24, 8, 5e-4),
@@ -264,8 +269,15 @@ class HiDePrompt(PromptMethod):
 
     def contrastive_loss(self, feats: torch.Tensor, old_classes: int) -> torch.Tensor:
         """Every row of [old class means (every cluster mean with multi-centroid statistics); batch
-        features] must be most similar to itself."""
-        rows = torch.cat([self.class_stats.means(range(0, old_classes)).detach(), feats])
+        features] must be most similar to itself; the mean of that over the ``contrastive_group``
+        groups of the batch (a data-parallel run averages the per-GPU terms' gradients)."""
+        means = self.class_stats.means(range(0, old_classes)).detach()
+        groups = feats.split(self.config.contrastive_group or len(feats))
+        return torch.stack([self._contrastive_term(means, group) for group in groups]).mean()
+
+    @staticmethod
+    def _contrastive_term(means: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        rows = torch.cat([means, feats])
         sims = rows @ rows.T / CONTRASTIVE_TEMPERATURE
         return F.cross_entropy(sims, torch.arange(len(rows), device=rows.device))
 
