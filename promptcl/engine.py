@@ -247,6 +247,8 @@ def train_phase(method: PromptMethod, phase: Phase, task: TaskInfo, loader, devi
         for _ in range(steps_per_epoch - steps):  # this rank's share of the last batch was empty
             optimizer.zero_grad(set_to_none=True)
             step(0)
+    if phase.on_finish is not None:
+        phase.on_finish(optimizer)
     return logs, images_seen
 
 

@@ -13,9 +13,9 @@ from promptcl.cli import main
 from promptcl.config import apply_overrides
 from promptcl.core.backbone import build_backbone, encode, encode_tokens
 from promptcl.core.experts import Routing
-from promptcl.core.prompts import batch_majority, pull_constraint
+from promptcl.core.prompts import batch_majority, prefix_prompt, pull_constraint, top_keys
 from promptcl.data.benchmarks import ClassIncremental, load_dataset
-from promptcl.engine import RunSpec, resolve_run, run_sequence
+from promptcl.engine import RunSpec, resolve_run, run_sequence, train_phase
 from promptcl.methods import get_method, method_names
 from promptcl.methods.base import TaskInfo
 from promptcl.methods.coda import gram_schmidt_rows, orthogonality_penalty
@@ -90,15 +90,15 @@ def test_l2p_picks_the_top_n_keys_by_cosine_similarity_to_the_frozen_query():
     query = encode(m.backbone, x)
     for b in range(len(x)):
         cos = [float(query[b] @ k / (query[b].norm() * k.norm())) for k in m.keys.detach()]
-        similarity, picked = m.select(x[b:b + 1])
-        assert picked[0].tolist() == list(np.argsort(cos)[::-1][:3])
-        torch.testing.assert_close(similarity[0], torch.tensor(cos), atol=1e-6, rtol=0)
+        similarity, picked = m.select(x[b:b + 1])  # one key set: [1, B, ...]
+        assert picked[0, 0].tolist() == list(np.argsort(cos)[::-1][:3])
+        torch.testing.assert_close(similarity[0, 0], torch.tensor(cos), atol=1e-6, rtol=0)
 
 
 def test_l2p_pull_constraint_trains_only_the_picked_keys():
     m = make("l2p", top_k=2)
     x = torch.randn(4, 1, 8, 8)
-    similarity, picked = m.select(x)
+    (similarity,), (picked,) = m.select(x)
     pull_constraint(similarity, picked).backward()
     touched = (m.keys.grad.abs().sum(1) > 0).nonzero().flatten().tolist()
     assert touched == sorted(set(picked.flatten().tolist()))
@@ -114,7 +114,7 @@ def test_l2p_prompt_form_inserts_the_picked_prompts_after_cls_and_reads_their_me
     tokens = torch.cat([m.pool[picked[b]].reshape(1, 6, -1) for b in range(2)])
     out = encode_tokens(m.backbone, x, input_tokens=tokens)
     assert out.shape[1] == 1 + 6 + 16  # [CLS, 6 prompt tokens, 16 patches]
-    torch.testing.assert_close(m.features(x, picked), out[:, 1:7].mean(1))
+    torch.testing.assert_close(m.features(x, picked[None]), out[:, 1:7].mean(1))
     # the prompt tokens carry the class token's position embedding
     plain = encode_tokens(m.backbone, x, input_tokens=tokens + m.backbone.pos_embed[:, :1],
                           input_tokens_positioned=False)
@@ -130,6 +130,38 @@ def test_l2p_prefix_form_puts_the_picked_prompts_in_the_prefix_layers():
     with torch.no_grad():
         m.pool[:, 1].add_(1.0)  # the second prefix layer's prompts: block 2 changes, output changes
     assert not torch.allclose(m.features(x, picked), out)
+
+
+def test_deep_l2p_plus_picks_with_its_own_keys_in_every_prefix_block():
+    """CODA-Prompt's deep L2P++: per prompted block, its own keys pick its own top-k (the same
+    query), the block's prefix is its picks, and each block's keys get their own pull term."""
+    m = make("l2p", form="prefix", prefix_layers=(0, 2), top_k=2, layer_keys=True)
+    assert m.keys.shape == (2, 10, 64)
+    x = torch.randn(3, 1, 8, 8)
+    similarity, picked = m.select(x)
+    query = encode(m.backbone, x)
+    for i in range(2):
+        torch.testing.assert_close(similarity[i], F.cosine_similarity(query[:, None], m.keys[i][None], dim=-1),
+                                   atol=1e-6, rtol=0)
+        assert torch.equal(picked[i], top_keys(similarity[i], 2))
+    assert not torch.equal(picked[0], picked[1])  # independent random keys pick differently here
+    # block 0's prefix is set 0's picks, block 2's set 1's: [B, 2, k x length, D] each, in pick order
+    prefixes = {layer: prefix_prompt(m.pool[picked[i], i].permute(0, 2, 1, 3, 4).reshape(3, 2, -1, 64), m.num_heads)
+                for i, layer in enumerate((0, 2))}
+    expected = m.backbone.forward_head(encode_tokens(m.backbone, x, prefixes), pre_logits=True)
+    torch.testing.assert_close(m.features(x, picked), expected)
+    task = TaskInfo(0, range(0, 2), T)
+    m.begin_task(task)
+    loss, logs = m.training_loss(x, torch.tensor([0, 1, 0]), task, m.phases(task)[0])
+    assert logs["pull"] == pytest.approx(sum(pull_constraint(s, p).item() for s, p in zip(similarity, picked)),
+                                         abs=1e-6)
+    loss.backward()
+    for i in range(2):
+        touched = (m.keys.grad[i].abs().sum(1) > 0).nonzero().flatten().tolist()
+        assert touched == sorted(set(picked[i].flatten().tolist()))
+    assert get_method("l2p").PRESETS["deep-l2p++"].layer_keys and not get_method("l2p").PRESETS["l2p++"].layer_keys
+    with pytest.raises(ValueError, match="layer_keys applies to the prefix form only"):
+        make("l2p", layer_keys=True)
 
 
 HEAD_INITS = [("l2p", {}, True), ("dualprompt", {}, True), ("sprompt++", {}, True),
@@ -158,8 +190,9 @@ def test_l2p_dualprompt_pytorch_layout_is_the_reference_prepend_and_cls_head():
         for block in vit.blocks:
             h = block(h)
         expected = vit.norm(h)[:, 6]  # [CLS] sits after the 6 prompt tokens
-        torch.testing.assert_close(m.features(x, picked), expected, atol=1e-5, rtol=0)
-        assert not torch.allclose(make("l2p", top_k=2, prompt_length=3).features(x, picked), expected, atol=1e-3)
+        torch.testing.assert_close(m.features(x, picked[None]), expected, atol=1e-5, rtol=0)
+        assert not torch.allclose(make("l2p", top_k=2, prompt_length=3).features(x, picked[None]), expected,
+                                  atol=1e-3)
     with pytest.raises(ValueError, match="prompt form only"):
         make("l2p", form="prefix", token_layout="dualprompt-pytorch")
 
@@ -254,6 +287,31 @@ def test_dualprompt_never_picks_an_unseen_tasks_key_and_copies_the_previous_prom
     assert torch.equal(m.e_prompts[2], m.e_prompts[1])
 
 
+def test_l2p_prompt_mask_trains_each_tasks_block_and_shared_pool_chains_the_blocks():
+    """l2p-pytorch's use_prompt_mask: task t trains prompts [t k, (t + 1) k) whatever the queries
+    select, and pulls their keys; tests select freely. shared_prompt_pool: task t's block starts
+    as task t - 1's. Tasks past the pool's end (here T = 5 tasks x top-3 > 10) select freely."""
+    m = make("l2p", prompt_mask=True, shared_prompt_pool=True)
+    with torch.no_grad():
+        m.pool.copy_(torch.randn_like(m.pool))
+    begin(m, tasks=2)
+    torch.testing.assert_close(m.pool[3:6], m.pool[0:3])  # task 1's block from task 0's
+    assert not torch.equal(m.pool[6:9], m.pool[0:3])
+    task = TaskInfo(1, range(2, 4), T)
+    images, labels = torch.randn(6, 1, 8, 8), torch.tensor([2, 3] * 3)
+    assert m.select(images, training_task=1)[1].tolist() == [[[3, 4, 5]] * 6]
+    free = m.select(images)[1]
+    assert torch.equal(free[0], top_keys(m.select(images)[0][0], 3))  # a test pass: the top-k
+    loss, _ = m.training_loss(images, labels, task, m.phases(task)[0])
+    loss.backward()
+    trained = m.pool.grad.flatten(1).abs().sum(1) > 0
+    assert trained.tolist() == [i in (3, 4, 5) for i in range(10)]
+    assert (m.keys.grad.abs().sum(1) > 0).tolist() == [i in (3, 4, 5) for i in range(10)]
+    assert m.task_block(3) is None and m.select(images, training_task=3)[1].shape == (1, 6, 3)
+    with torch.no_grad():  # past the pool's end nothing is copied
+        m.begin_task(TaskInfo(3, range(6, 8), T))
+
+
 def test_five_datasets_presets_follow_the_reference_configs_and_scripts():
     """DualPrompt and S-Prompt++ have only NoRGa's 5-datasets config, whose Sup-21K scripts train 40
     epochs where its iBOT-21K ones keep the config's 20; L2P's own is l2p-pytorch's, NoRGa's explicit."""
@@ -268,6 +326,9 @@ def test_five_datasets_presets_follow_the_reference_configs_and_scripts():
     assert (own.pool_size, own.prompt_length, own.top_k, own.pull_weight) == (20, 10, 4, 0.5)
     assert (own.epochs, own.lr, own.token_layout) == (5, 0.001875, "l2p-pytorch")  # no script settings
     assert (norga.epochs, norga.lr, norga.token_layout) == (20, 0.0025, "dualprompt-pytorch")
+    # l2p-pytorch partitions the pool by task in training and chains the blocks; NoRGa's config does not
+    assert (own.prompt_mask, own.shared_prompt_pool, norga.prompt_mask, norga.shared_prompt_pool) == (
+        True, True, False, False)
     # a script's settings never reach the small preset
     small = get_method("dualprompt").PRESETS["small"]
     assert get_method("dualprompt").preset_for("five_datasets", "sup21k", "small") == small and small.epochs != 40
@@ -289,11 +350,14 @@ def test_norga_cub_presets_step_the_rate_on_the_first_task_only(name):
 
 def test_vqprompt_presets_follow_the_official_configs_per_benchmark():
     vq = get_method("vqprompt")
-    picked = {d: vq.preset_for(d, None, None, 10) for d in ("cifar100", "imagenet_r", "cub200")}
-    assert {d: (c.batch_size, c.lr, c.schedule, c.lr_hold_iters, c.ca_samples_per_class)
-            for d, c in picked.items()} == {"cifar100": (128, 0.0025, "hold-cosine", 80, 512),
-                                            "imagenet_r": (64, 0.0025, "hold-cosine", 40, 256),
-                                            "cub200": (128, 0.0025, "epoch-cosine", 0, 256)}
+    picked = {(d, t): vq.preset_for(d, None, None, t)
+              for d, t in (("cifar100", 10), ("imagenet_r", 10), ("imagenet_r", 5), ("imagenet_r", 20), ("cub200", 10))}
+    assert {k: (c.batch_size, c.lr, c.schedule, c.lr_hold_iters, c.ca_samples_per_class, c.temperature)
+            for k, c in picked.items()} == {("cifar100", 10): (128, 0.0025, "hold-cosine", 80, 512, 1.0),
+                                            ("imagenet_r", 10): (64, 0.0025, "hold-cosine", 40, 256, 1.0),
+                                            ("imagenet_r", 5): (64, 0.0025, "hold-cosine", 80, 256, 1.0),
+                                            ("imagenet_r", 20): (64, 0.0025, "hold-cosine", 20, 256, 1.0),
+                                            ("cub200", 10): (128, 0.0025, "epoch-cosine", 0, 256, 5.0)}
 
 
 # --- CODA-Prompt ----------------------------------------------------------------------------
@@ -361,7 +425,7 @@ def test_sprompt_centroids_pick_the_right_task_on_separable_data():
     for t in range(T):
         task = TaskInfo(t, range(2 * t, 2 * t + 2), T)
         m.begin_task(task)
-        batches = lambda t=t: [(images(t, 20), torch.full((20,), 2 * t))]  # noqa: E731
+        batches = lambda t=t, augmented=False: [(images(t, 20), torch.full((20,), 2 * t))]  # noqa: E731
         m.end_task(task, batches, lambda name: None)
     test = torch.cat([images(t, 8) for t in range(T)])
     pred, details = m.predict_with_details(test)
@@ -384,11 +448,16 @@ def test_virtual_outliers_lie_outside_the_data_and_the_reference_mode_collapses(
     args = dict(count=40, neighbours=10, boundary_points=20, candidates_per_point=50, noise_scale=0.1)
     outliers = virtual_outliers(feats, generator=torch.Generator().manual_seed(1), **args)
     assert outliers.shape == (40, 16)
-    # farther from the data (k-th neighbour distance) than the typical data point
-    assert kth_neighbour_distance(outliers, normed, 10).min() > kth_neighbour_distance(normed, normed, 10).median()
-    # around the boundary points: near the unit sphere, not at the origin
-    assert outliers.norm(dim=1).min() > 0.5
-    reference = virtual_outliers(feats, generator=torch.Generator().manual_seed(1), around_origin=True, **args)
+    # in directions farther from the data's (k-th neighbour distance) than the typical data point's
+    assert (kth_neighbour_distance(F.normalize(outliers, dim=1), normed, 10).min()
+            > kth_neighbour_distance(normed, normed, 10).median())
+    # around boundary features in the head's feature space (noise of norm about 0.1 x 4 = 0.4):
+    # a scaled-up feature set gets outliers at its own scale, not near the origin
+    big = virtual_outliers(30 * feats, generator=torch.Generator().manual_seed(1), **args)
+    for data, points in ((feats, outliers), (30 * feats, big)):
+        nearest = torch.cdist(points, data).min(dim=1).values
+        assert (nearest < 0.8).all() and (nearest > 0).all()
+    reference = virtual_outliers(30 * feats, generator=torch.Generator().manual_seed(1), around_origin=True, **args)
     assert len(torch.unique(reference, dim=0)) <= 50 and reference.norm(dim=1).max() < 0.6
 
 
@@ -404,6 +473,52 @@ def test_ovor_vor_phase_trains_only_the_head(tmp_path):
     assert snapshots == ["before_vor"]
     assert all(torch.equal(a, b) for a, b in zip(prompt, m.prompt.parameters()))
     assert not torch.equal(head, m.head.weight)
+
+
+def test_ovor_outlier_epochs_continue_the_training_adam_on_fresh_augmented_passes():
+    """As the code: the training phase's Adam carries on (its step count goes on from the training
+    steps; the prompt, without gradient, keeps its state), and each outlier epoch encodes the task's
+    augmented images afresh; vor_augmented=False encodes them once."""
+    for vor_augmented, passes in ((True, 3 * 20), (False, 20)):
+        m = begin(make("ovor", vor_epochs=3, epochs=1, batch_size=10, neighbours=5, boundary_points=5,
+                       candidates_per_point=10, vor_augmented=vor_augmented), tasks=1)
+        m.training_augmented = True
+        task = TaskInfo(0, range(0, 2), T)
+        x, labels = torch.randn(20, 1, 8, 8), torch.tensor([0, 1] * 10)
+        phase = m.phases(task)[0]
+        train_phase(m, phase, task, _ListLoader([(x[:10], labels[:10]), (x[10:], labels[10:])]), torch.device("cpu"),
+                    progress=False)
+        optimizer = m._train_optimizer
+        prompt_steps = {id(p): optimizer.state[p]["step"].item() for p in m.prompt.parameters()}
+        requested = []
+        m.end_task(task, lambda augmented=False: requested.append(augmented) or [(x, labels)], lambda name: None)
+        assert requested == [vor_augmented]
+        assert m.end_of_task_pass_images["prompted"] == passes
+        assert optimizer.state[m.head.weight]["step"].item() == 2 + 3 * 2  # 2 training steps, then 2 per epoch
+        assert {id(p): optimizer.state[p]["step"].item() for p in m.prompt.parameters()} == prompt_steps
+        assert m._train_optimizer is None
+    fresh = begin(make("ovor", vor_epochs=1, epochs=1, batch_size=10, neighbours=5, boundary_points=5,
+                       candidates_per_point=10, vor_fresh_optimizer=True), tasks=1)
+    train_phase(fresh, fresh.phases(task)[0], task, _ListLoader([(x[:10], labels[:10])]), torch.device("cpu"),
+                progress=False)
+    kept = fresh._train_optimizer
+    fresh.end_task(task, lambda augmented=False: [(x, labels)], lambda name: None)
+    assert kept.state[fresh.head.weight]["step"].item() == 1  # the outlier epoch stepped another Adam
+
+
+class _ListLoader(list):
+    """A list of batches with the sampler interface train_phase reads (steps per epoch)."""
+
+    class _Sampler:
+        def __init__(self, n):
+            self.n = n
+
+        def global_steps(self):
+            return self.n
+
+    @property
+    def batch_sampler(self):
+        return self._Sampler(len(self))
 
 
 # --- VQ-Prompt ------------------------------------------------------------------------------
@@ -460,6 +575,7 @@ def test_joint_trains_each_task_afresh_on_all_seen_classes():
 PAPER_COUNTS = {
     ("l2p", "paper"): 10 * 5 * 768 + 10 * 768 + 76_900,  # 122,980 (pool, keys, head)
     ("l2p", "l2p++"): 30 * 20 * 768 + 30 * 768 + 76_900,  # CODA's L2P++: 560,740
+    ("l2p", "deep-l2p++"): 5 * (30 * 20 * 768 + 30 * 768) + 76_900,  # a pool and keys per block: 2,471,380
     ("dualprompt", "paper"): 2 * 2 * 5 * 768 + 10 * 3 * 2 * 5 * 768 + 10 * 768 + 76_900,  # 330,340
     ("coda", "paper"): 3_916_900,  # 5 x (100 x 8 x 768 + 2 x 100 x 768) + head
     ("ovor", "paper"): 2 * 10 * 768 + 3 * 40 * 768 + 76_900,  # 184,420
@@ -544,10 +660,30 @@ def test_summaries_carry_what_a_report_shows_expert_usage_and_gate_scalars(tmp_p
 
 
 @pytest.mark.parametrize("compat", [False, True])
-def test_smope_statistics_read_augmented_images_only_with_the_compat_switch(compat):
+def test_sprompt_clusters_augmented_images_only_with_the_compat_switch(compat):
+    m = make("sprompt", centroids_per_task=2, compat_augmented_statistics=compat)
+    g = torch.Generator().manual_seed(0)
+    plain, augmented_images = torch.randn(12, 1, 8, 8, generator=g), torch.randn(12, 1, 8, 8, generator=g)
+    requested = []
+
+    def train_batches(augmented=False):
+        requested.append(augmented)
+        return [(augmented_images if augmented else plain, torch.arange(12) % 2)]
+
+    task = TaskInfo(0, range(0, 2), T)
+    m.begin_task(task)
+    m.end_task(task, train_batches, lambda name: None)
+    assert requested == [compat]
+    clustered = F.normalize(encode(m.backbone, augmented_images if compat else plain), dim=1)
+    torch.testing.assert_close(m.centroids[0], kmeans_centroids(clustered, 2), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("compat", [False, True])
+@pytest.mark.parametrize("name", ["smope", "vqprompt"])
+def test_aligned_methods_statistics_read_augmented_images_only_with_the_compat_switch(name, compat):
     """Usage counts and class Gaussians come from the test-time pipeline unless
     ``compat_augmented_statistics`` asks for the reference's augmented training images."""
-    m = make("smope", compat_augmented_statistics=compat)
+    m = make(name, compat_augmented_statistics=compat)
     g = torch.Generator().manual_seed(0)
     plain, augmented_images = torch.randn(12, 1, 8, 8, generator=g), torch.randn(12, 1, 8, 8, generator=g)
     labels = torch.arange(12) % 2
@@ -562,5 +698,8 @@ def test_smope_statistics_read_augmented_images_only_with_the_compat_switch(comp
     m.end_task(task, train_batches, lambda name: None)
     assert requested == [compat]
     images = augmented_images if compat else plain
-    expected = encode(m.backbone, images, m.experts.prompts("sparse", noisy=False, routing=Routing()))
+    if name == "smope":
+        expected = encode(m.backbone, images, m.experts.prompts("sparse", noisy=False, routing=Routing()))
+    else:
+        expected = m.features(images)[0]
     torch.testing.assert_close(m.class_stats.mean[0], expected[labels == 0].mean(0), atol=1e-5, rtol=0)

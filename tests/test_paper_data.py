@@ -273,6 +273,10 @@ def test_reference_protocol_follows_each_method_code_base(cifar_root):
     assert resolved == {"hide": "reference-hide", "norga": "reference-hide", "l2p": "reference-hide",
                         "smope": "reference-coda", "coda": "reference-coda", "ovor": "reference-coda",
                         "vqprompt": "reference-coda", "simplecil": "common"}
+    # each code base's own Sup-1K: CODA-Prompt's and OVOR's timm 0.4.12 loads AugReg, SMoPE/VQ-Prompt AugReg2
+    backbones = {m: resolve_run(RunSpec(method=m, dataset="cifar100", data_dir=root)).backbone
+                 for m in ("smope", "coda", "ovor", "vqprompt")}
+    assert backbones == {"smope": "sup1k", "coda": "sup1k_augreg", "ovor": "sup1k_augreg", "vqprompt": "sup1k"}
     fair = resolve_run(RunSpec(method="smope", dataset="cifar100", data_dir=root, protocol="common",
                                backbone="vit_base_patch16_224.dino"))
     assert fair.preprocessing == common((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # the backbone's own

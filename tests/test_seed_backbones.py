@@ -209,6 +209,7 @@ def test_check_backbone_names():
     *[(alias, alias) for alias in SEED_BACKBONES],
     ("vit_base_patch16_224.orig_in21k", "sup21k"), ("vit_base_patch16_224.dino", "dino1k"),
     ("vit_base_patch16_224.augreg_in21k", "sup21k_augreg"), ("vit_base_patch16_224.augreg2_in21k_ft_in1k", "sup1k"),
+    ("vit_base_patch16_224.augreg_in21k_ft_in1k", "sup1k_augreg"),
     ("vit_base_patch16_224", "sup1k"),  # timm's default tag
     ("vit_base_patch16_224.augreg_in1k", None), ("vit_tiny_patch16_224.augreg_in21k", None),
     ("vit_digits", None), ("not_a_model", None)])
@@ -217,7 +218,8 @@ def test_backbone_family(name, family):
 
 
 def test_every_alias_is_a_vit_b16_at_224():
-    assert set(SEED_BACKBONES) == {"sup21k", "sup1k", "sup21k_augreg", "ibot21k", "ibot1k", "dino1k", "mocov3_1k"}
+    assert set(SEED_BACKBONES) == {"sup21k", "sup1k", "sup1k_augreg", "sup21k_augreg", "ibot21k", "ibot1k", "dino1k",
+                                   "mocov3_1k"}
     for alias, seed in SEED_BACKBONES.items():
         check_backbone_name(alias)
         assert input_shape(alias) == (3, 224, 224)

@@ -58,6 +58,10 @@ SEED_BACKBONES: dict[str, SeedBackbone] = {
     "sup1k": SeedBackbone(
         "Sup-1K", "vit_base_patch16_224", "augreg2_in21k_ft_in1k", "timm",
         source="AugReg2 in21k fine-tuned on in1k, SMoPE's CIFAR-100 and ImageNet-R backbone"),
+    "sup1k_augreg": SeedBackbone(
+        "Sup-1K AugReg", "vit_base_patch16_224", "augreg_in21k_ft_in1k", "timm",
+        source="AugReg in21k fine-tuned on in1k: timm 0.4.12's vit_base_patch16_224, which CODA-Prompt's and "
+               "OVOR's code (timm==0.4.12) load"),
     "sup21k_augreg": SeedBackbone(
         "Sup-21K AugReg", "vit_base_patch16_224", "augreg_in21k", "timm",
         source="AugReg ImageNet-21k (vit_base_patch16_224_augreg_in21k.bin), SMoPE's CUB-200 backbone"),

@@ -47,6 +47,9 @@ class Phase:
     grad_clip: Optional[float] = None
     optimizer: Literal["adamw", "sgd"] = "adamw"  # AdamW with weight_decay=0 is Adam
     momentum: float = 0.9  # SGD only
+    # Handed the phase's optimizer when its epochs are done, for after-task training that continues
+    # it (OVOR's outlier epochs keep the Adam moments, as its code's one optimizer does)
+    on_finish: Optional[Callable[[torch.optim.Optimizer], None]] = None
 
 
 def hold_then_cosine(hold_iters: int, floor: float) -> Callable[[int, int], float]:

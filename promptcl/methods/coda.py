@@ -83,6 +83,8 @@ class CODAPrompt(PromptMethod):
                "small-3tasks": dataclasses.replace(SMALL, pool_size=12)}
     TEST_PASSES = 2
     REFERENCE_CODE_BASE = "coda"
+    # The code pins timm 0.4.12, whose vit_base_patch16_224 is AugReg in21k -> in1k (not timm 1.x's AugReg2).
+    DEFAULT_BACKBONES = {"cifar100": "sup1k_augreg", "imagenet_r": "sup1k_augreg"}
 
     def __init__(self, config: CODAConfig, *, backbone: nn.Module, num_classes: int, num_tasks: int) -> None:
         super().__init__(config, backbone=backbone, num_classes=num_classes, num_tasks=num_tasks)

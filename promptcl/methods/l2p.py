@@ -5,9 +5,14 @@ Two forms. ``prompt`` (the paper, JH-LEE-KR/l2p-pytorch): the picked prompts' to
 after [CLS] at the input, and the head reads the mean of their outputs. ``prefix`` (CODA-Prompt's
 L2P++ and the "Deep L2P++" of later tables): the picked prompts are key/value prefixes of the
 chosen blocks, and the head reads [CLS]. A surrogate loss pulls the picked keys to the queries.
+CODA-Prompt's Deep L2P++ (prefixes in blocks 0-4) gives every block its own pool keys and top-N
+pick (``layer_keys``), with a pull term per block.
 
 Selection is per sample by default; ``batchwise_prompt`` reproduces the reference's majority vote
 over the batch (at training and test time), which makes predictions depend on the test batch.
+l2p-pytorch's 5-datasets config partitions the pool by task during training (``prompt_mask``: task t
+trains prompts t*N..(t+1)*N-1 and pulls their keys, selection stays free at test time) and starts
+each task's prompts from the previous task's (``shared_prompt_pool``).
 
 ``token_layout`` of the prompt form: ``l2p-pytorch`` (the picked tokens carry the class token's
 position embedding, the head reads their mean) or ``dualprompt-pytorch`` (the L2P of the
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +51,7 @@ class L2PConfig:
     prompt_length: int = 5  # tokens per prompt; in the prefix form, key tokens (= value tokens)
     top_k: int = 5
     prefix_layers: tuple[int, ...] = (0,)  # prefix form only
+    layer_keys: bool = False  # prefix form: each prompted block its own keys and pick (CODA's deep L2P++)
     pull_weight: float = 0.1
     init_range: tuple[float, ...] = (-1.0, 1.0)  # uniform init of prompts and keys
     epochs: int = 5
@@ -58,6 +64,10 @@ class L2PConfig:
     # the new head's init: timm's ViT init (the l2p-/dualprompt-pytorch lineage) or PyTorch's (CODA's L2P++)
     head_init: Literal["timm", "pytorch"] = "timm"
     compat_unmasked_test_logits: bool = False
+    # Training: task t uses (and pulls the keys of) prompts [t * top_k, (t + 1) * top_k) instead of its
+    # top-k; tasks past the pool's end select freely, as the reference (its use_prompt_mask)
+    prompt_mask: bool = False
+    shared_prompt_pool: bool = False  # a task's block of prompts starts from the previous task's
 
     def __post_init__(self) -> None:
         require(self.form in ("prompt", "prefix"), f"form must be 'prompt' or 'prefix', got {self.form!r}")
@@ -65,6 +75,7 @@ class L2PConfig:
                 f"token_layout must be 'l2p-pytorch' or 'dualprompt-pytorch', got {self.token_layout!r}")
         require(self.form == "prompt" or self.token_layout == "l2p-pytorch",
                 "token_layout applies to the prompt form only")
+        require(self.form == "prefix" or not self.layer_keys, "layer_keys applies to the prefix form only")
         require(self.head_init in ("timm", "pytorch"), f"head_init must be 'timm' or 'pytorch', got {self.head_init!r}")
         require(self.pool_size >= 1 and self.prompt_length >= 1, "pool_size and prompt_length must be >= 1")
         require(1 <= self.top_k <= self.pool_size,
@@ -82,14 +93,16 @@ PAPER = L2PConfig()
 L2P_PLUS = dataclasses.replace(PAPER, form="prefix", pool_size=30, prompt_length=10, top_k=5, prefix_layers=(0,),
                                pull_weight=1.0, init_range=(0.0, 1.0), epochs=20, lr=1e-3,
                                schedule="coda_cosine", grad_clip=0.0, head_init="pytorch")
-DEEP_L2P_PLUS = dataclasses.replace(L2P_PLUS, prefix_layers=(0, 1, 2, 3, 4))
+DEEP_L2P_PLUS = dataclasses.replace(L2P_PLUS, prefix_layers=(0, 1, 2, 3, 4), layer_keys=True)
 # Scaled to the small offline ViTs (4-6 blocks) and their benchmarks (tasks of 300-3,000 images).
 SMALL = dataclasses.replace(PAPER, pool_size=10, prompt_length=2, top_k=3, epochs=6, batch_size=32, lr=0.01)
 # MoE_PromptCL configs/{cifar100,imr}_l2p.py as its scripts run them (--batch-size 128, lr 0.005 x 128 / 256).
 NORGA_CIFAR100 = dataclasses.replace(PAPER, token_layout="dualprompt-pytorch", pool_size=30, top_k=5, epochs=10,
                                      lr=0.0025)
-# l2p-pytorch's configs/five_datasets_l2p.py: a pool of 20 prompts of 10 tokens, top-4, pull 0.5
-FIVE_DATASETS = dataclasses.replace(PAPER, pool_size=20, prompt_length=10, top_k=4, pull_weight=0.5)
+# l2p-pytorch's configs/five_datasets_l2p.py: a pool of 20 prompts of 10 tokens, top-4, pull 0.5, the
+# pool partitioned by task in training, each task's block starting from the previous one
+FIVE_DATASETS = dataclasses.replace(PAPER, pool_size=20, prompt_length=10, top_k=4, pull_weight=0.5,
+                                    prompt_mask=True, shared_prompt_pool=True)
 # NoRGa's (its configs/five_datasets_l2p.py): the same pool in its layout, 20 epochs (its Sup-21K script
 # passes --epochs 40)
 NORGA_FIVE_DATASETS = dataclasses.replace(NORGA_CIFAR100, pool_size=20, prompt_length=10, top_k=4,
@@ -114,7 +127,10 @@ class L2P(PromptMethod):
         shape = ((c.pool_size, c.prompt_length, self.embed_dim) if c.form == "prompt"
                  else (c.pool_size, len(c.prefix_layers), 2, c.prompt_length, self.embed_dim))
         self.pool = nn.Parameter(torch.empty(shape).uniform_(low, high))
-        self.keys = nn.Parameter(torch.empty(c.pool_size, self.embed_dim).uniform_(low, high))
+        key_shape = (c.pool_size, self.embed_dim)
+        if c.layer_keys:
+            key_shape = (len(c.prefix_layers), *key_shape)
+        self.keys = nn.Parameter(torch.empty(key_shape).uniform_(low, high))
         self.head = nn.Linear(self.embed_dim, num_classes)
         if c.head_init == "timm":
             timm_linear_init(self.head)
@@ -123,19 +139,33 @@ class L2P(PromptMethod):
         if self.config.form == "prefix":
             self.require_layers_fit("prefix_layers", self.config.prefix_layers)
 
+    def task_block(self, task_index: int) -> Optional[slice]:
+        """The prompts ``prompt_mask`` gives task ``task_index``; None past the pool's end."""
+        k = self.config.top_k
+        return slice(task_index * k, (task_index + 1) * k) if (task_index + 1) * k <= self.config.pool_size else None
+
     # --- forward -----------------------------------------------------------------------------
-    def select(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(similarities ``[B, pool]``, picked prompt indices ``[B, top_k]``)."""
-        similarity = cosine_similarity_matrix(self.frozen_features(images), self.keys)
-        picked = top_keys(similarity.detach(), self.config.top_k)
-        if self.config.batchwise_prompt:
-            picked = batch_majority(picked, self.config.pool_size)
+    def select(self, images: torch.Tensor, training_task: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per key set (one for all prompted blocks, or one per block with ``layer_keys``): the
+        similarities ``[sets, B, pool]`` and picked prompt indices ``[sets, B, top_k]``.
+        ``training_task``: the task being trained, whose block ``prompt_mask`` picks."""
+        query = self.frozen_features(images)
+        key_sets = self.keys if self.config.layer_keys else self.keys[None]
+        similarity = torch.stack([cosine_similarity_matrix(query, keys) for keys in key_sets])
+        block = self.task_block(training_task) if self.config.prompt_mask and training_task is not None else None
+        if block is not None:
+            picked = torch.arange(block.start, block.stop, device=images.device).expand(*similarity.shape[:2], -1)
+        else:
+            picked = torch.stack([top_keys(s.detach(), self.config.top_k) for s in similarity])
+            if self.config.batchwise_prompt:
+                picked = torch.stack([batch_majority(p, self.config.pool_size) for p in picked])
         return similarity, picked
 
     def features(self, images: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+        """Prompted features; ``picked`` ``[sets, B, top_k]`` as :meth:`select` gives it."""
         B, c = len(images), self.config
-        chosen = self.pool[picked]
         if c.form == "prompt":
+            chosen = self.pool[picked[0]]
             reads_cls = c.token_layout == "dualprompt-pytorch"
             tokens = encode_tokens(self.backbone, images, input_tokens=chosen.reshape(B, -1, self.embed_dim),
                                    input_tokens_positioned=not reads_cls)
@@ -143,8 +173,9 @@ class L2P(PromptMethod):
                 return self.backbone.forward_head(tokens, pre_logits=True)
             start = self.backbone.num_prefix_tokens
             return tokens[:, start:start + c.top_k * c.prompt_length].mean(dim=1)
-        # [B, k, layer, 2, length, D] -> per layer [B, 2, k * length, D]
-        per_layer = chosen.permute(2, 0, 3, 1, 4, 5).reshape(len(c.prefix_layers), B, 2, -1, self.embed_dim)
+        # per layer its set's picks [B, k, 2, length, D] -> [B, 2, k * length, D]
+        chosen = torch.stack([self.pool[picked[i if c.layer_keys else 0], i] for i in range(len(c.prefix_layers))])
+        per_layer = chosen.permute(0, 1, 3, 2, 4, 5).reshape(len(c.prefix_layers), B, 2, -1, self.embed_dim)
         prompts = {layer: prefix_prompt(per_layer[i], self.num_heads) for i, layer in enumerate(c.prefix_layers)}
         tokens = encode_tokens(self.backbone, images, prompts)
         return self.backbone.forward_head(tokens, pre_logits=True)
@@ -153,6 +184,13 @@ class L2P(PromptMethod):
         return self.head(self.features(images, self.select(images)[1]))
 
     # --- training ----------------------------------------------------------------------------
+    def begin_task(self, task: TaskInfo) -> None:
+        super().begin_task(task)
+        previous, current = self.task_block(task.index - 1), self.task_block(task.index)
+        if self.config.shared_prompt_pool and task.index > 0 and previous is not None and current is not None:
+            with torch.no_grad():
+                self.pool[current] = self.pool[previous]
+
     def phases(self, task: TaskInfo) -> list[Phase]:
         c = self.config
         groups = [{"params": [self.pool, self.keys, *self.head.parameters()], "lr": c.lr}]
@@ -161,7 +199,7 @@ class L2P(PromptMethod):
         return [Phase("train", c.epochs, groups, lr_factor=factor, grad_clip=c.grad_clip or None)]
 
     def training_loss(self, images, labels, task: TaskInfo, phase: Phase):
-        similarity, picked = self.select(images)
+        similarity, picked = self.select(images, training_task=task.index)
         ce = F.cross_entropy(mask_logits(self.head(self.features(images, picked)), task.classes), labels)
-        pull = pull_constraint(similarity, picked)
+        pull = sum(pull_constraint(s, p) for s, p in zip(similarity, picked))  # one term per key set
         return ce + self.config.pull_weight * pull, {"ce": ce.detach().item(), "pull": pull.detach().item()}

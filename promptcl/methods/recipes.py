@@ -10,7 +10,8 @@ VQ-Prompt's code base, on which SMoPE's is built: AdamW with the prompts at a mu
 head's learning rate, held at ``min_lr`` for ``lr_hold_iters`` iterations then a cosine down to it
 (``schedule="hold-cosine"``; the CUB scripts use CODA's per-epoch cosine instead, "epoch-cosine");
 after each task, per-class diagonal Gaussians of the prompted features and (task >= 1) the head
-realigned on Gaussian replays of every seen class.
+realigned on Gaussian replays of every seen class (by default fitted on un-augmented images; the
+code's augmented ones with ``compat_augmented_statistics``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class AlignedRecipe:
     ca_lr: float = 1e-5
     ca_min_lr: float = 1e-6
     ca_weight_decay: float = 5e-4
+    # The reference fits the class Gaussians (and SMoPE counts expert usage) on augmented training
+    # images; by default every statistics pass reads the test-time pipeline (no augmentation).
+    compat_augmented_statistics: bool = False
 
     def __post_init__(self) -> None:
         require(self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1")

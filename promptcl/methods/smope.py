@@ -42,10 +42,6 @@ class SMoPEConfig(AlignedRecipe):
     # from checkpoints without usage counts, hence plain top-k, our default. On, it changes the
     # evaluations and, through the routing of earlier layers, the usage counts from layer 1 on.
     compat_exclude_unused_experts: bool = False
-    # The reference counts usage and fits the class Gaussians on augmented training images; by
-    # default every statistics pass reads the test-time pipeline (no augmentation).
-    compat_augmented_statistics: bool = False
-
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.num_experts >= 1, f"num_experts must be >= 1, got {self.num_experts}")

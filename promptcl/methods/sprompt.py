@@ -40,6 +40,8 @@ class SPromptConfig:
     lr: float = 0.01
     first_task_weight_decay: float = 5e-4
     weight_decay: float = 2e-4
+    # The code clusters the augmented training images; by default K-means reads the test-time pipeline.
+    compat_augmented_statistics: bool = False
 
     def __post_init__(self) -> None:
         require(self.prompt_length >= 1 and self.centroids_per_task >= 1,
@@ -131,8 +133,9 @@ class SPrompt(PromptMethod):
     @torch.no_grad()
     def end_task(self, task: TaskInfo, train_batches, snapshot) -> None:
         self.eval()
-        feats, _ = self.collect_features(lambda x: F.normalize(self.frozen_features(x), dim=1), train_batches(),
-                                         prompted=False)
+        augmented = self.config.compat_augmented_statistics  # augmented images never repeat: not stored
+        feats, _ = self.collect_features(lambda x: F.normalize(self.frozen_features(x, storable=not augmented), dim=1),
+                                         train_batches(augmented=augmented), prompted=False)
         centroids = kmeans_centroids(gather_in_order(feats), self.config.centroids_per_task)
         # fewer distinct points than K: repeat the last centroid (a duplicate never changes the min)
         padded = torch.cat([centroids, centroids[-1:].expand(self.config.centroids_per_task - len(centroids), -1)])

@@ -51,9 +51,13 @@ class VQPromptConfig(AlignedRecipe):
 
 PAPER = VQPromptConfig()
 IMAGENET_R = dataclasses.replace(PAPER, batch_size=64, lr_hold_iters=40, ca_samples_per_class=256)
+# imnet-r_prompt_{short,long}_vq.yaml (5 and 20 tasks): the learning rate held 80 and 20 iterations
+IMAGENET_R_5 = dataclasses.replace(IMAGENET_R, lr_hold_iters=80)
+IMAGENET_R_20 = dataclasses.replace(IMAGENET_R, lr_hold_iters=20)
 # configs/cub-200_prompt_vq.yaml + experiments/cub-200.sh: CODA's per-epoch cosine over 20 epochs,
-# --ca_batch_size_ratio 2 (128 x 2 replays per class)
-CUB200 = dataclasses.replace(PAPER, schedule="epoch-cosine", lr_hold_iters=0, ca_samples_per_class=256)
+# --ca_batch_size_ratio 2 (128 x 2 replays per class), --prompt_param 10 8 5 (softmax temperature 5)
+CUB200 = dataclasses.replace(PAPER, schedule="epoch-cosine", lr_hold_iters=0, ca_samples_per_class=256,
+                             temperature=5.0)
 SMALL = dataclasses.replace(PAPER, prompt_layers=(0, 1, 2), prompt_length=2, pool_size=8, epochs=6, batch_size=32,
                              lr=0.01, lr_hold_iters=0, ca_epochs=20, ca_samples_per_class=32, ca_lr=1e-3,
                              ca_min_lr=1e-5)
@@ -69,7 +73,8 @@ def quantise(continuous: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
 @register_method("vqprompt")
 class VQPrompt(PromptMethod):
     Config = VQPromptConfig
-    PRESETS = {"paper": PAPER, "imagenet-r": IMAGENET_R, "cub200": CUB200, "small": SMALL}
+    PRESETS = {"paper": PAPER, "imagenet-r": IMAGENET_R, "imagenet-r-5tasks": IMAGENET_R_5,
+               "imagenet-r-20tasks": IMAGENET_R_20, "cub200": CUB200, "small": SMALL}
     TEST_PASSES = 2
     REFERENCE_CODE_BASE = "coda"
 
@@ -121,6 +126,7 @@ class VQPrompt(PromptMethod):
     @torch.no_grad()
     def end_task(self, task: TaskInfo, train_batches, snapshot) -> None:
         self.eval()
-        self.class_stats.fit(*self.collect_features(lambda x: self.features(x)[0], train_batches(), prompted=True))
+        batches = train_batches(augmented=self.config.compat_augmented_statistics)
+        self.class_stats.fit(*self.collect_features(lambda x: self.features(x)[0], batches, prompted=True))
         self.config.align(self.head, self.class_stats, task, snapshot)
         self.eval()
