@@ -2,6 +2,7 @@
 baselines (SimpleCIL, finetune, joint): each one's defining mechanism, per-sample predictions,
 the papers' parameter counts, and a run of every method through the engine."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -159,7 +160,12 @@ def test_deep_l2p_plus_picks_with_its_own_keys_in_every_prefix_block():
     for i in range(2):
         touched = (m.keys.grad[i].abs().sum(1) > 0).nonzero().flatten().tolist()
         assert touched == sorted(set(picked[i].flatten().tolist()))
-    assert get_method("l2p").PRESETS["deep-l2p++"].layer_keys and not get_method("l2p").PRESETS["l2p++"].layer_keys
+    presets = get_method("l2p").PRESETS
+    assert presets["deep-l2p++"].layer_keys and not presets["l2p++"].layer_keys
+    # CODA's ImageNet-R config: 50 epochs where CIFAR-100's trains 20
+    assert [presets[n].epochs for n in ("l2p++", "deep-l2p++", "l2p++-imagenet-r", "deep-l2p++-imagenet-r")] == [
+        20, 20, 50, 50]
+    assert presets["deep-l2p++-imagenet-r"] == dataclasses.replace(presets["deep-l2p++"], epochs=50)
     with pytest.raises(ValueError, match="layer_keys applies to the prefix form only"):
         make("l2p", layer_keys=True)
 

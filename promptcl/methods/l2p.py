@@ -113,7 +113,10 @@ CUB200 = dataclasses.replace(NORGA_CIFAR100, epochs=50, schedule="norga_cub")  #
 @register_method("l2p")
 class L2P(PromptMethod):
     Config = L2PConfig
+    # CODA's configs/imnet-r_prompt.yaml trains 50 epochs: l2p++-imagenet-r, deep-l2p++-imagenet-r
     PRESETS = {"paper": PAPER, "l2p++": L2P_PLUS, "deep-l2p++": DEEP_L2P_PLUS,
+               "l2p++-imagenet-r": dataclasses.replace(L2P_PLUS, epochs=50),
+               "deep-l2p++-imagenet-r": dataclasses.replace(DEEP_L2P_PLUS, epochs=50),
                "imagenet-r": dataclasses.replace(PAPER, epochs=50), "small": SMALL,
                "norga-cifar100": NORGA_CIFAR100, "norga-imagenet-r": dataclasses.replace(NORGA_CIFAR100, epochs=50),
                "5datasets": FIVE_DATASETS, "norga-5datasets": NORGA_FIVE_DATASETS, "cub200": CUB200}
