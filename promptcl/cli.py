@@ -26,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dataset", required=True)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", required=True, type=Path, help="output directory (must not exist)")
-    run.add_argument("--backbone", default=None, help="timm ViT name (full tag) or a local preset")
+    run.add_argument("--backbone", default=None,
+                     help="timm ViT name (full tag), a seed alias or a local preset "
+                          "(default: the method's for the dataset)")
     run.add_argument("--random-init", dest="pretrained", action="store_false",
                      help="a random-init backbone instead of its pretrained weights (a control)")
     run.add_argument("--checkpoint-file", default=None, help="backbone weights from a local file")

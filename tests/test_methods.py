@@ -14,6 +14,7 @@ from promptcl.cli import main
 from promptcl.config import apply_overrides
 from promptcl.core.backbone import build_backbone, encode, encode_tokens
 from promptcl.core.experts import Routing
+from promptcl.core.feature_store import FeatureStore
 from promptcl.core.prompts import batch_majority, prefix_prompt, pull_constraint, top_keys
 from promptcl.data.benchmarks import ClassIncremental, load_dataset
 from promptcl.engine import RunSpec, resolve_run, run_sequence, train_phase
@@ -314,8 +315,9 @@ def test_l2p_prompt_mask_trains_each_tasks_block_and_shared_pool_chains_the_bloc
     assert trained.tolist() == [i in (3, 4, 5) for i in range(10)]
     assert (m.keys.grad.abs().sum(1) > 0).tolist() == [i in (3, 4, 5) for i in range(10)]
     assert m.task_block(3) is None and m.select(images, training_task=3)[1].shape == (1, 6, 3)
-    with torch.no_grad():  # past the pool's end nothing is copied
-        m.begin_task(TaskInfo(3, range(6, 8), T))
+    before = m.pool.detach().clone()
+    m.begin_task(TaskInfo(3, range(6, 8), T))  # past the pool's end nothing is copied
+    assert torch.equal(m.pool, before)
 
 
 def test_five_datasets_presets_follow_the_reference_configs_and_scripts():
@@ -507,9 +509,10 @@ def test_ovor_outlier_epochs_continue_the_training_adam_on_fresh_augmented_passe
                        candidates_per_point=10, vor_fresh_optimizer=True), tasks=1)
     train_phase(fresh, fresh.phases(task)[0], task, _ListLoader([(x[:10], labels[:10])]), torch.device("cpu"),
                 progress=False)
-    kept = fresh._train_optimizer
+    kept, head = fresh._train_optimizer, fresh.head.weight.detach().clone()
     fresh.end_task(task, lambda augmented=False: [(x, labels)], lambda name: None)
     assert kept.state[fresh.head.weight]["step"].item() == 1  # the outlier epoch stepped another Adam
+    assert not torch.equal(fresh.head.weight, head)
 
 
 class _ListLoader(list):
@@ -581,7 +584,7 @@ def test_joint_trains_each_task_afresh_on_all_seen_classes():
 PAPER_COUNTS = {
     ("l2p", "paper"): 10 * 5 * 768 + 10 * 768 + 76_900,  # 122,980 (pool, keys, head)
     ("l2p", "l2p++"): 30 * 20 * 768 + 30 * 768 + 76_900,  # CODA's L2P++: 560,740
-    ("l2p", "deep-l2p++"): 5 * (30 * 20 * 768 + 30 * 768) + 76_900,  # a pool and keys per block: 2,471,380
+    ("l2p", "deep-l2p++"): 5 * (30 * 20 * 768 + 30 * 768) + 76_900,  # a pool and keys per block: 2,496,100
     ("dualprompt", "paper"): 2 * 2 * 5 * 768 + 10 * 3 * 2 * 5 * 768 + 10 * 768 + 76_900,  # 330,340
     ("coda", "paper"): 3_916_900,  # 5 x (100 x 8 x 768 + 2 x 100 x 768) + head
     ("ovor", "paper"): 2 * 10 * 768 + 3 * 40 * 768 + 76_900,  # 184,420
@@ -666,8 +669,11 @@ def test_summaries_carry_what_a_report_shows_expert_usage_and_gate_scalars(tmp_p
 
 
 @pytest.mark.parametrize("compat", [False, True])
-def test_sprompt_clusters_augmented_images_only_with_the_compat_switch(compat):
+def test_sprompt_clusters_augmented_images_only_with_the_compat_switch(compat, tmp_path):
+    """K-means reads the augmented images only with the compat switch, and then stores none of them."""
     m = make("sprompt", centroids_per_task=2, compat_augmented_statistics=compat)
+    m.training_augmented = True
+    m.feature_store = FeatureStore(tmp_path, fingerprint={"test": 1})
     g = torch.Generator().manual_seed(0)
     plain, augmented_images = torch.randn(12, 1, 8, 8, generator=g), torch.randn(12, 1, 8, 8, generator=g)
     requested = []
@@ -680,16 +686,20 @@ def test_sprompt_clusters_augmented_images_only_with_the_compat_switch(compat):
     m.begin_task(task)
     m.end_task(task, train_batches, lambda name: None)
     assert requested == [compat]
+    assert len(m.feature_store) == (0 if compat else 12)
     clustered = F.normalize(encode(m.backbone, augmented_images if compat else plain), dim=1)
     torch.testing.assert_close(m.centroids[0], kmeans_centroids(clustered, 2), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("compat", [False, True])
 @pytest.mark.parametrize("name", ["smope", "vqprompt"])
-def test_aligned_methods_statistics_read_augmented_images_only_with_the_compat_switch(name, compat):
+def test_aligned_methods_statistics_read_augmented_images_only_with_the_compat_switch(name, compat, tmp_path):
     """Usage counts and class Gaussians come from the test-time pipeline unless
-    ``compat_augmented_statistics`` asks for the reference's augmented training images."""
+    ``compat_augmented_statistics`` asks for the reference's augmented training images, whose
+    frozen features (VQ-Prompt's queries) never reach the feature store."""
     m = make(name, compat_augmented_statistics=compat)
+    m.training_augmented = True
+    m.feature_store = FeatureStore(tmp_path, fingerprint={"test": 1})
     g = torch.Generator().manual_seed(0)
     plain, augmented_images = torch.randn(12, 1, 8, 8, generator=g), torch.randn(12, 1, 8, 8, generator=g)
     labels = torch.arange(12) % 2
@@ -703,6 +713,7 @@ def test_aligned_methods_statistics_read_augmented_images_only_with_the_compat_s
     m.begin_task(task)
     m.end_task(task, train_batches, lambda name: None)
     assert requested == [compat]
+    assert len(m.feature_store) == (0 if compat or name == "smope" else 12)  # SMoPE makes no frozen pass
     images = augmented_images if compat else plain
     if name == "smope":
         expected = encode(m.backbone, images, m.experts.prompts("sparse", noisy=False, routing=Routing()))

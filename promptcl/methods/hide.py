@@ -124,8 +124,9 @@ def upstream_presets(base: HiDeConfig) -> dict[str, HiDeConfig]:
     rate is not scaled). Every rank is seeded alike, so the Gaussian replays are the same on every
     GPU: one GPU's draw is the step (TAP 5 x 24 per cluster, stage A 24). Statistics are
     multi-centroid (10 per class). The contrastive term is computed per group of one GPU's batch, as
-    there (``contrastive_group``); every other term is a global-batch mean. So every worker count
-    runs the scripts' objective, the single worker included.
+    there (``contrastive_group``); every other term is a global-batch mean. So one worker runs the
+    scripts' objective, as does any worker count that divides the GPU count (whose per-worker batch
+    is whole groups; otherwise a short group weighs as much as a full one).
     """
     r = dataclasses.replace
 

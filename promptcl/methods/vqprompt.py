@@ -104,9 +104,9 @@ class VQPrompt(PromptMethod):
                                    + c.commitment_weight * F.mse_loss(quantised, continuous[layer].detach()))
         return used, codebook
 
-    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompted [CLS] features, the codebook loss)."""
-        used, codebook = self.quantised_prompts(self.frozen_features(images))
+    def features(self, images: torch.Tensor, *, storable: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompted [CLS] features, the codebook loss); ``storable``: as :meth:`frozen_features`."""
+        used, codebook = self.quantised_prompts(self.frozen_features(images, storable=storable))
         prompts = {layer: prefix_prompt(used[i], self.num_heads) for i, layer in enumerate(self.config.prompt_layers)}
         return encode(self.backbone, images, prompts), codebook
 
@@ -126,7 +126,8 @@ class VQPrompt(PromptMethod):
     @torch.no_grad()
     def end_task(self, task: TaskInfo, train_batches, snapshot) -> None:
         self.eval()
-        batches = train_batches(augmented=self.config.compat_augmented_statistics)
-        self.class_stats.fit(*self.collect_features(lambda x: self.features(x)[0], batches, prompted=True))
+        augmented = self.config.compat_augmented_statistics and self.training_augmented  # never stored
+        self.class_stats.fit(*self.collect_features(lambda x: self.features(x, storable=not augmented)[0],
+                                                    train_batches(augmented=augmented), prompted=True))
         self.config.align(self.head, self.class_stats, task, snapshot)
         self.eval()

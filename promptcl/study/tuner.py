@@ -510,7 +510,8 @@ def study_parser(description: str, *, name: str, num_samples: int, objectives: t
                    help=f"default: {DEFAULT_STUDY_DATASET} (the offline benchmark), {SMOKE_DATASET} with --smoke")
     p.add_argument("--num-samples", type=int, default=None, help=f"trials (default {num_samples}; 2 with --smoke)")
     p.set_defaults(default_num_samples=num_samples)
-    p.add_argument("--backbone", default=None, help="default: the dataset's (as promptcl run)")
+    p.add_argument("--backbone", default=None,
+                   help="default: each method's for the dataset (as promptcl run; e.g. sup1k_augreg for coda and ovor)")
     p.add_argument("--checkpoint-file", default=None, help="backbone weights from a file every worker can read")
     p.add_argument("--data-dir", default=None,
                    help="root of a disk benchmark, visible to every worker (default: $PROMPTCL_DATA)")
