@@ -334,6 +334,12 @@ def test_five_datasets_presets_follow_the_reference_configs_and_scripts():
     assert (own.pool_size, own.prompt_length, own.top_k, own.pull_weight) == (20, 10, 4, 0.5)
     assert (own.epochs, own.lr, own.token_layout) == (5, 0.001875, "l2p-pytorch")  # no script settings
     assert (norga.epochs, norga.lr, norga.token_layout) == (20, 0.0025, "dualprompt-pytorch")
+    # NoRGa's Sup-21K script trains its config 40 epochs; l2p-pytorch's own and other presets get no script
+    assert l2p.preset_for("five_datasets", "sup21k", "norga-5datasets").epochs == 40
+    assert l2p.preset_for("five_datasets", "ibot21k", "norga-5datasets").epochs == 20
+    dualprompt = get_method("dualprompt")
+    assert [dualprompt.preset_for("five_datasets", "sup21k", p).epochs for p in ("5datasets", "paper", "imagenet-r")] == [
+        40, 5, 50]
     # l2p-pytorch partitions the pool by task in training and chains the blocks; NoRGa's config does not
     assert (own.prompt_mask, own.shared_prompt_pool, norga.prompt_mask, norga.shared_prompt_pool) == (
         True, True, False, False)

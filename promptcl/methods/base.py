@@ -111,6 +111,8 @@ class PromptMethod(nn.Module):
     REFERENCE_CODE_BASE: ClassVar[Optional[str]] = None
     # (dataset, backbone family) -> what that pair's reference script sets beyond the dataset's preset
     SCRIPTS: ClassVar[dict[tuple[str, str], dict]] = {}
+    # the presets SCRIPTS applies to (the scripts' own configs); None: every preset but ``small``
+    SCRIPTED_PRESETS: ClassVar[Optional[tuple[str, ...]]] = None
 
     def __init__(self, config, *, backbone: nn.Module, num_classes: int, num_tasks: int) -> None:
         super().__init__()
@@ -144,9 +146,11 @@ class PromptMethod(nn.Module):
 
     @classmethod
     def scripts_for(cls, preset: str) -> dict[tuple[str, str], dict]:
-        """The (dataset, backbone family) table that applies on top of ``preset``: ``SCRIPTS``, none
-        for ``small`` (no script's); a method whose presets come from several code bases picks per preset."""
-        return {} if preset == "small" else cls.SCRIPTS
+        """The (dataset, backbone family) table that applies on top of ``preset``: ``SCRIPTS`` for the
+        presets in ``SCRIPTED_PRESETS`` (by default every one but ``small``, which is no script's); a
+        method whose presets come from several code bases picks per preset."""
+        scripted = preset != "small" if cls.SCRIPTED_PRESETS is None else preset in cls.SCRIPTED_PRESETS
+        return cls.SCRIPTS if scripted else {}
 
     @classmethod
     def preset_name(cls, dataset: Optional[str], preset: Optional[str] = None, num_tasks: Optional[int] = None) -> str:

@@ -85,6 +85,7 @@ class DualPrompt(PromptMethod):
     PRESETS = {"paper": PAPER, "imagenet-r": IMAGENET_R, "5datasets": FIVE_DATASETS, "cub200": CUB200, "small": SMALL,
                "norga-cifar100": NORGA_CIFAR100, "norga-imagenet-r": NORGA_IMAGENET_R}
     SCRIPTS = NORGA_BASELINE_SCRIPTS
+    SCRIPTED_PRESETS = ("5datasets",)  # NoRGa's 5-datasets config, the one its scripts run
     TEST_PASSES = 2
     REFERENCE_CODE_BASE = "hide"
 

@@ -39,7 +39,7 @@ from promptcl.core.prompts import (batch_majority, cosine_similarity_matrix, pre
                                    pull_constraint, top_keys)
 from promptcl.methods import register_method
 from promptcl.methods.base import Phase, PromptMethod, TaskInfo, coda_cosine, mask_logits, timm_linear_init
-from promptcl.methods.recipes import norga_cub_schedule
+from promptcl.methods.recipes import NORGA_BASELINE_SCRIPTS, norga_cub_schedule
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,7 +104,7 @@ NORGA_CIFAR100 = dataclasses.replace(PAPER, token_layout="dualprompt-pytorch", p
 FIVE_DATASETS = dataclasses.replace(PAPER, pool_size=20, prompt_length=10, top_k=4, pull_weight=0.5,
                                     prompt_mask=True, shared_prompt_pool=True)
 # NoRGa's (its configs/five_datasets_l2p.py): the same pool in its layout, 20 epochs (its Sup-21K script
-# passes --epochs 40)
+# passes --epochs 40: SCRIPTS)
 NORGA_FIVE_DATASETS = dataclasses.replace(NORGA_CIFAR100, pool_size=20, prompt_length=10, top_k=4,
                                           pull_weight=0.5, epochs=20)
 CUB200 = dataclasses.replace(NORGA_CIFAR100, epochs=50, schedule="norga_cub")  # NoRGa's configs/cub_l2p.py
@@ -120,6 +120,8 @@ class L2P(PromptMethod):
                "imagenet-r": dataclasses.replace(PAPER, epochs=50), "small": SMALL,
                "norga-cifar100": NORGA_CIFAR100, "norga-imagenet-r": dataclasses.replace(NORGA_CIFAR100, epochs=50),
                "5datasets": FIVE_DATASETS, "norga-5datasets": NORGA_FIVE_DATASETS, "cub200": CUB200}
+    SCRIPTS = NORGA_BASELINE_SCRIPTS  # on NoRGa's 5-datasets config only (l2p-pytorch's has no script)
+    SCRIPTED_PRESETS = ("norga-5datasets",)
     TEST_PASSES = 2
     REFERENCE_CODE_BASE = "hide"
 

@@ -2,9 +2,9 @@
 
 NoRGa's baseline trainer (L2P, DualPrompt, S-Prompt++ in its table): its 5-datasets scripts train 40
 epochs with Sup-21K and keep the configs' 20 with iBOT-21K (``NORGA_BASELINE_SCRIPTS``, applied by
-``PromptMethod.preset_for`` to DualPrompt and S-Prompt++, whose only 5-datasets config is NoRGa's;
-L2P's ``5datasets`` preset is l2p-pytorch's); its CUB configs step the learning rate on the first task only
-(:func:`norga_cub_schedule`).
+``PromptMethod.preset_for`` to the presets of that config: DualPrompt's and S-Prompt++'s ``5datasets``,
+L2P's ``norga-5datasets``; L2P's ``5datasets`` is l2p-pytorch's); its CUB configs step the learning
+rate on the first task only (:func:`norga_cub_schedule`).
 
 VQ-Prompt's code base, on which SMoPE's is built: AdamW with the prompts at a multiple of the
 head's learning rate, held at ``min_lr`` for ``lr_hold_iters`` iterations then a cosine down to it
