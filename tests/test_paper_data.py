@@ -16,7 +16,7 @@ from PIL import Image
 from disk_formats import solid_images, write_cifar, write_idx, write_jpegs
 from promptcl.data import paper
 from promptcl.data.benchmarks import ClassIncremental, DATASETS, load_dataset, scenario_class_order
-from promptcl.data.preprocessing import CIFAR100_MEAN, CIFAR100_STD, CODA, HIDE, common
+from promptcl.data.preprocessing import CIFAR100_MEAN, CIFAR100_STD, CODA, HIDE, OVOR, common
 from promptcl.cli import main
 from promptcl.engine import RunSpec, resolve_run
 
@@ -271,7 +271,7 @@ def test_reference_protocol_follows_each_method_code_base(cifar_root):
     resolved = {m: resolve_run(RunSpec(method=m, dataset="cifar100", data_dir=root)).preprocessing.name
                 for m in ("hide", "norga", "l2p", "smope", "coda", "ovor", "vqprompt", "simplecil")}
     assert resolved == {"hide": "reference-hide", "norga": "reference-hide", "l2p": "reference-hide",
-                        "smope": "reference-coda", "coda": "reference-coda", "ovor": "reference-coda",
+                        "smope": "reference-coda", "coda": "reference-coda", "ovor": "reference-ovor",
                         "vqprompt": "reference-coda", "simplecil": "common"}
     # each code base's own Sup-1K: CODA-Prompt's and OVOR's timm 0.4.12 loads AugReg, SMoPE/VQ-Prompt AugReg2
     backbones = {m: resolve_run(RunSpec(method=m, dataset="cifar100", data_dir=root)).backbone
@@ -306,6 +306,8 @@ def test_hide_reference_pipeline_matches_the_reference_transforms():
     assert [type(s) for s in test] == [T.Resize, T.CenterCrop, T.ToTensor] and test[0].size == 256
     assert [type(s) for s in CODA.cifar.transforms(augment=False).transforms] == [T.Resize, T.ToTensor]
     assert CODA.drop_last and not HIDE.drop_last
+    # OVOR's code rewrote CODA's loaders: the same transforms, the last partial batch kept
+    assert (OVOR.cifar, OVOR.other, OVOR.drop_last) == (CODA.cifar, CODA.other, False)
 
 
 # --- loaders: workers, seeding, augmentation kept out of statistics ----------------------------

@@ -6,9 +6,11 @@
   CIFAR images get RandomResizedCrop (bicubic) + flip + brightness jitter and CIFAR-100's mean/std;
   every other source gets RandomResizedCrop(scale 0.05-1) + flip and raw [0, 1] pixels; tests are
   Resize(256, bicubic) + CenterCrop(224).
-- ``reference-coda`` (CODA-Prompt, OVOR, VQ-Prompt, SMoPE): [0, 1] pixels, RandomResizedCrop + flip;
+- ``reference-coda`` (CODA-Prompt, VQ-Prompt, SMoPE): [0, 1] pixels, RandomResizedCrop + flip;
   tests Resize(224) for CIFAR, Resize(256) + CenterCrop(224) otherwise; the last partial training
   batch is dropped.
+- ``reference-ovor`` (OVOR, whose code rewrote CODA's loaders): the same transforms, every training
+  batch kept.
 
 ``--protocol common`` gives every method one pipeline (fair comparisons): for every source
 RandomResizedCrop (scale 0.08-1, bicubic) + flip, tests Resize(256, bicubic) + CenterCrop(224), and
@@ -24,7 +26,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-PROTOCOLS = ("reference", "reference-hide", "reference-coda", "common")
+PROTOCOLS = ("reference", "reference-hide", "reference-coda", "reference-ovor", "common")
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 
@@ -91,6 +93,7 @@ CODA = Preprocessing(
     other=Pipeline(),
     drop_last=True,
 )
+OVOR = dataclasses.replace(CODA, name="reference-ovor", drop_last=False)
 
 
 def common(mean: tuple[float, float, float], std: tuple[float, float, float]) -> Preprocessing:
@@ -100,8 +103,8 @@ def common(mean: tuple[float, float, float], std: tuple[float, float, float]) ->
 
 def resolve_preprocessing(protocol: str, *, code_base: Optional[str],
                           backbone_mean_std: tuple[tuple, tuple]) -> Preprocessing:
-    """``protocol`` for a method whose published numbers come from ``code_base`` ("hide", "coda" or
-    None: no reference pipeline, so ``reference`` means ``common``)."""
+    """``protocol`` for a method whose published numbers come from ``code_base`` ("hide", "coda",
+    "ovor" or None: no reference pipeline, so ``reference`` means ``common``)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     if protocol == "reference":
@@ -110,4 +113,6 @@ def resolve_preprocessing(protocol: str, *, code_base: Optional[str],
         return HIDE
     if protocol == "reference-coda":
         return CODA
+    if protocol == "reference-ovor":
+        return OVOR
     return common(*backbone_mean_std)

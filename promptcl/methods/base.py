@@ -107,7 +107,7 @@ class PromptMethod(nn.Module):
     # True: task t trains on the data of tasks 0..t (the joint upper bound), not on task t alone
     TRAINS_ON_SEEN_TASKS: ClassVar[bool] = False
     # the code base whose input pipeline `--protocol reference` follows: "hide" (HiDe/NoRGa and the
-    # baselines of their tables), "coda" (CODA/OVOR/VQ-Prompt/SMoPE), None (the common protocol)
+    # baselines of their tables), "coda" (CODA/VQ-Prompt/SMoPE), "ovor", None (the common protocol)
     REFERENCE_CODE_BASE: ClassVar[Optional[str]] = None
     # (dataset, backbone family) -> what that pair's reference script sets beyond the dataset's preset
     SCRIPTS: ClassVar[dict[tuple[str, str], dict]] = {}

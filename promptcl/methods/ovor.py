@@ -103,7 +103,7 @@ def energy(logits: torch.Tensor) -> torch.Tensor:
 class OVOR(OnePromptMethod):
     Config = OVORConfig
     _train_optimizer: Optional[torch.optim.Optimizer] = None  # the task's training optimizer, until end_task
-    REFERENCE_CODE_BASE = "coda"
+    REFERENCE_CODE_BASE = "ovor"  # CODA's transforms; its own loaders keep the last partial batch
     # The code pins timm 0.4.12, whose vit_base_patch16_224 is AugReg in21k -> in1k, on every benchmark.
     DEFAULT_BACKBONES = {"cifar100": "sup1k_augreg", "imagenet_r": "sup1k_augreg", "cub200": "sup1k_augreg"}
     PRESETS = {
