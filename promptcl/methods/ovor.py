@@ -79,7 +79,7 @@ def virtual_outliers(features: torch.Tensor, *, count: int, neighbours: int, bou
     ``boundary_points`` features with the largest k-th neighbour distance among the L2-normalised
     features (the code's index), Gaussian candidates around each (the same offsets for every point,
     as the code), and the ``count`` candidates whose directions lie farthest from the data's by that
-    distance. ``around_origin``: the official code's candidates (the offsets alone: it computes the
+    distance, farthest first. ``around_origin``: the official code's candidates (the offsets alone: it computes the
     boundary points and drops them), ranked as it searches them, unnormalised."""
     features = features.float()
     normed = F.normalize(features, dim=1)
@@ -159,9 +159,10 @@ class OVOR(OnePromptMethod):
 
     def train_head_with_outliers(self, task: TaskInfo, epoch_features, optimizer=None) -> None:
         """The prompt frozen, the head on the task's features and outliers drawn from them afresh
-        each epoch (the code's batches: ``batch_size`` features and an equal share of the outliers
-        per step). ``optimizer``: the training phase's, continued as the code's single Adam (the
-        prompt gets no gradient, so only the head moves); without one, a fresh Adam on the head."""
+        each epoch (the code's batches: ``batch_size`` shuffled features and the next equal share of
+        the outliers per step, which come farthest first). ``optimizer``: the training phase's,
+        continued as the code's single Adam (the prompt gets no gradient, so only the head moves);
+        without one, a fresh Adam on the head."""
         c = self.config
         optimizer = optimizer or torch.optim.Adam(self.head.parameters(), lr=c.lr)
         generator = torch.Generator().manual_seed(torch.initial_seed() + task.index)
@@ -179,10 +180,9 @@ class OVOR(OnePromptMethod):
             for group in optimizer.param_groups:
                 group["lr"] = c.lr * self.lr_factor(epoch)
             order = torch.randperm(len(labels), generator=generator).to(labels.device)
-            ood_order = torch.randperm(len(outliers), generator=generator).to(outliers.device)
             for s in range(steps):
                 idx = order[s * c.batch_size:(s + 1) * c.batch_size]
-                ood = outliers[ood_order[s * per_step:(s + 1) * per_step]]
+                ood = outliers[s * per_step:(s + 1) * per_step]  # in rank order, farthest first, as the code
                 id_logits = self.head(feats[idx])
                 ce = F.cross_entropy(mask_logits(id_logits, task.classes), labels[idx])
                 current = slice(task.classes.start, task.classes.stop)
