@@ -215,6 +215,12 @@ class PromptMethod(nn.Module):
             return logits
         return mask_logits(logits, range(0, self.seen_classes))
 
+    def augmented_statistics(self) -> bool:
+        """Whether a statistics pass reads the training augmentations: when the config's
+        ``compat_augmented_statistics`` asks for the reference's and the benchmark has them (such
+        images never repeat, so their frozen features are not stored)."""
+        return bool(getattr(self.config, "compat_augmented_statistics", False)) and self.training_augmented
+
     def report_state(self) -> dict[str, object]:
         """What a report shows of the trained method beyond accuracies (JSON-able, in
         ``summary.json`` under ``method_state``): e.g. expert usage, gate scalars."""

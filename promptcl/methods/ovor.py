@@ -79,8 +79,8 @@ def virtual_outliers(features: torch.Tensor, *, count: int, neighbours: int, bou
     ``boundary_points`` features with the largest k-th neighbour distance among the L2-normalised
     features (the code's index), Gaussian candidates around each (the same offsets for every point,
     as the code), and the ``count`` candidates whose directions lie farthest from the data's by that
-    distance, farthest first. ``around_origin``: the official code's candidates (the offsets alone: it computes the
-    boundary points and drops them), ranked as it searches them, unnormalised."""
+    distance, farthest first. ``around_origin``: the official code's candidates (the offsets alone:
+    it computes the boundary points and drops them), ranked as it searches them, unnormalised."""
     features = features.float()
     normed = F.normalize(features, dim=1)
     spread = kth_neighbour_distance(normed, normed, neighbours)

@@ -154,7 +154,7 @@ class SMoPE(PromptMethod):
             return feats
 
         usage_before = self.experts.usage.clone()
-        batches = train_batches(augmented=self.config.compat_augmented_statistics)
+        batches = train_batches(augmented=self.augmented_statistics())
         self.class_stats.fit(*self.collect_features(features_counting_usage, batches, prompted=True))
         self.experts.sum_usage_over_ranks(usage_before)
         self.config.align(self.head, self.class_stats, task, snapshot)

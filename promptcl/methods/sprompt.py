@@ -133,8 +133,7 @@ class SPrompt(PromptMethod):
     @torch.no_grad()
     def end_task(self, task: TaskInfo, train_batches, snapshot) -> None:
         self.eval()
-        # augmented images never repeat: not stored
-        augmented = self.config.compat_augmented_statistics and self.training_augmented
+        augmented = self.augmented_statistics()
         feats, _ = self.collect_features(lambda x: F.normalize(self.frozen_features(x, storable=not augmented), dim=1),
                                          train_batches(augmented=augmented), prompted=False)
         centroids = kmeans_centroids(gather_in_order(feats), self.config.centroids_per_task)

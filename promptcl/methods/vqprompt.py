@@ -126,7 +126,7 @@ class VQPrompt(PromptMethod):
     @torch.no_grad()
     def end_task(self, task: TaskInfo, train_batches, snapshot) -> None:
         self.eval()
-        augmented = self.config.compat_augmented_statistics and self.training_augmented  # never stored
+        augmented = self.augmented_statistics()
         self.class_stats.fit(*self.collect_features(lambda x: self.features(x, storable=not augmented)[0],
                                                     train_batches(augmented=augmented), prompted=True))
         self.config.align(self.head, self.class_stats, task, snapshot)
