@@ -14,7 +14,7 @@ from promptcl.engine import RunSpec, resolve_run
 from promptcl.methods import get_method
 from promptcl.methods.base import TaskInfo
 from promptcl.methods.hide import HiDeConfig
-from promptcl.core.alignment import ClassCentroids, ClassGaussians
+from promptcl.core.alignment import ClassCentroids, ClassGaussians, align_head
 from promptcl.core.tii import ResidualMLP, TaskIdentifier
 
 T = 5
@@ -522,3 +522,39 @@ def test_a_bf16_run_keeps_the_fp32_run_task_identity_and_accuracy(tmp_path):
     assert fp32["task_identity_accuracy"] > 80
     assert abs(bf16["task_identity_accuracy"] - fp32["task_identity_accuracy"]) < 3
     assert abs(bf16["final_average_accuracy"] - fp32["final_average_accuracy"]) < 3
+
+
+@pytest.mark.parametrize("name", ["hide", "norga"])
+def test_mocov3_head_trains_its_norm_on_the_raw_cls_as_the_reference(name):
+    """MoCo v3 as NoRGa's/HiDe-Prompt's code builds it: features (class statistics, the contrastive
+    term, the task-identity MLP's input) are the raw [CLS]; the LayerNorm on it belongs to the head and
+    trains with it, in the prompt phase and in TAP. Other backbones' heads stay a plain Linear."""
+    torch.manual_seed(0)
+    small = dict(embed_dim=32, depth=2, num_heads=2, img_size=32)
+    backbone = build_backbone("mocov3_1k", **small)
+    cls = get_method(name)
+    config = cls.PRESETS["small"].__class__(**{**cls.PRESETS["small"].__dict__, "prompt_layers": (0, 1)})
+    method = cls(config, backbone=backbone, num_classes=4, num_tasks=2).eval()
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        raw_cls = backbone.blocks(backbone._pos_embed(backbone.patch_embed(x)))[:, 0]
+        torch.testing.assert_close(method.frozen_features(x), raw_cls, atol=1e-5, rtol=0)
+    norm = method.head.norm
+    assert isinstance(norm, torch.nn.LayerNorm) and set(method.checkpoint_state()) >= {"head.norm.weight",
+                                                                                        "head.norm.bias"}
+    task = TaskInfo(0, range(0, 2), 2)
+    method.begin_task(task)
+    head_group = method.phases(task)[0].param_groups[1]["params"]
+    assert any(p is norm.weight for p in head_group) and any(p is norm.weight for p in method.trainable_parameters())
+    loss, _ = method.training_loss(x, torch.tensor([0, 1, 0, 1, 0, 1]), task, method.phases(task)[0])
+    loss.backward()
+    assert norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0
+    # TAP (head alignment on Gaussian replays) moves the norm too
+    method.class_stats.fit(torch.randn(40, 32) * 3, torch.arange(4).repeat_interleave(10))
+    before = norm.weight.detach().clone()
+    align_head(method.head, method.class_stats, seen=range(0, 4), iterations=2, epochs=2, samples_per_class=8,
+               lr=0.1, min_lr=0.0, weight_decay=0.0, generator=torch.Generator().manual_seed(0), optimizer="sgd")
+    assert not torch.equal(norm.weight, before)
+    plain = make(name)
+    assert isinstance(plain.head.norm, torch.nn.Identity)
+    assert {k for k in plain.checkpoint_state() if k.startswith("head.")} == {"head.weight", "head.bias"}

@@ -18,6 +18,7 @@ from promptcl.core.backbone import (
     build_backbone,
     check_backbone,
     check_backbone_name,
+    classifier_norm_layer,
     encode,
     input_shape,
     load_backbone_checkpoint,
@@ -108,14 +109,18 @@ def test_release_layouts_load_exactly_the_backbone_weights(tmp_path, alias, make
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         features = encode(vit, x)
-        if mocov3:  # the reference's fc_norm build: final norm dropped, a default LayerNorm on the raw [CLS]
-            assert set(loaded) == set(expected) | {"fc_norm.weight", "fc_norm.bias"}
-            assert torch.equal(loaded["fc_norm.weight"], torch.ones(32))
-            assert torch.equal(loaded["fc_norm.bias"], torch.zeros(32))
-            reference = F.layer_norm(unnormalised_cls(source, x), (32,), eps=1e-6)
+        assert set(loaded) == set(expected)
+        if mocov3:  # the reference's fc_norm build: final norm dropped, features are the raw [CLS] ...
+            reference = unnormalised_cls(source, x)
             assert not torch.allclose(features, plain_pre_logits(source, x), atol=1e-3)
+            # ... and a classifier starts with a fresh LayerNorm on them, which it trains
+            norm = classifier_norm_layer(vit)()
+            assert isinstance(norm, torch.nn.LayerNorm) and norm.eps == 1e-6
+            assert torch.equal(norm.weight, torch.ones(32)) and torch.equal(norm.bias, torch.zeros(32))
+            assert norm.weight.requires_grad
+            torch.testing.assert_close(norm(features), F.layer_norm(reference, (32,), eps=1e-6), atol=1e-5, rtol=0)
         else:
-            assert set(loaded) == set(expected)
+            assert classifier_norm_layer(vit) is None
             reference = plain_pre_logits(source, x)
     torch.testing.assert_close(features, reference, atol=1e-5, rtol=0)
 
@@ -227,6 +232,8 @@ def test_every_alias_is_a_vit_b16_at_224():
             vit = build_backbone(alias)
         assert attention_geometry(vit) == (12, 12, 64)
         assert vit.blocks[0].attn.qkv.bias is not None and vit.blocks[0].norm1.eps == 1e-6
-        has_fc_norm = isinstance(vit.fc_norm, torch.nn.LayerNorm)
-        assert has_fc_norm == (alias == "mocov3_1k") and isinstance(vit.norm, torch.nn.Identity) == has_fc_norm
+        # MoCo v3: no final norm, and the [CLS] LayerNorm goes to the classifier (built on demand)
+        hands_norm_over = classifier_norm_layer(vit) is not None
+        assert hands_norm_over == (alias == "mocov3_1k") == isinstance(vit.norm, torch.nn.Identity)
+        assert isinstance(vit.fc_norm, torch.nn.Identity)
         assert seed.tag is not None or seed.release_file  # release-only weights name their file

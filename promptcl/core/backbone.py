@@ -16,6 +16,7 @@ A timm-layout checkpoint file loads through timm's own pretrained path; every fi
 from __future__ import annotations
 
 import argparse
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Optional
@@ -43,8 +44,10 @@ class SeedBackbone:
     source: str
     release_file: Optional[str] = None  # the file to pass as checkpoint_file when there is no hub tag
     arch_overrides: Mapping[str, Any] = field(default_factory=dict, hash=False)
-    # model keys no release file holds: they keep their default init, as in the reference
-    untrained_prefixes: tuple[str, ...] = ()
+    # The reference builds it with a LayerNorm on the pooled token (``fc_norm``) that no release file
+    # holds and trains it with the classifier: the frozen backbone is built without it (its features
+    # are the raw token) and hands the classifier a fresh one (``classifier_norm_layer``).
+    classifier_norm: bool = False
 
     @property
     def timm_name(self) -> str:
@@ -78,9 +81,9 @@ SEED_BACKBONES: dict[str, SeedBackbone] = {
     "mocov3_1k": SeedBackbone(
         "MoCo v3-1K", "vit_base_patch16_224", None, "mocov3", release_file="vit-b-300ep.pth.tar",
         source="MoCo v3 ViT-B/16 300-epoch release vit-b-300ep.pth.tar, or the converted mocov3-vit-base-300ep.pth "
-               "NoRGa loads; built like the reference with fc_norm: no final norm, an LN on [CLS] whose weights "
-               "no release holds (the release's norm.* is dropped), so it keeps LayerNorm's default init",
-        arch_overrides={"fc_norm": True}, untrained_prefixes=("fc_norm.",)),
+               "NoRGa loads; built like the reference with fc_norm: no final norm (the release's norm.* is "
+               "dropped), and an LN on the raw [CLS] that no release holds, which trains with the classifier",
+        arch_overrides={"fc_norm": True}, classifier_norm=True),
 }
 
 
@@ -172,7 +175,7 @@ def build_backbone(
         model = _architecture(name, overrides)
         state = _fitted_state(name, checkpoint_file, model)
         if not next(model.parameters()).is_meta:  # on the meta device (a free validation build) copying is a no-op
-            model.load_state_dict(state, strict=False)  # _fitted_state left out only untrained keys
+            model.load_state_dict(state)
     model.requires_grad_(False)
     model.eval()
     return model
@@ -185,8 +188,19 @@ def _architecture(name: str, overrides: Mapping[str, Any], *, pretrained: bool =
         return VisionTransformer(**{**LOCAL_BACKBONES[name], **overrides, **layers})
     seed = SEED_BACKBONES.get(name)
     timm_name, arch_overrides = (seed.timm_name, seed.arch_overrides) if seed else (name, {})
-    return timm.create_model(timm_name, pretrained=pretrained, **{**arch_overrides, **overrides, **layers},
-                             **timm_kwargs)
+    model = timm.create_model(timm_name, pretrained=pretrained, **{**arch_overrides, **overrides, **layers},
+                              **timm_kwargs)
+    if seed is not None and seed.classifier_norm:
+        norm = model.fc_norm
+        model.fc_norm = torch.nn.Identity()
+        model.classifier_norm_layer = functools.partial(type(norm), norm.normalized_shape, eps=norm.eps)
+    return model
+
+
+def classifier_norm_layer(vit: VisionTransformer) -> Optional[Callable[[], torch.nn.Module]]:
+    """A factory of the norm a classifier on ``vit``'s features starts with, where the reference trains
+    one with it (MoCo v3 as NoRGa's and HiDe-Prompt's code build it), else None."""
+    return getattr(vit, "classifier_norm_layer", None)
 
 
 def _meta_architecture(name: str, overrides: Mapping[str, Any]) -> VisionTransformer:
@@ -216,8 +230,7 @@ def _fitted_state(name: str, path: Path, model: VisionTransformer) -> dict[str, 
     if _layout(name) == "timm":
         state = checkpoint_filter_fn(state, model)  # timm's own conversion: pos-embed resampling, old layouts
     needed = model.state_dict()
-    untrained = SEED_BACKBONES[name].untrained_prefixes if name in SEED_BACKBONES else ()
-    missing = [k for k in needed if k not in state and not k.startswith(untrained)]
+    missing = [k for k in needed if k not in state]
     if missing:
         raise ValueError(f"checkpoint file {str(path)!r} does not fit backbone {name!r}: missing {len(missing)} "
                          f"backbone keys, e.g. {missing[0]}")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from promptcl.config import require
-from promptcl.core.backbone import attention_geometry, backbone_family, encode
+from promptcl.core.backbone import attention_geometry, backbone_family, classifier_norm_layer, encode
 from promptcl.core.feature_store import FeatureStore
 
 
@@ -87,6 +87,19 @@ def timm_linear_init(*modules: nn.Module) -> None:
                 nn.init.zeros_(layer.bias)
 
 
+class ClassifierHead(nn.Linear):
+    """A linear classifier, after a trainable norm where the backbone hands one over (MoCo v3 as the
+    NoRGa/HiDe code builds it: an LN on the raw [CLS] that trains with the head, in every phase and
+    replay alignment that trains the head). Its weight and bias are the Linear's own."""
+
+    def __init__(self, in_features: int, out_features: int, norm: Optional[nn.Module] = None) -> None:
+        super().__init__(in_features, out_features)
+        self.norm = norm if norm is not None else nn.Identity()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.norm(features))
+
+
 def mask_logits(logits: torch.Tensor, allowed: range) -> torch.Tensor:
     """Set every logit outside ``allowed`` to -inf."""
     mask = torch.full_like(logits, float("-inf"))
@@ -132,6 +145,11 @@ class PromptMethod(nn.Module):
         # the un-prompted pass itself; the engine may swap in a torch.compile'd one
         self.frozen_encoder: Callable[[torch.Tensor], torch.Tensor] = lambda x: encode(self.backbone, x)
         self.validate_for_backbone()
+
+    def classifier(self, num_outputs: int) -> ClassifierHead:
+        """A new head on the backbone's features (with the norm the backbone hands over, if any)."""
+        norm_layer = classifier_norm_layer(self.backbone)
+        return ClassifierHead(self.embed_dim, num_outputs, norm_layer() if norm_layer else None)
 
     @classmethod
     def preset_for(cls, dataset: Optional[str], backbone: Optional[str] = None, preset: Optional[str] = None,

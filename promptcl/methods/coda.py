@@ -95,7 +95,7 @@ class CODAPrompt(PromptMethod):
         self.components = nn.Parameter(torch.zeros(L, M, 2, c.prompt_length, D))
         self.keys = nn.Parameter(torch.zeros(L, M, D))
         self.attention = nn.Parameter(torch.zeros(L, M, D))
-        self.head = nn.Linear(D, num_classes)
+        self.head = self.classifier(num_classes)
         self.register_buffer("active", torch.tensor(0))  # components in use: (tasks seen) x per_task
 
     def validate_for_backbone(self) -> None:

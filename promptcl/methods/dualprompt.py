@@ -101,7 +101,7 @@ class DualPrompt(PromptMethod):
         self.e_prompts = nn.Parameter(
             torch.empty(num_tasks, len(c.e_layers), 2, c.e_length, self.embed_dim).uniform_(low, high))
         self.keys = nn.Parameter(torch.empty(num_tasks, self.embed_dim).uniform_(low, high))
-        self.head = nn.Linear(self.embed_dim, num_classes)
+        self.head = self.classifier(num_classes)
         timm_linear_init(self.head)  # the reference's ViT init of its new head
         self.register_buffer("seen_tasks", torch.tensor(0))  # checkpointed with the prompts
 

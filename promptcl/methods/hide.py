@@ -191,7 +191,7 @@ class HiDePrompt(PromptMethod):
         # [layer, key/value, task slot, length, head, head_dim], uniform(-1, 1) as in the reference
         self.prompts = nn.Parameter(torch.empty(shape).uniform_(-1.0, 1.0))
         self.gates = self.make_gates()
-        self.head = nn.Linear(self.embed_dim, num_classes)
+        self.head = self.classifier(num_classes)
         self.class_stats = class_statistics(config.statistics, num_classes, self.embed_dim, config.n_centroids)
         self.tii = TaskIdentifier(self.embed_dim, num_classes, config.tii_structure,
                                   statistics=config.statistics, centroids=config.n_centroids)

@@ -136,7 +136,7 @@ class L2P(PromptMethod):
         if c.layer_keys:
             key_shape = (len(c.prefix_layers), *key_shape)
         self.keys = nn.Parameter(torch.empty(key_shape).uniform_(low, high))
-        self.head = nn.Linear(self.embed_dim, num_classes)
+        self.head = self.classifier(num_classes)
         if c.head_init == "timm":
             timm_linear_init(self.head)
 

@@ -61,7 +61,7 @@ class OnePromptMethod(PromptMethod):
         lengths = {**{layer: config.g_length for layer in config.g_layers},
                    **{layer: config.e_length for layer in config.e_layers}}
         self.prompt = SharedPrefix(lengths, self.embed_dim, self.num_heads)
-        self.head = nn.Linear(self.embed_dim, num_classes)
+        self.head = self.classifier(num_classes)
 
     def validate_for_backbone(self) -> None:
         self.require_layers_fit("prompt layers", self.config.g_layers + self.config.e_layers)

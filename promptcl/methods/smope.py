@@ -86,7 +86,7 @@ class SMoPE(PromptMethod):
             num_experts=config.num_experts, top_k=config.top_k, noise_scale=config.noise_scale,
             exclude_unused_when_clean=config.compat_exclude_unused_experts,
         )
-        self.head = nn.Linear(self.embed_dim, num_classes)
+        self.head = self.classifier(num_classes)
         self.class_stats = ClassGaussians(num_classes, self.embed_dim, covariance="diag")
 
     def validate_for_backbone(self) -> None:

@@ -77,7 +77,7 @@ class SPrompt(PromptMethod):
         self.prompts = nn.ParameterList(nn.Parameter(torch.empty(c.prompt_length, D).uniform_(-bound, bound))
                                         for _ in range(num_tasks))
         require(num_classes % num_tasks == 0, f"{num_classes} classes do not split into {num_tasks} equal tasks")
-        self.heads = nn.ModuleList(nn.Linear(D, num_classes // num_tasks) for _ in range(num_tasks))
+        self.heads = nn.ModuleList(self.classifier(num_classes // num_tasks) for _ in range(num_tasks))
         self.register_buffer("centroids", torch.zeros(num_tasks, c.centroids_per_task, D))
         self.register_buffer("seen_tasks", torch.tensor(0))
 

@@ -83,7 +83,7 @@ class VQPrompt(PromptMethod):
         c, L = config, len(config.prompt_layers)
         self.pool = nn.Parameter(torch.rand(L, c.pool_size, 2, c.prompt_length, self.embed_dim))
         self.keys = nn.Parameter(torch.rand(L, c.pool_size, self.embed_dim))
-        self.head = nn.Linear(self.embed_dim, num_classes)
+        self.head = self.classifier(num_classes)
         self.class_stats = ClassGaussians(num_classes, self.embed_dim, covariance="diag")
 
     def validate_for_backbone(self) -> None:
