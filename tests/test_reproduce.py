@@ -42,13 +42,57 @@ def test_list_json_has_the_required_fields(capsys, tmp_path):
         assert "{seed}" not in e["command"] and e["status"] == "not run"
 
 
-@pytest.mark.parametrize("method", ["norga", "hide"])
-@pytest.mark.parametrize("benchmark", ["cifar100", "imagenet_r", "cub200"])
+NORGA_METHODS = ["l2p", "dualprompt", "sprompt++", "coda", "hide", "norga"]
+# the presets of NoRGa's code base's configs of its L2P and DualPrompt baselines (MoE_PromptCL configs/)
+NORGA_BASELINE_PRESETS = {
+    **{(m, "cifar100"): "norga-cifar100" for m in ("l2p", "dualprompt")},
+    **{(m, "imagenet_r"): "norga-imagenet-r" for m in ("l2p", "dualprompt")},
+    **{(m, "cub200"): "cub200" for m in ("l2p", "dualprompt")},
+    ("l2p", "five_datasets"): "norga-5datasets", ("dualprompt", "five_datasets"): "5datasets"}
+
+
+@pytest.mark.parametrize("benchmark", ["cifar100", "imagenet_r"])
+@pytest.mark.parametrize("backbone", ["sup21k", "ibot21k", "ibot1k", "dino1k", "mocov3_1k"])
+def test_norga_table_1_is_in_the_manifest(benchmark, backbone):
+    """Every method x backbone x metric of NoRGa's Table 1 on Split CIFAR-100 and ImageNet-R."""
+    for method in NORGA_METHODS:
+        for metric in ("FA", "CA", "FM"):
+            row = reproduce.find_row(ROWS, f"{method}-{benchmark}-{backbone}-{metric.lower()}")
+            assert (row["method"], row["benchmark"], row["backbone"], row["metric"]) == (
+                method, benchmark, backbone, metric)
+            assert row["seeds"] == [42, 40, 44] and row["tasks"] == 10 and row["published_std"] is not None
+
+
+@pytest.mark.parametrize("benchmark, tasks", [("cub200", 10), ("five_datasets", 5)])
 @pytest.mark.parametrize("backbone", ["sup21k", "ibot21k"])
-def test_norga_table_rows_are_in_the_manifest(method, benchmark, backbone):
-    row = reproduce.find_row(ROWS, f"{method}-{benchmark}-{backbone}-fa")
-    assert (row["method"], row["benchmark"], row["backbone"], row["metric"]) == (method, benchmark, backbone, "FA")
-    assert row["seeds"] == [42, 40, 44] and row["tasks"] == 10
+def test_norga_table_2_is_in_the_manifest_but_coda(benchmark, tasks, backbone):
+    """CODA-Prompt's code has no CUB-200 or 5-Datasets config, so its numbers have no command."""
+    for method in NORGA_METHODS:
+        rows = [r for r in ROWS if r["id"] == f"{method}-{benchmark}-{backbone}-fa"]
+        assert len(rows) == (method != "coda")
+        assert all(r["tasks"] == tasks and r["seeds"] == [42, 40, 44] for r in rows)
+
+
+def test_norga_activation_ablation_rows_change_only_the_gate():
+    ablations = [r for r in ROWS if "activation ablation" in r["source"]]
+    assert len(ablations) == 8
+    for row in ablations:
+        activation = row["id"].split("-")[-2]
+        script_row = reproduce.find_row(ROWS, row["id"].replace(f"-{activation}-", "-"))
+        assert row["command"].replace(f" --set gate_activation={activation}", "").replace(
+            f"-{activation}/", "/") == script_row["command"]
+        assert f"--set gate_activation={activation}" in row["command"]
+
+
+def test_rows_of_one_run_share_its_command_and_output_directory():
+    """FA, CA and FM of one run are read from one output directory, so `reproduce` runs it once."""
+    commands = {}
+    for row in ROWS:
+        run = row["id"].removesuffix(f"-{row['metric'].lower()}")
+        assert f"--out runs/reproduce/{run}/seed{{seed}}" in row["command"], row["id"]
+        commands.setdefault(run, set()).add(row["command"])
+    assert all(len(c) == 1 for c in commands.values())
+    assert sum(len([r for r in ROWS if r["id"].startswith(run + "-")]) > 1 for run in commands) >= 60
 
 
 @pytest.mark.parametrize("benchmark, published", [("cifar100", 89.23), ("imagenet_r", 79.32), ("cub200", 87.43)])
@@ -71,7 +115,8 @@ def test_dry_run_prints_commands_that_promptcl_run_parses(capsys, monkeypatch, r
     code, out, _ = _cli(capsys, row_id, "--dry-run")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0] == f"mkdir -p runs/reproduce/{row_id}"
+    run = row_id.removesuffix(f"-{row['metric'].lower()}")
+    assert lines[0] == f"mkdir -p runs/reproduce/{run}"
     commands = lines[1:]
     assert len(commands) == len(row["seeds"])
     for seed, command in zip(row["seeds"], commands):
@@ -89,23 +134,37 @@ def test_dry_run_prints_commands_that_promptcl_run_parses(capsys, monkeypatch, r
         assert ("compat_match_all_keys=true" in args.overrides) == (
             norga_code_base and row["method"] in ("dualprompt", "sprompt++"))
         # with the compat gather (or a batch-wise vote) a prediction depends on its batch: evaluate
-        # as the reference does (128; HiDe-Prompt's own scripts, which made the HiDe rows, 24 per GPU)
+        # as the reference does (128; HiDe-Prompt's own scripts, which made the HiDe rows, one GPU's
+        # batch: 24, on 5-Datasets 32)
         hide_upstream = row["preset"].startswith("upstream-")
-        assert args.eval_batch_size == (24 if hide_upstream else 128 if norga_code_base else 256)
+        per_gpu = get_method("hide").PRESETS[row["preset"]].contrastive_group if hide_upstream else None
+        assert args.eval_batch_size == (per_gpu if hide_upstream else 128 if norga_code_base else 256)
         assert hide_upstream == (row["method"] == "hide" and row["source"].startswith("NoRGa"))
         if norga_code_base and row["method"] in ("l2p", "dualprompt"):
-            assert row["preset"].startswith("norga-")
+            assert row["preset"] == NORGA_BASELINE_PRESETS[row["method"], row["benchmark"]]
         # SMoPE's ImageNet-R numbers come from CODA-Prompt's split and class numbering
         smope_imagenet_r = row["source"].startswith("SMoPE") and row["benchmark"] == "imagenet_r"
         assert (args.split_file == "$PROMPTCL_DATA/coda-splits/imagenet-r_train.yaml") == smope_imagenet_r
-        assert args.out == Path(f"runs/reproduce/{row_id}/seed{seed}")
-        assert (args.checkpoint_file is not None) == row["backbone"].startswith("ibot")
+        assert args.out == Path(f"runs/reproduce/{run}/seed{seed}")
+        assert (args.checkpoint_file is not None) == (row["backbone"] in ("ibot21k", "ibot1k", "mocov3_1k"))
 
 
-def test_every_row_names_a_registered_method_and_preset():
+def test_every_row_names_a_registered_method_and_preset_and_its_settings_validate():
+    """The preset, the reference script's settings for the dataset and backbone, and the row's --set
+    overrides make a valid configuration (what `promptcl run` builds first), for every row."""
+    from promptcl.cli import run_spec
+    from promptcl.config import apply_overrides
+    from promptcl.data.benchmarks import DATASETS
+
     for row in ROWS:
         method = get_method(row["method"])
         assert row["preset"] in method.PRESETS, row["id"]
+        spec = run_spec(reproduce.parse_run_command(shlex.split(row["command"].replace("{seed}", "0"))))
+        num_tasks = DATASETS[spec.dataset].num_classes // spec.increment
+        config = apply_overrides(method.preset_for(spec.dataset, spec.backbone, spec.preset, num_tasks),
+                                 spec.overrides)
+        if "activation ablation" in row["source"]:
+            assert config.gate_activation == row["id"].split("-")[-2]
 
 
 def test_every_row_names_a_registered_dataset_split_and_backbone():
