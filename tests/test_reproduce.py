@@ -70,7 +70,9 @@ def test_norga_table_2_is_in_the_manifest_but_coda(benchmark, tasks, backbone):
     for method in NORGA_METHODS:
         rows = [r for r in ROWS if r["id"] == f"{method}-{benchmark}-{backbone}-fa"]
         assert len(rows) == (method != "coda")
-        assert all(r["tasks"] == tasks and r["seeds"] == [42, 40, 44] for r in rows)
+        # NoRGa's 5-Datasets scripts run seed 42 only (HiDe-Prompt's own, which made its rows, three)
+        seeds = [42] if benchmark == "five_datasets" and method != "hide" else [42, 40, 44]
+        assert all(r["tasks"] == tasks and r["seeds"] == seeds for r in rows)
 
 
 def test_norga_activation_ablation_rows_change_only_the_gate():
