@@ -542,6 +542,8 @@ def test_mocov3_head_trains_its_norm_on_the_raw_cls_as_the_reference(name):
     norm = method.head.norm
     assert isinstance(norm, torch.nn.LayerNorm) and set(method.checkpoint_state()) >= {"head.norm.weight",
                                                                                         "head.norm.bias"}
+    # the task-identity MLP ends in the reference's fc_norm (eps 1e-6) in place of its own LayerNorm
+    assert method.tii.mlp.norm.eps == 1e-6 and make(name).tii.mlp.norm.eps == 1e-5
     task = TaskInfo(0, range(0, 2), 2)
     method.begin_task(task)
     head_group = method.phases(task)[0].param_groups[1]["params"]

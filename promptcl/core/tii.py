@@ -11,7 +11,7 @@ reference's training on augmented images takes a fresh pass per epoch (HiDe's ``
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +24,10 @@ from promptcl.methods.base import mask_logits
 class ResidualMLP(nn.Module):
     """``x + MLP(x)`` then LayerNorm. ``structure`` lists hidden widths as multiples of ``dim``:
     ``(2,)`` is Linear(d, 2d)-GELU-Linear(2d, d); ``(4, 4)`` is Linear(d, 4d)-GELU-Linear(4d, 4d)-
-    LayerNorm(4d)-Linear(4d, d), the reference's 5-datasets variant."""
+    LayerNorm(4d)-Linear(4d, d), the reference's 5-datasets variant. ``norm``: the final norm, where the
+    backbone hands one over (MoCo v3: the reference's ``fc_norm`` takes the MLP's norm's place)."""
 
-    def __init__(self, dim: int, structure: tuple[int, ...]) -> None:
+    def __init__(self, dim: int, structure: tuple[int, ...], norm: Optional[nn.Module] = None) -> None:
         super().__init__()
         if not structure or any(h < 1 for h in structure):
             raise ValueError(f"MLP structure must be positive multiples of the width, got {structure}")
@@ -36,7 +37,7 @@ class ResidualMLP(nn.Module):
             layers += [nn.Linear(w_in, w_out), nn.LayerNorm(w_out)]
         layers.append(nn.Linear(widths[-1], dim))
         self.mlp = nn.Sequential(*layers)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = norm if norm is not None else nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x + self.mlp(x))
@@ -46,9 +47,10 @@ class TaskIdentifier(nn.Module):
     """Residual MLP + linear head over all classes, on frozen backbone features."""
 
     def __init__(self, dim: int, num_classes: int, structure: tuple[int, ...], *,
-                 statistics: Statistics = "covariance", centroids: int = 10) -> None:
+                 statistics: Statistics = "covariance", centroids: int = 10,
+                 final_norm: Optional[nn.Module] = None) -> None:
         super().__init__()
-        self.mlp = ResidualMLP(dim, structure)
+        self.mlp = ResidualMLP(dim, structure, final_norm)
         self.head = nn.Linear(dim, num_classes)
         self.stats = class_statistics(statistics, num_classes, dim, centroids)
 

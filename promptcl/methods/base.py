@@ -148,8 +148,12 @@ class PromptMethod(nn.Module):
 
     def classifier(self, num_outputs: int) -> ClassifierHead:
         """A new head on the backbone's features (with the norm the backbone hands over, if any)."""
+        return ClassifierHead(self.embed_dim, num_outputs, self.classifier_norm())
+
+    def classifier_norm(self) -> Optional[nn.Module]:
+        """A fresh norm for a classifier on the backbone's features where the backbone hands one over, else None."""
         norm_layer = classifier_norm_layer(self.backbone)
-        return ClassifierHead(self.embed_dim, num_outputs, norm_layer() if norm_layer else None)
+        return norm_layer() if norm_layer else None
 
     @classmethod
     def preset_for(cls, dataset: Optional[str], backbone: Optional[str] = None, preset: Optional[str] = None,

@@ -193,8 +193,10 @@ class HiDePrompt(PromptMethod):
         self.gates = self.make_gates()
         self.head = self.classifier(num_classes)
         self.class_stats = class_statistics(config.statistics, num_classes, self.embed_dim, config.n_centroids)
+        # MoCo v3: the reference's fc_norm ends the task-identity MLP in place of its own norm
         self.tii = TaskIdentifier(self.embed_dim, num_classes, config.tii_structure,
-                                  statistics=config.statistics, centroids=config.n_centroids)
+                                  statistics=config.statistics, centroids=config.n_centroids,
+                                  final_norm=self.classifier_norm())
         timm_linear_init(self.head, self.tii)  # the reference's init, not PyTorch's default
         self.register_buffer("task_of_class", torch.full((num_classes,), -1, dtype=torch.long))
 
