@@ -254,14 +254,18 @@ def test_a_row_runs_each_seed_records_the_result_and_resumes(capsys, tmp_path):
     results = tmp_path / "out" / "results.json"
     argv = ("simplecil-digits-fa", "--manifest", str(manifest), "--results", str(results))
 
-    _write_manifest(manifest, _row(command, published=-50.0))  # far from any accuracy
+    # the FM row of the same run (same command) is recorded from the same seeds' summaries
+    fm_row = {**_row(command, published=0.0, row_id="simplecil-digits-fm"), "metric": "FM", "tolerance": 100.0}
+    _write_manifest(manifest, _row(command, published=-50.0), fm_row)  # FA far from any accuracy
     code, out, _ = _cli(capsys, *argv)
-    assert code == 0 and out.rstrip().endswith("-> gap")
+    assert code == 0 and out.splitlines()[0].endswith("-> gap") and out.splitlines()[1].endswith("-> reproduced")
     summary = json.loads((tmp_path / "r" / "s0" / "summary.json").read_text())  # written by the subprocess
-    record = json.loads(results.read_text())["rows"]["simplecil-digits-fa"]
+    records = json.loads(results.read_text())["rows"]
+    record = records["simplecil-digits-fa"]
     measured = summary["final_average_accuracy"]
     assert record["per_seed"] == {"0": measured} and record["measured"] == measured
     assert record["status"] == "gap" and record["versions"]["torch"]
+    assert records["simplecil-digits-fm"]["per_seed"] == {"0": summary["forgetting"]}
 
     # Published near the measured value: the finished seed is reused (no second run), now reproduced.
     _write_manifest(manifest, _row(command, published=measured + 0.5))

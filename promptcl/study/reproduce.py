@@ -22,7 +22,7 @@ import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 DEFAULT_MANIFEST = Path(__file__).with_name("reproduction.json")
 DEFAULT_RESULTS = Path("runs/reproduce/results.json")
@@ -132,10 +132,17 @@ def plan_row(row: dict) -> list[tuple[int, list[str], Path]]:
     return plan
 
 
-def run_row(row: dict, plan: list[tuple[int, list[str], Path]], results_path: Path = DEFAULT_RESULTS) -> dict:
+def same_run_rows(rows: list[dict], row: dict) -> list[dict]:
+    """The other rows of ``row``'s run (its other metrics): the same command, hence the same output."""
+    return [r for r in rows if r["command"] == row["command"] and r["id"] != row["id"]]
+
+
+def run_row(row: dict, plan: list[tuple[int, list[str], Path]], results_path: Path = DEFAULT_RESULTS,
+            same_run: Iterable[dict] = ()) -> list[tuple[dict, dict]]:
     """Run each seed whose output has no summary.json yet (so an interrupted row resumes), then
-    record the per-seed metric, their mean and the status in the results file."""
-    per_seed: dict[str, float] = {}
+    record the per-seed metric, their mean and the status in the results file, for the row and for
+    the rows of the same run (``same_run``: its other metrics). Returns (row, record) pairs."""
+    summaries: dict[str, dict] = {}
     error = None
     for seed, argv, out in plan:
         summary = out / "summary.json"
@@ -149,10 +156,14 @@ def run_row(row: dict, plan: list[tuple[int, list[str], Path]], results_path: Pa
             if code != 0 or not summary.is_file():
                 error = f"seed {seed} exited with code {code} without {summary}"
                 break
-        per_seed[str(seed)] = float(json.loads(summary.read_text())[METRIC_KEYS[row["metric"]]])
-    record = judge(row, per_seed, error)
-    write_result(results_path, row["id"], record)
-    return record
+        summaries[str(seed)] = json.loads(summary.read_text())
+    recorded = []
+    for judged in (row, *same_run):
+        per_seed = {seed: float(s[METRIC_KEYS[judged["metric"]]]) for seed, s in summaries.items()}
+        record = judge(judged, per_seed, error)
+        write_result(results_path, judged["id"], record)
+        recorded.append((judged, record))
+    return recorded
 
 
 def judge(row: dict, per_seed: dict[str, float], error: Optional[str] = None) -> dict:
