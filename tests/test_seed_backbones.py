@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+import promptcl.core.backbone as backbone_module
 from promptcl.core.backbone import (
     SEED_BACKBONES,
     attention_geometry,
@@ -125,12 +126,20 @@ def test_release_layouts_load_exactly_the_backbone_weights(tmp_path, alias, make
     torch.testing.assert_close(features, reference, atol=1e-5, rtol=0)
 
 
-def test_timm_layout_alias_loads_a_safetensors_file_through_timm(tmp_path):
+def test_timm_layout_alias_loads_a_safetensors_file_through_timm(tmp_path, monkeypatch):
     source = source_vit()
     path = tmp_path / "orig_in21k.safetensors"
     save_file({**source.state_dict(), "head.weight": torch.randn(21843, 32)}, str(path))
+    reads = []
+    read_file = backbone_module._read_file
+    monkeypatch.setattr(backbone_module, "_read_file", lambda p: reads.append(p) or read_file(p))
+    timm_read_file = timm.models._builder.load_state_dict
+    monkeypatch.setattr(timm.models._builder, "load_state_dict", lambda p, *a, **k: reads.append(p) or
+                        timm_read_file(p, *a, **k))
     vit = build_backbone("sup21k", checkpoint_file=path, **SMALL)
+    assert reads == [path]  # checked and loaded from one read
     assert vit.pretrained_cfg["file"] == str(path)  # timm's pretrained path, not ours
+    assert "state_dict" not in vit.pretrained_cfg and "state_dict" not in vit.default_cfg  # no copy kept
     assert vit.pretrained_cfg["tag"] == "orig_in21k"
     for key, tensor in source.state_dict().items():
         assert torch.equal(vit.state_dict()[key], tensor), key

@@ -153,8 +153,8 @@ def build_backbone(
     ``pretrained`` loads timm's published weights (for a seed alias: its hub tag; for local
     backbones: the offline-made ones). A seed alias without a hub tag needs its release file.
 
-    ``checkpoint_file`` loads weights from a local file instead: a timm-layout file through timm's
-    pretrained path (``pretrained_cfg_overlay=dict(file=...)``), a release file of another layout
+    ``checkpoint_file`` loads weights from a local file instead, read once: a timm-layout file through
+    timm's pretrained path (its filter, as its state dict), a release file of another layout
     converted to timm keys. Either way the file must hold every backbone weight the model needs.
     """
     check_backbone_name(name)
@@ -166,11 +166,12 @@ def build_backbone(
     if checkpoint_file is None:
         model = _architecture(name, overrides, pretrained=pretrained)
     elif _layout(name) == "timm" and name not in LOCAL_BACKBONES:
-        # timm loads non-strictly once the head differs (num_classes=0), so check first that nothing is missing;
-        # extra keys (a head) are then dropped even for a headless tag such as orig_in21k
-        load_backbone_checkpoint(name, checkpoint_file, **overrides)
-        model = _architecture(name, overrides, pretrained=True, pretrained_strict=False,
-                              pretrained_cfg_overlay=dict(file=str(checkpoint_file)))
+        # Read once: checked here (timm loads non-strictly once the head differs, num_classes=0, so a
+        # missing key would pass silently), then handed to timm's pretrained path as its state dict
+        state = load_backbone_checkpoint(name, checkpoint_file, **overrides)
+        model = _architecture(name, overrides, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(checkpoint_file), state_dict=state))
+        del model.pretrained_cfg["state_dict"]  # the config names the file; it keeps no copy of the weights
     else:
         model = _architecture(name, overrides)
         state = _fitted_state(name, checkpoint_file, model)
