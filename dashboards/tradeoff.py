@@ -1,6 +1,6 @@
-"""Accuracy vs trainable parameters and test FLOPs for every finished trial of a study.
+"""Accuracy vs trainable parameters and test FLOPs for every finished trial of a study run.
 
-    python dashboards/tradeoff.py --experiment smope_topk [--mlflow-uri URI] [--out runs/tradeoff.png]
+    python dashboards/tradeoff.py --experiment smope_topk [--study-run ID] [--mlflow-uri URI] [--out runs/tradeoff.png]
 
 Prints the trials with their Pareto status and saves the report's trade-off figure (FA against
 trainable parameters, test FLOPs per image and, for runs that report it, training FLOPs per run).
@@ -19,11 +19,13 @@ from promptcl.study.tradeoff import ACCURACY_KEY, load_trials, pareto_front
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiment", default="smope_topk")
+    p.add_argument("--study-run", default=None, metavar="RUN_ID",
+                   help="the study's MLflow parent run (default: the experiment's latest)")
     p.add_argument("--mlflow-uri", default=default_tracking_uri(Path("runs")))
     p.add_argument("--out", type=Path, default=Path("runs/tradeoff.png"))
     args = p.parse_args(argv)
     try:
-        rows = load_trials(args.mlflow_uri, args.experiment)
+        rows = load_trials(args.mlflow_uri, args.experiment, args.study_run)
     except ValueError as err:
         print(f"tradeoff: error: {err}", file=sys.stderr)
         return 2

@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--from-parquet", type=Path, metavar="FILE", help="a study.parquet written by a report")
     report.add_argument("--mlflow-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///runs/mlflow.db")
     report.add_argument("--out", type=Path, required=True, help="directory for study.parquet, PNGs, index.html")
+    report.add_argument("--study-run", default=None, metavar="RUN_ID",
+                        help="with --experiment: the study's MLflow parent run (default: the experiment's latest)")
     report.add_argument("--no-log", action="store_true", help="do not log the report to the study's parent run")
 
     pretrain = sub.add_parser("pretrain", help="(re)make a project-made backbone's weights, offline, deterministically")
@@ -192,7 +194,10 @@ def _report(args) -> int:
     try:
         if args.experiment:
             uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path("runs"))
-            page = report_from_mlflow(uri, args.experiment, args.out, log_to_parent=not args.no_log)
+            page = report_from_mlflow(uri, args.experiment, args.out, log_to_parent=not args.no_log,
+                                      parent_run_id=args.study_run)
+        elif args.study_run:
+            return _fail("--study-run selects a study run of --experiment; a Parquet table is one study already")
         else:
             page = report_from_table(args.from_parquet, args.out)
     except ValueError as err:

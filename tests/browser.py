@@ -52,11 +52,14 @@ class Page:
     text: str  # document.body.innerText once the page settled
     errors: list[str] = field(default_factory=list)  # console.error calls and uncaught exceptions
     screenshot: Path | None = None
+    result: object = None  # what ``script`` returned
 
 
-def load(url: str, *, screenshot: str, wait_for_text: str, timeout: float = 60, width: int = 1400) -> Page:
+def load(url: str, *, screenshot: str, wait_for_text: str, timeout: float = 60, width: int = 1400,
+         script: str | None = None) -> Page:
     """Open ``url`` in headless Chromium until ``wait_for_text`` is on the page (or ``timeout``),
-    then return its text, the console errors and a screenshot saved as ``test-artifacts/<name>``."""
+    run ``script`` (a JavaScript expression, e.g. clicks; its value is ``Page.result``), then return
+    the page's text, the console errors and a screenshot saved as ``test-artifacts/<name>``."""
     port = free_port()
     profile = tempfile.mkdtemp(prefix="chromium-")
     proc = subprocess.Popen([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -67,14 +70,15 @@ def load(url: str, *, screenshot: str, wait_for_text: str, timeout: float = 60, 
         wait_for_http(f"http://127.0.0.1:{port}/json/version", timeout=30)
         targets = json.loads(wait_for_http(f"http://127.0.0.1:{port}/json/list"))
         ws_url = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
-        return asyncio.run(_drive(ws_url, url, screenshot, wait_for_text, timeout))
+        return asyncio.run(_drive(ws_url, url, screenshot, wait_for_text, timeout, script))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         shutil.rmtree(profile, ignore_errors=True)
 
 
-async def _drive(ws_url: str, url: str, screenshot: str, wait_for_text: str, timeout: float) -> Page:
+async def _drive(ws_url: str, url: str, screenshot: str, wait_for_text: str, timeout: float,
+                 script: str | None) -> Page:
     import aiohttp
 
     errors: list[str] = []
@@ -104,13 +108,17 @@ async def _drive(ws_url: str, url: str, screenshot: str, wait_for_text: str, tim
             if wait_for_text in text:
                 break
             await asyncio.sleep(0.5)
+        result = None
+        if script is not None:
+            evaluated = await call("Runtime.evaluate", expression=script, returnByValue=True)
+            result = evaluated.get("result", {}).get("value")
         await asyncio.sleep(1.0)  # let late requests finish and report
         await call("Runtime.evaluate", expression="1")
         shot = await call("Page.captureScreenshot", format="png")
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / screenshot
     path.write_bytes(base64.b64decode(shot["data"]))
-    return Page(text=text, errors=errors, screenshot=path)
+    return Page(text=text, errors=errors, screenshot=path, result=result)
 
 
 def _collect(message: dict, errors: list[str]) -> None:

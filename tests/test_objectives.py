@@ -32,6 +32,19 @@ def test_pareto_mask_with_mixed_directions_by_hand():
     assert pareto_mask(rows, objectives[:1]) == [True, False, False, True, False, False]
 
 
+def test_a_row_with_a_nan_objective_is_never_on_the_front_and_hides_nothing():
+    objectives = parse_objectives("final_average_accuracy:max,trainable_params:min")
+    nan = float("nan")
+    rows = [
+        {"final_average_accuracy": nan, "trainable_params": 1},  # no accuracy: off the front
+        {"final_average_accuracy": 80, "trainable_params": 10},  # front
+        {"final_average_accuracy": 70, "trainable_params": 20},  # dominated by row 1
+        {"final_average_accuracy": 95, "trainable_params": nan},  # no cost: off the front, hides nothing
+        {"final_average_accuracy": 90, "trainable_params": 30},  # front
+    ]
+    assert pareto_mask(rows, objectives) == [False, True, False, False, True]
+
+
 def test_a_single_final_only_objective_ignores_the_per_task_reports():
     """A study optimising one metric known only at the end (here the training FLOPs per run) gets
     per-task reports without it: the searcher skips them instead of failing the trial."""

@@ -1,6 +1,8 @@
 """The study report from a tidy table: export rows, trials rebuilt, figures, HTML in Chromium."""
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -88,3 +90,116 @@ def test_tradeoff_map_adds_training_flops_per_run_where_trials_have_it(rows):
     assert sum(len(c.get_offsets()) for c in per_method) == 2  # l2p's trial has no figure: not drawn
     old = [{k: v for k, v in t.items() if k != "train_flops_per_run"} for t in items]
     assert len(tradeoff_figure(old, [True, False, False], "front").axes) == 2
+
+
+def _study_run(uri, experiment_id, name, trials):
+    """A study (parent) run with finished trials, as the tuner and trainer log them (real MLflow):
+    ``trials`` = [(method, dataset, fa, trainable params, pareto tag)]."""
+    from promptcl.study import tracking
+
+    parent = tracking.start_run(uri, experiment_id, f"{name}-study", tags={"study": name})
+    for i, (method, dataset, fa, params, pareto) in enumerate(trials):
+        run = tracking.start_run(uri, experiment_id, f"{name}-{i}", parent_run_id=parent, tags={"method": method})
+        tracking.log_params(uri, run, {"run/dataset": dataset, "run/backbone": "vit_digits", "run/seed": i,
+                                       "run/protocol": "native", "method_config/top_k": 2})
+        summary = {"final_average_accuracy": fa, "cumulative_average_accuracy": fa, "forgetting": 1.0,
+                   "backward_transfer": -1.0, "trainable_params": params, "train_flops_per_image": 2.0,
+                   "test_flops_per_image": 1.0, "backbone_flops_per_image": 1.0,
+                   "accuracy_matrix": [[fa, 0.0], [fa, fa]], "config": {}}
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "summary.json").write_text(json.dumps(summary))
+            tracking.log_run_outputs(uri, run, summary, Path(tmp))
+        tracking.finish(uri, run, tags={"pareto": pareto})
+    tracking.finish(uri, parent)
+    return parent
+
+
+def test_a_report_is_of_one_study_run_not_every_run_of_the_experiment(tmp_path, capsys):
+    """A fresh run of a study name starts a new study run in the same experiment: the report, the
+    dashboard's loader and the table take the latest one (or the one asked for), never the union,
+    whose old Pareto tags would make a mixed 'front'."""
+    from promptcl.study import tracking
+    from promptcl.study.report import export_study
+    from promptcl.study.tradeoff import load_trials
+
+    uri = tracking.default_tracking_uri(tmp_path)
+    experiment_id = tracking.ensure_experiment(uri, "study", tmp_path / "artifacts")
+    old = _study_run(uri, experiment_id, "study", [("smope", "digits", 95.0, 1000, "true")])
+    new = _study_run(uri, experiment_id, "study", [("smope", "mnist5k", 60.0, 2000, "true"),
+                                                   ("l2p", "mnist5k", 50.0, 906, "true")])
+    latest = trials(export_study(uri, "study"))
+    assert [(t["method"], t["dataset"], t["seed"], t["study_run_id"]) for t in latest] == [
+        ("smope", "mnist5k", "0", new), ("l2p", "mnist5k", "1", new)]
+    assert [t["trial"] for t in trials(export_study(uri, "study", parent_run_id=old))] == ["study-0"]
+    assert {r["run_id"] for r in load_trials(uri, "study")} == {t["run_id"] for t in latest}
+    assert len(load_trials(uri, "study", old)) == 1
+    # every trial of a study run, page by page
+    assert len(tracking.children(uri, experiment_id, new)) == 2
+    assert len(tracking.search_all_runs(uri, experiment_id, page_size=2)) == 5
+
+    out = tmp_path / "report"
+    assert main(["report", "--experiment", "study", "--mlflow-uri", uri, "--out", str(out)]) == 0
+    page = (out / "index.html").read_text()
+    assert "2 finished trials (dataset: mnist5k; backbone: vit_digits; protocol: native)" in page
+    assert ">906</td>" in page and ">2,000</td>" in page  # parameter counts as whole numbers
+    assert "report/index.html" in {a.path for a in tracking.client(uri).list_artifacts(new, "report")}
+    assert not tracking.client(uri).list_artifacts(old, "report")
+    assert main(["report", "--experiment", "study", "--study-run", old, "--mlflow-uri", uri, "--out",
+                 str(tmp_path / "old"), "--no-log"]) == 0
+    assert "1 finished trial (dataset: digits;" in (tmp_path / "old" / "index.html").read_text()
+
+    capsys.readouterr()
+    child = tracking.children(uri, experiment_id, old)[0].info.run_id
+    for bad, message in ((child, "is not a study run of MLflow experiment 'study'"),
+                         ("0" * 32, "is not a study run")):
+        assert main(["report", "--experiment", "study", "--study-run", bad, "--mlflow-uri", uri, "--out",
+                     str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+    tracking.ensure_experiment(uri, "empty")
+    assert main(["report", "--experiment", "empty", "--mlflow-uri", uri, "--out", str(tmp_path / "bad")]) == 2
+    assert "has no study run" in capsys.readouterr().err
+    assert main(["report", "--from-parquet", str(out / "study.parquet"), "--study-run", new, "--out",
+                 str(tmp_path / "bad")]) == 2
+    assert "--study-run selects a study run of --experiment" in capsys.readouterr().err
+
+
+def test_a_trial_without_trainable_parameters_stays_on_a_wide_log_axis():
+    """SimpleCIL trains nothing: beside a 4M-parameter method the axis is symmetric-log (linear near
+    0), so its point is drawn, not lost below a log axis's range."""
+    from promptcl.study.report import tradeoff_figure
+
+    items = [{"trial": m, "method": m, "config": {}, "final_average_accuracy": fa, "trainable_params": params,
+              "test_flops_per_image": 1.0, "backbone_flops_per_image": 1.0}
+             for m, fa, params in (("simplecil", 60.0, 0.0), ("finetune", 70.0, 76_900.0),
+                                     ("coda", 85.0, 3_916_900.0))]
+    fig = tradeoff_figure(items, [True, True, True], "front")
+    params_axis = fig.axes[0]
+    assert params_axis.get_xscale() == "symlog"
+    left, right = params_axis.get_xlim()
+    assert left <= 0 < 3_916_900 <= right
+    drawn = [tuple(xy) for c in params_axis.collections[:-1] for xy in c.get_offsets()]
+    assert (0.0, 60.0) in drawn
+    wide = [{**t, "trainable_params": t["trainable_params"] + 1000} for t in items]
+    assert tradeoff_figure(wide, [True] * 3, "front").axes[0].get_xscale() == "log"
+
+
+def test_every_table_of_the_report_sorts_by_its_own_columns_in_chromium(rows, tmp_path):
+    """The sort script takes a header's column within its own table (the gate table's headers are
+    not the trial table's columns) and sorts cells without a data-v by their text."""
+    import browser
+
+    page = build_report(rows, tmp_path / "r", title="t")
+    clicks = """(() => {
+      const header = (table, name) => [...document.querySelectorAll(table + ' th')].find(th => th.textContent === name);
+      const column = (table, i) => [...document.querySelector(table).tBodies[0].rows].map(r => r.cells[i].textContent);
+      header('#trials', 'FA').click();
+      const fa = column('#trials', 4);
+      header('#gates', 'activation').click();
+      header('#trials', 'trainable params').click(); header('#trials', 'trainable params').click();
+      return JSON.stringify({fa, params: column('#trials', 7), gates: column('#gates', 0)});
+    })()"""
+    loaded = browser.load(page.as_uri(), screenshot="report_sorted.png", wait_for_text="Trials", script=clicks)
+    assert loaded.errors == []
+    assert json.loads(loaded.result) == {"fa": ["70.00", "80.00", "90.00"], "params": ["1,000", "500", "100"],
+                                         "gates": ["b"]}

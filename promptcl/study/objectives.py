@@ -7,6 +7,7 @@ with a trial's final result.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
@@ -56,5 +57,9 @@ def dominates(a: dict[str, Any], b: dict[str, Any], objectives: Sequence[Objecti
 
 
 def pareto_mask(rows: Sequence[dict[str, Any]], objectives: Sequence[Objective]) -> list[bool]:
-    """For each row: True if no other row dominates it (with one objective: the best rows)."""
-    return [not any(dominates(other, row, objectives) for other in rows if other is not row) for row in rows]
+    """For each row: True if no other row dominates it (with one objective: the best rows). A row
+    with a NaN objective compares with nothing, so it is never on the front and hides no other row."""
+    scored = [all(not math.isnan(float(row[o.metric])) for o in objectives) for row in rows]
+    candidates = [row for row, ok in zip(rows, scored) if ok]
+    return [ok and not any(dominates(other, row, objectives) for other in candidates if other is not row)
+            for row, ok in zip(rows, scored)]

@@ -1,10 +1,11 @@
 """A study's report: one tidy Parquet table, figures, and a self-contained HTML page.
 
 The table has one row per (trial, train_task, eval_task) with the accuracy, plus the trial-level
-columns (method, hyperparameters, final metrics, cost, Pareto status, method state as JSON)
-repeated on each row, so pandas, polars or duckdb read it without joins. It is built from the
-finished child runs of an MLflow experiment (their ``summary.json`` artifacts) and can be written
-and read back, so a report can be made from the Parquet file alone.
+columns (method, dataset, backbone, protocol, seed, hyperparameters, final metrics, cost, Pareto
+status, method state as JSON) repeated on each row, so pandas, polars or duckdb read it without
+joins. It is built from the finished child runs of one study run of an MLflow experiment (their
+``summary.json`` artifacts) and can be written and read back, so a report can be made from the
+Parquet file alone.
 """
 
 from __future__ import annotations
@@ -25,29 +26,33 @@ TRIAL_METRICS = ("final_average_accuracy", "cumulative_average_accuracy", "forge
                  "trainable_params", "train_flops_per_image", "test_flops_per_image", "backbone_flops_per_image")
 
 
+# each trial's run settings (MLflow params run/*), so a table says what it compared
+RUN_COLUMNS = ("dataset", "backbone", "protocol", "seed")
+
+
 def export_study(tracking_uri: str, experiment: str, *, parent_run_id: Optional[str] = None) -> list[dict[str, Any]]:
-    """Tidy rows of every finished child run of ``experiment`` (of one study run: ``parent_run_id``)."""
-    from promptcl.study.tracking import PARENT_TAG, client
+    """Tidy rows of every finished trial of one study run of ``experiment``: ``parent_run_id``, by
+    default the latest (a fresh run of a study name starts a new study run beside the old ones,
+    whose trials and fronts are not this run's)."""
+    from promptcl.study.tracking import children, client, study_run
 
     import os
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per trial otherwise
+    experiment_id, parent_run_id = study_run(tracking_uri, experiment, parent_run_id)
     c = client(tracking_uri)
-    found = c.get_experiment_by_name(experiment)
-    if found is None:
-        raise ValueError(f"no MLflow experiment {experiment!r} at {tracking_uri}")
     rows: list[dict[str, Any]] = []
-    runs = c.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'")
-    for run in runs:
-        if PARENT_TAG not in run.data.tags or "final_average_accuracy" not in run.data.metrics:
-            continue
-        if parent_run_id is not None and run.data.tags[PARENT_TAG] != parent_run_id:
+    for run in children(tracking_uri, experiment_id, parent_run_id, "attributes.status = 'FINISHED'"):
+        if "final_average_accuracy" not in run.data.metrics:
             continue
         with tempfile.TemporaryDirectory() as tmp:
             summary = json.loads(Path(c.download_artifacts(run.info.run_id, "summary.json", tmp)).read_text())
-        trial = {"run_id": run.info.run_id, "trial": run.info.run_name, "method": run.data.tags.get("method", ""),
+        params = run.data.params
+        trial = {"study_run_id": parent_run_id, "run_id": run.info.run_id, "trial": run.info.run_name,
+                 "method": run.data.tags.get("method", ""),
+                 **{key: params.get(f"run/{key}", "") for key in RUN_COLUMNS},
                  "pareto": run.data.tags.get("pareto", ""),
-                 "config": json.dumps({k.split("/", 1)[1]: v for k, v in run.data.params.items()
+                 "config": json.dumps({k.split("/", 1)[1]: v for k, v in params.items()
                                        if k.startswith("method_config/")}, sort_keys=True),
                  "method_state": json.dumps(summary.get("method_state", {})),
                  **{k: float(summary[k]) for k in TRIAL_METRICS},
@@ -143,9 +148,15 @@ def _colours(items) -> dict[str, Any]:
 
 
 def _log_if_wide(ax, values, axis: str) -> None:
+    """A log axis when the positive values span more than a factor 20; symmetric-log (linear up to
+    the smallest positive value) when some are 0, so a trial with none (SimpleCIL) stays drawn."""
     positive = [v for v in values if v > 0]
     if positive and max(positive) / min(positive) > 20:
-        (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+        scale = ax.set_xscale if axis == "x" else ax.set_yscale
+        if any(v <= 0 for v in values):
+            scale("symlog", linthresh=min(positive))
+        else:
+            scale("log")
 
 
 def _train_flops(trial: dict[str, Any]) -> float:
@@ -259,12 +270,16 @@ def _usage_figure(trial):
 
 
 SORT_SCRIPT = """
-document.querySelectorAll('th').forEach((th, col) => th.addEventListener('click', () => {
+document.querySelectorAll('th').forEach(th => th.addEventListener('click', () => {
+  const col = th.cellIndex;  // the column within its own table
   const body = th.closest('table').tBodies[0];
   const rows = Array.from(body.rows);
   const asc = th.dataset.asc !== 'true';
   th.dataset.asc = asc;
-  const key = r => { const v = r.cells[col].dataset.v; return isNaN(parseFloat(v)) ? v : parseFloat(v); };
+  const key = r => {
+    const cell = r.cells[col], v = cell.dataset.v ?? cell.textContent;
+    return isNaN(parseFloat(v)) ? v : parseFloat(v);
+  };
   rows.sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * (asc ? 1 : -1));
   rows.forEach(r => body.appendChild(r));
 }));
@@ -276,24 +291,29 @@ def _html(title: str, items, front, front_label: str, out_dir: Path, figures: li
         data = base64.b64encode((out_dir / name).read_bytes()).decode()
         return f'<figure><img alt="{name}" src="data:image/png;base64,{data}"><figcaption>{name}</figcaption></figure>'
 
-    columns = [("trial", "trial"), ("method", "method"), ("settings", None), ("FA", "final_average_accuracy"),
-               ("CA", "cumulative_average_accuracy"), ("FM", "forgetting"), ("trainable params", "trainable_params"),
-               ("test FLOPs/img", "test_flops_per_image"), ("train FLOPs/run", "train_flops_per_run"),
-               ("Pareto", None)]
-    head = "".join(f"<th>{html.escape(name)}</th>" for name, _ in columns)
+    columns = [("trial", lambda t: t["trial"], str), ("method", lambda t: t["method"], str),
+               ("seed", lambda t: t.get("seed", ""), str), ("settings", _label, str),
+               ("FA", lambda t: t["final_average_accuracy"], _percent),
+               ("CA", lambda t: t["cumulative_average_accuracy"], _percent),
+               ("FM", lambda t: t["forgetting"], _percent),
+               ("trainable params", lambda t: t["trainable_params"], _count),
+               ("test FLOPs/img", lambda t: t["test_flops_per_image"], _count),
+               ("train FLOPs/run", _train_flops, _count)]
+    head = "".join(f"<th>{html.escape(name)}</th>" for name, _, _ in columns) + "<th>Pareto</th>"
     body = []
     for t, on_front in zip(items, front):
-        values = [t["trial"], t["method"], _label(t), t["final_average_accuracy"], t["cumulative_average_accuracy"],
-                  t["forgetting"], t["trainable_params"], t["test_flops_per_image"], _train_flops(t),
-                  "yes" if on_front else ""]
-        cells = "".join(f'<td data-v="{html.escape(_sort_key(v))}">{html.escape(_fmt(v))}</td>' for v in values)
-        body.append(f"<tr>{cells}</tr>")
+        cells = "".join(f'<td data-v="{html.escape(_sort_key(value(t)))}">{html.escape(fmt(value(t)))}</td>'
+                        for _, value, fmt in columns)
+        mark = "yes" if on_front else ""
+        body.append(f'<tr>{cells}<td data-v="{mark}">{mark}</td></tr>')
+    settings = "; ".join(f"{key}: {', '.join(values)}" for key in ("dataset", "backbone", "protocol")
+                         if (values := sorted({str(t[key]) for t in items if t.get(key)})))
     gates = [t for t in items if "alpha" in t["method_state"]]
     gate_rows = "".join(
         f"<tr><td>{html.escape(t['trial'])}</td><td>{html.escape(str(t['method_state']['gate_activation']))}</td>"
         f"<td>{', '.join(f'{a:.3f}' for a in t['method_state']['alpha'])}</td>"
         f"<td>{', '.join(f'{a:.3f}' for a in t['method_state']['tau'])}</td></tr>" for t in gates)
-    gate_table = (f"<h2>NoRGa gates after training</h2><table><thead><tr><th>trial</th><th>activation</th>"
+    gate_table = (f"<h2>NoRGa gates after training</h2><table id=\"gates\"><thead><tr><th>trial</th><th>activation</th>"
                   f"<th>&alpha; per prompted block</th><th>&tau; per prompted block</th></tr></thead>"
                   f"<tbody>{gate_rows}</tbody></table>") if gates else ""
     return f"""<!doctype html>
@@ -303,8 +323,8 @@ def _html(title: str, items, front, front_label: str, out_dir: Path, figures: li
 table{{border-collapse:collapse;font-size:13px}} td,th{{border:1px solid #ccc;padding:3px 6px}}
 th{{cursor:pointer;background:#eee}} figure{{display:inline-block;margin:0 1em 1em 0}}</style></head>
 <body><h1>{html.escape(title)}</h1>
-<p>{len(items)} finished trials; stars and the Pareto column: {html.escape(front_label)}. Click a
-column header to sort.</p>
+<p>{len(items)} finished trial{"" if len(items) == 1 else "s"}{html.escape(f" ({settings})" if settings else "")};
+stars and the Pareto column: {html.escape(front_label)}. Click a column header to sort.</p>
 {''.join(image(name) for name in figures)}
 <h2>Trials</h2><table id="trials"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>
 {gate_table}
@@ -317,32 +337,27 @@ def _sort_key(value: Any) -> str:
     return "-Infinity" if isinstance(value, float) and math.isnan(value) else str(value)
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float) and math.isnan(value):
-        return "–"
-    if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.2f}"
-    return str(value)
+def _percent(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.2f}"
+
+
+def _count(value: float) -> str:
+    """Parameters and FLOPs: whole numbers with thousands separators."""
+    return "–" if math.isnan(value) else f"{value:,.0f}"
 
 
 def report_from_mlflow(tracking_uri: str, experiment: str, out_dir: Path, *,
                        log_to_parent: bool = True, parent_run_id: Optional[str] = None) -> Path:
-    """Export, build, and log the report back to the study's parent run. ``parent_run_id``: the
-    report of that study run only; default: every trial of the experiment, logged to its latest parent."""
-    from promptcl.study.tracking import PARENT_TAG, client
+    """Export, build, and log the report back to the study run. ``parent_run_id``: that study run's
+    report; default: the experiment's latest study run."""
+    from promptcl.study.tracking import client, study_run
 
+    _, parent_run_id = study_run(tracking_uri, experiment, parent_run_id)
     rows = export_study(tracking_uri, experiment, parent_run_id=parent_run_id)
     write_table(rows, out_dir / "study.parquet")
     page = build_report(rows, out_dir, title=f"Study {experiment}")
     if log_to_parent:
-        c = client(tracking_uri)
-        if parent_run_id is None:
-            found = c.get_experiment_by_name(experiment)
-            parents = [r for r in c.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"])
-                       if PARENT_TAG not in r.data.tags]
-            parent_run_id = parents[0].info.run_id if parents else None
-        if parent_run_id is not None:
-            c.log_artifacts(parent_run_id, str(out_dir), "report")
+        client(tracking_uri).log_artifacts(parent_run_id, str(out_dir), "report")
     return page
 
 

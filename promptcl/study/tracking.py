@@ -75,8 +75,49 @@ def find_or_start_run(tracking_uri: str, experiment_id: str, name: str, *, key: 
                      tags={**(tags or {}), RUN_KEY_TAG: key}), True
 
 
-def children(tracking_uri: str, experiment_id: str, parent_run_id: str) -> list:
-    return client(tracking_uri).search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+def search_all_runs(tracking_uri: str, experiment_id: str, filter_string: str = "",
+                    order_by: Optional[list[str]] = None, page_size: int = 1000) -> list:
+    """Every run that matches, page by page (one MLflow search returns at most 1,000)."""
+    c = client(tracking_uri)
+    runs, token = [], None
+    while True:
+        page = c.search_runs([experiment_id], filter_string=filter_string, order_by=order_by, max_results=page_size,
+                             page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def children(tracking_uri: str, experiment_id: str, parent_run_id: str, filter_string: str = "") -> list:
+    """The child runs (trials) of one study run, optionally narrowed by ``filter_string``."""
+    own = f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
+    return search_all_runs(tracking_uri, experiment_id, f"{own} and {filter_string}" if filter_string else own)
+
+
+def study_run(tracking_uri: str, experiment: str, parent_run_id: Optional[str] = None) -> tuple[str, str]:
+    """(experiment id, study run id) of ``experiment``: ``parent_run_id``, checked to be one of its
+    study (parent) runs, or by default its latest. A study run that is run again (``--resume``)
+    keeps its id; a fresh run of the same study name starts a new one beside the old."""
+    c = client(tracking_uri)
+    found = c.get_experiment_by_name(experiment)
+    if found is None:
+        raise ValueError(f"no MLflow experiment {experiment!r} at {tracking_uri}")
+    if parent_run_id is None:
+        latest = c.search_runs([found.experiment_id], filter_string=f"tags.`{PARENT_TAG}` IS NULL",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+        if not latest:
+            raise ValueError(f"MLflow experiment {experiment!r} has no study run")
+        return found.experiment_id, latest[0].info.run_id
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = c.get_run(parent_run_id)
+    except MlflowException:
+        run = None
+    if run is None or run.info.experiment_id != found.experiment_id or PARENT_TAG in run.data.tags:
+        raise ValueError(f"{parent_run_id!r} is not a study run of MLflow experiment {experiment!r}")
+    return found.experiment_id, parent_run_id
 
 
 def logged_steps(tracking_uri: str, run_id: str, metric: str) -> set[int]:

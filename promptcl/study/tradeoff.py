@@ -1,12 +1,12 @@
 """The efficiency trade-off map: accuracy against trainable parameters and test FLOPs.
 
-Pure functions over trial rows (dicts), plus a loader that reads the finished child runs of an
-MLflow experiment. ``dashboards/tradeoff.py`` is the thin script around them.
+Pure functions over trial rows (dicts), plus a loader that reads the finished trials of one study
+run of an MLflow experiment. ``dashboards/tradeoff.py`` is the thin script around them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from promptcl.study.objectives import Objective, pareto_mask
 
@@ -22,17 +22,15 @@ def pareto_front(rows: Sequence[dict[str, Any]], cost_keys: Sequence[str] = COST
     return pareto_mask(rows, objectives)
 
 
-def load_trials(tracking_uri: str, experiment: str) -> list[dict[str, Any]]:
-    """One row per finished child run: its method config and final metrics."""
-    from promptcl.study.tracking import PARENT_TAG, client
+def load_trials(tracking_uri: str, experiment: str, parent_run_id: Optional[str] = None) -> list[dict[str, Any]]:
+    """One row per finished trial of one study run (``parent_run_id``, by default the experiment's
+    latest): its method config and final metrics."""
+    from promptcl.study.tracking import children, study_run
 
-    c = client(tracking_uri)
-    found = c.get_experiment_by_name(experiment)
-    if found is None:
-        raise ValueError(f"no MLflow experiment {experiment!r} at {tracking_uri}")
+    experiment_id, parent_run_id = study_run(tracking_uri, experiment, parent_run_id)
     rows = []
-    for run in c.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'"):
-        if PARENT_TAG not in run.data.tags or ACCURACY_KEY not in run.data.metrics:
+    for run in children(tracking_uri, experiment_id, parent_run_id, "attributes.status = 'FINISHED'"):
+        if ACCURACY_KEY not in run.data.metrics:
             continue
         params = {k.split("/", 1)[1]: v for k, v in run.data.params.items() if k.startswith("method_config/")}
         rows.append({"run_id": run.info.run_id, "method": run.data.tags.get("method", ""), **params,
