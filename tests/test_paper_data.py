@@ -127,9 +127,17 @@ def test_cub200_follows_the_official_split_file(tmp_path):
     with pytest.raises(ValueError, match=r"cub200: image file .*_0002_1\.jpg' is unreadable"):
         paper.check_cub200(tmp_path)
     damaged.write_bytes(original)
-    (base / "image_class_labels.txt").write_text("\n".join(labels[:-1]) + "\n")
-    with pytest.raises(ValueError, match="list different image ids"):
-        load_dataset("cub200", tmp_path, CODA)
+    bad_tables = [("image_class_labels.txt", labels[:-1], "list different image ids"),
+                  ("image_class_labels.txt", [*labels[:-1], f"{image_id} three"],
+                   r"image_class_labels.txt' is not a valid CUB-200-2011 table \(class ids must be integers\)"),
+                  ("train_test_split.txt", [*split[:-1], f"{image_id} 2"],
+                   r"train_test_split.txt' is not a valid .* \(the split flag of an image is 1 or 0\)")]
+    for name, rows, message in bad_tables:
+        good = (base / name).read_text()
+        (base / name).write_text("\n".join(rows) + "\n")
+        with pytest.raises(ValueError, match=message):
+            load_dataset("cub200", tmp_path, CODA)
+        (base / name).write_text(good)
 
 
 def test_imagenet_r_loader_reads_a_split_list_of_the_image_folder(tmp_path):
@@ -176,18 +184,32 @@ def test_imagenet_r_reads_coda_prompts_split_with_its_class_indices(tmp_path, ca
     assert data.test_labels.tolist() == [2, 0, 1]  # by file name: n01443537, n01484850, n01494475
     assert data.train[0][1] == 2 and data.train[0][0].shape == (3, 224, 224)
 
-    run = resolve_run(RunSpec(method="simplecil", dataset="imagenet_r", data_dir=tmp_path, split_file=train_yaml))
+    # a run needs all 200 classes in both parts (one image each here, in their own folder)
+    full = tmp_path / "full"
+    full_entries = [(f"n{c:08d}/{part}.jpg", part, (c * 7) % 200) for c in range(200) for part in ("train", "test")]
+    for c in range(200):
+        write_jpegs(full / "imagenet-r" / f"n{c:08d}", ["train.jpg", "test.jpg"], c)
+    full_yaml = write_coda_split(full, full_entries)
+    run = resolve_run(RunSpec(method="simplecil", dataset="imagenet_r", data_dir=full, split_file=full_yaml))
     recorded = run.to_dict()["run"]
-    assert recorded["split_file_sha256"] == paper.split_sha256(train_yaml)
-    (tmp_path / "imagenet-r_test.yaml").write_text((tmp_path / "imagenet-r_test.yaml").read_text() + "- x\n")
-    assert paper.split_sha256(train_yaml) != recorded["split_file_sha256"]  # the test half counts too
+    assert recorded["split_file_sha256"] == paper.split_sha256(full_yaml)
+    (full / "imagenet-r_test.yaml").write_text((full / "imagenet-r_test.yaml").read_text() + "- x\n")
+    assert paper.split_sha256(full_yaml) != recorded["split_file_sha256"]  # the test half counts too
 
     # bad split files fail before any work, in one line, nothing written
+    with pytest.raises(ValueError, match="its train images cover 3 classes, not all 200"):
+        resolve_run(RunSpec(method="simplecil", dataset="imagenet_r", data_dir=tmp_path, split_file=train_yaml))
     (tmp_path / "imagenet-r_test.yaml").unlink()
     (tmp_path / "bad").mkdir()  # one class listed under two indices
     two_indices = write_coda_split(tmp_path / "bad", [(n, p, i % 2) for i, (n, p, _) in enumerate(entries)])
     cases = [(train_yaml, "imagenet-r_test.yaml"), (tmp_path / "none.txt", "does not exist"),
              (two_indices, "has two indices"), (tmp_path / "bad" / "imagenet-r_test.yaml", "must be the *_train.yaml")]
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00binary")
+    (tmp_path / "broken").mkdir()
+    for part in ("train", "test"):  # a YAML parser error spans several lines
+        (tmp_path / "broken" / f"imagenet-r_{part}.yaml").write_text("data: [a, b\ntargets: {\n")
+    cases += [(tmp_path / "binary.txt", "binary.txt' is not a valid split file"),
+              (tmp_path / "broken" / "imagenet-r_train.yaml", "is not a valid CODA-Prompt split file")]
     for split_file, message in cases:
         out = tmp_path / "run"
         assert main(["run", "--method", "simplecil", "--dataset", "imagenet_r", "--data-dir", str(tmp_path),

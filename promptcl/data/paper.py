@@ -79,6 +79,7 @@ def _need(root: Path, dataset: str, relative: Sequence[str]) -> None:
 
 
 def _damaged(path: Path, what: str, detail: object) -> ValueError:
+    detail = " ".join(str(detail).split())  # one line: parser errors (YAML's) span several
     return ValueError(f"{str(path)!r} is not a valid {what} ({detail})")
 
 
@@ -151,7 +152,7 @@ def read_split_file(path: Path) -> dict[str, str]:
     try:
         with opener(path, "rt") as f:
             rows = [line.split(" ", 1) for line in f.read().splitlines() if line]
-    except OSError as err:
+    except (OSError, UnicodeDecodeError) as err:
         raise _damaged(Path(path), "split file", err) from err
     if not rows or any(len(r) != 2 or r[0] not in ("train", "test") for r in rows):
         raise _damaged(Path(path), "split file", "lines must be '<train|test> <wnid>/<file>'")
@@ -252,13 +253,21 @@ def _check_image_headers(dataset: str, paths: Sequence[Path]) -> None:
             raise ValueError(f"{dataset}: image file {str(path)!r} is unreadable: {err}") from err
 
 
+IMAGENET_R_CLASSES = 200
+
+
 def check_imagenet_r(root: Path, split_file: Optional[Path] = None) -> None:
     _need(root, "imagenet_r", ["imagenet-r"])
-    train, test = _imagenet_r_items(root, split_file or shipped_imagenet_r_split())
+    split_file = split_file or shipped_imagenet_r_split()
+    train, test = _imagenet_r_items(root, split_file)
+    for part, (_, labels) in (("train", train), ("test", test)):
+        if set(labels.tolist()) != set(range(IMAGENET_R_CLASSES)):
+            raise _damaged(Path(split_file), "Split ImageNet-R split",
+                           f"its {part} images cover {len(set(labels.tolist()))} classes, not all {IMAGENET_R_CLASSES}")
     _check_image_headers("imagenet_r", [*train[0], *test[0]])
 
 
-@register_dataset("imagenet_r", default_backbone="sup1k", num_classes=200, default_increment=20,
+@register_dataset("imagenet_r", default_backbone="sup1k", num_classes=IMAGENET_R_CLASSES, default_increment=20,
                   needs_data_dir=True, method_preset="imagenet-r", check=check_imagenet_r, takes_split_file=True)
 def load_imagenet_r(root: Path, preprocessing: Preprocessing, split_file: Optional[Path] = None) -> ClassificationData:
     """Split ImageNet-R: 200 classes, 24,000 / 6,000 images with the shipped split list (or ``split_file``)."""
@@ -290,6 +299,10 @@ def _cub_items(root: Path) -> tuple[tuple, tuple]:
     if not images or set(images) != set(labels) or set(images) != set(is_train):
         raise _damaged(base, "CUB-200-2011 folder", "images.txt, image_class_labels.txt and "
                        "train_test_split.txt list different image ids")
+    if not all(label.isdigit() for label in labels.values()):
+        raise _damaged(base / "image_class_labels.txt", "CUB-200-2011 table", "class ids must be integers")
+    if not set(is_train.values()) <= {"0", "1"}:
+        raise _damaged(base / "train_test_split.txt", "CUB-200-2011 table", "the split flag of an image is 1 or 0")
     missing = [images[i] for i in images if not (base / "images" / images[i]).is_file()]
     if missing:
         raise ValueError(f"cub200: {len(missing)} of {len(images)} images listed in images.txt are missing under "
