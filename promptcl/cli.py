@@ -4,11 +4,14 @@ study, ``pretrain`` a project-made backbone, ``probe`` a backbone's frozen featu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -188,10 +191,12 @@ def _probe(args) -> int:
 
 
 def _report(args) -> int:
+    from promptcl.storage import check_writable_location
     from promptcl.study.report import report_from_mlflow, report_from_table
     from promptcl.study.tracking import default_tracking_uri
 
     try:
+        check_writable_location("--out", args.out)
         if args.experiment:
             uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path("runs"))
             page = report_from_mlflow(uri, args.experiment, args.out, log_to_parent=not args.no_log,
@@ -204,6 +209,20 @@ def _report(args) -> int:
         return _fail(str(err))
     print(f"report: {page}")
     return 0
+
+
+@contextlib.contextmanager
+def _terminate_as_exit():
+    """SIGTERM (a scheduler's or ``timeout``'s stop) unwinds like Ctrl-C, so a stopped run removes
+    what it had written; a handler can only be set in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_spec(args):
@@ -222,7 +241,7 @@ def run_spec(args):
 
 def _run(args) -> int:
     from promptcl.core.feature_store import check_root
-    from promptcl.engine import resolve_run, run_sequence
+    from promptcl.engine import check_device, resolve_run, run_sequence
     from promptcl.study.trainer import Scaling, fault_from_env
 
     try:
@@ -237,6 +256,8 @@ def _run(args) -> int:
             fault_from_env()
         elif args.use_gpu or args.max_failures or args.cpus_per_worker is not None:
             raise ValueError("--use-gpu, --cpus-per-worker and --max-failures need --num-workers")
+        else:
+            check_device(spec.device)
         if args.feature_cache is not None:
             check_root(args.feature_cache)
         if args.out.exists():
@@ -247,17 +268,18 @@ def _run(args) -> int:
         return _fail(str(err))
 
     # Work in a sibling temporary directory; only a finished run appears under --out.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
-    try:
-        progress = sys.stderr.isatty() if args.progress is None else args.progress
-        if scaling is None:
-            summary = run_sequence(run, tmp, progress=progress, feature_cache=args.feature_cache)
-        else:
-            summary = _run_on_ray(spec, scaling, tmp, progress=progress, feature_cache=args.feature_cache)
-        os.replace(tmp, args.out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _terminate_as_exit():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
+        try:
+            progress = sys.stderr.isatty() if args.progress is None else args.progress
+            if scaling is None:
+                summary = run_sequence(run, tmp, progress=progress, feature_cache=args.feature_cache)
+            else:
+                summary = _run_on_ray(spec, scaling, tmp, progress=progress, feature_cache=args.feature_cache)
+            os.replace(tmp, args.out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     print(f"FA {summary['final_average_accuracy']:.2f}  CA {summary['cumulative_average_accuracy']:.2f}  "
           f"FM {summary['forgetting']:.2f}  trainable {summary['trainable_params']:,}  "
           f"test GFLOPs/img {summary['test_flops_per_image'] / 1e9:.4f}"
@@ -313,18 +335,30 @@ def _reproduce(args) -> int:
 
 
 def _cost(args) -> int:
-    from promptcl.core.backbone import check_backbone_name, input_shape
+    import torch
+
     from promptcl.config import apply_overrides, parse_overrides
+    from promptcl.core.backbone import build_backbone, check_backbone_name, input_shape
     from promptcl.cost import measure_cost
+    from promptcl.data.benchmarks import dataset_spec
     from promptcl.methods import get_method
 
     try:
         method_cls = get_method(args.method)
         check_backbone_name(args.backbone)
-        if args.num_classes < 1 or args.num_tasks < 1:
-            raise ValueError("--num-classes and --num-tasks must be >= 1")
+        if args.dataset is not None:
+            dataset_spec(args.dataset)  # an unknown name is an error, not the paper preset
+        if args.num_classes < 1 or args.num_tasks < 1 or args.num_classes % args.num_tasks:
+            raise ValueError(f"--num-tasks ({args.num_tasks}) must divide --num-classes ({args.num_classes}), "
+                             "both >= 1")
         preset = method_cls.preset_for(args.dataset, args.backbone, args.preset, args.num_tasks)
         config = apply_overrides(preset, parse_overrides(args.overrides))
+        if args.img_size is not None:
+            with torch.device("meta"):
+                patch = build_backbone(args.backbone).patch_embed.patch_size[0]
+            if args.img_size < patch or args.img_size % patch:
+                raise ValueError(f"--img-size must be a positive multiple of {args.backbone}'s patch size {patch}, "
+                                 f"got {args.img_size}")
         image_shape = input_shape(args.backbone, args.img_size)
         result = measure_cost(method_cls, config, args.backbone, args.num_classes, image_shape,
                               num_tasks=args.num_tasks)

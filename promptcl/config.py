@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any, Mapping
 
@@ -66,6 +67,10 @@ def apply_overrides(config, overrides: Mapping[str, Any]):
             f"known: {', '.join(sorted(names))}"
         )
     values = {k: _coerce(k, hints[k], v) for k, v in overrides.items()}
+    for key, value in values.items():  # "inf" and "nan" parse as floats, and pass every "> 0" check
+        items = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            raise ConfigError(f"{key} must be finite, got {overrides[key]!r}")
     return dataclasses.replace(config, **values)
 
 

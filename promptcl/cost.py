@@ -69,7 +69,7 @@ def measure_cost(method_cls, config, backbone: str, num_classes: int,
 
 def _measure_cost(method_cls, config, backbone: str, num_classes: int,
                   image_shape: tuple[int, int, int], *, num_tasks: int) -> dict[str, int]:
-    vit = build_backbone(backbone)
+    vit = build_backbone(backbone, img_size=image_shape[-1])  # the token count follows the image size
     method = method_cls(config, backbone=vit, num_classes=num_classes, num_tasks=num_tasks)
     out = parameter_counts(method)
     task = TaskInfo(index=0, classes=range(0, num_classes), num_tasks=1)

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import json
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,11 +112,15 @@ def resolve_run(spec: RunSpec) -> ResolvedRun:
     """Validate names, data, hyperparameters; raise ValueError with one clear line on bad input."""
     method_cls = get_method(spec.method)
     ds = dataset_spec(spec.dataset)
+    if not 0 <= spec.seed < 2**32:  # numpy's and Python's seeding range
+        raise ValueError(f"seed must be in [0, 2**32 - 1], got {spec.seed}")
     backbone = spec.backbone or method_cls.DEFAULT_BACKBONES.get(spec.dataset, ds.default_backbone)
     check_backbone_name(backbone)  # names first: a typo is reported before anything is read
-    if ds.has_pipeline and input_shape(backbone) != (3, 224, 224):
-        raise ValueError(f"backbone {backbone!r} takes {input_shape(backbone)} inputs; {spec.dataset} is "
-                         "shown at 3 x 224 x 224")
+    # disk benchmarks are shown at 224 px; an offline benchmark's tensors have its default backbone's shape
+    shown_at = (3, 224, 224) if ds.has_pipeline else input_shape(ds.default_backbone)
+    if input_shape(backbone) != shown_at:
+        raise ValueError(f"backbone {backbone!r} takes {' x '.join(map(str, input_shape(backbone)))} inputs; "
+                         f"{spec.dataset} images are {' x '.join(map(str, shown_at))}")
     check_data_dir(spec.dataset, spec.data_dir, spec.split_file)
     preprocessing = None
     if ds.has_pipeline:
@@ -129,7 +134,7 @@ def resolve_run(spec: RunSpec) -> ResolvedRun:
         raise ValueError(f"checkpoint file {spec.checkpoint_file!r} does not exist")
     if spec.eval_batch_size < 1:
         raise ValueError(f"eval_batch_size must be >= 1, got {spec.eval_batch_size}")
-    if spec.device not in ("auto", "cpu") and not spec.device.startswith("cuda"):
+    if spec.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", spec.device):
         raise ValueError(f"device must be auto, cpu or cuda[:N], got {spec.device!r}")
     if spec.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {spec.precision!r}")
@@ -151,8 +156,10 @@ def resolve_run(spec: RunSpec) -> ResolvedRun:
 
 
 def _num_tasks(num_classes: int, increment: Optional[int], default: int) -> int:
-    increment = increment or default
-    if increment < 1 or num_classes % increment:
+    increment = default if increment is None else increment
+    if increment < 1:
+        raise ValueError(f"increment must be >= 1, got {increment}")
+    if num_classes % increment:
         raise ValueError(f"increment {increment} does not divide {num_classes} classes")
     return num_classes // increment
 
@@ -172,6 +179,16 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def check_device(name: str) -> None:
+    """A clear error, before any work, when this process cannot use the device ``name`` (a run's
+    own machine; a Ray driver leaves this to the workers, which may have GPUs it lacks)."""
+    device = pick_device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: no CUDA device is available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def seed_everything(seed: int) -> None:
@@ -345,7 +362,7 @@ def _set_up(run: ResolvedRun) -> _Setup:
     workers = spec.loader_workers
     if workers is None:
         workers = DISK_LOADER_WORKERS if ds.has_pipeline else 0
-    scenario = ClassIncremental(data, increments=spec.increment or ds.default_increment,
+    scenario = ClassIncremental(data, increments=ds.num_classes // run.num_tasks,
                                 class_order=scenario_class_order(spec.dataset, spec.seed), num_workers=workers,
                                 pin_memory=device.type == "cuda",
                                 drop_last=run.preprocessing is not None and run.preprocessing.drop_last)

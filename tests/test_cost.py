@@ -76,6 +76,23 @@ def test_cost_command_rejects_bad_input(capsys):
                  "--set", "top_k=99"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "not a timm VisionTransformer" in err[0] and "top_k=99" in err[1]
+    base = ["cost", "--method", "smope", "--backbone", "vit_base_patch16_224", "--num-classes", "10"]
+    for extra, message in ((["--img-size", "13"], "--img-size must be a positive multiple of vit_base_patch16_224's "
+                                                  "patch size 16, got 13"),
+                           (["--img-size", "-16"], "--img-size must be a positive multiple"),
+                           (["--dataset", "nosuch"], "unknown dataset 'nosuch'"),
+                           (["--num-tasks", "20"], "--num-tasks (20) must divide --num-classes (10)")):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_cost_at_another_image_size_counts_its_tokens(capsys):
+    """ViT-B/16 at 384 px: 577 tokens, the backbone's FLOPs by the same analytic count."""
+    assert main(["cost", "--method", "smope", "--backbone", "vit_base_patch16_224", "--num-classes", "100",
+                 "--img-size", "384", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["backbone_flops_per_image"] == analytic_vit_flops(384, 16, 3, 768, 12, 12, 4.0)
 
 
 def test_flops_count_the_method_not_the_fused_kernel_layout():

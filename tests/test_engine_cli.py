@@ -73,6 +73,15 @@ def test_eval_batch_size_does_not_change_any_accuracy(reference_run, tmp_path):
     (["--set", "prompt_layers=0,9"], "exceed the backbone's 4 blocks"),
     (["--dataset", "cifar100"], "needs --data-dir"),
     (["--checkpoint-file", "/nonexistent/w.pt"], "does not exist"),
+    (["--seed", "-1"], "seed must be in [0, 2**32 - 1], got -1"),
+    (["--seed", "4294967296"], "seed must be in [0, 2**32 - 1]"),
+    (["--set", "lr=inf"], "lr must be finite, got 'inf'"),
+    (["--set", "noise_scale=nan"], "noise_scale must be finite"),
+    (["--set", "ca_weight_decay=-5"], "ca_weight_decay must be >= 0"),
+    (["--increment", "0"], "increment must be >= 1, got 0"),
+    (["--backbone", "vit_glyphs28"], "backbone 'vit_glyphs28' takes 1 x 28 x 28 inputs; digits images are 1 x 8 x 8"),
+    (["--device", "cudaXYZ"], "device must be auto, cpu or cuda[:N]"),
+    (["--feature-cache", "bogus://x"], "feature cache 'bogus://x' is not a location pyarrow can open"),
 ])
 def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, capsys, args, message):
     out = tmp_path / "out"
@@ -96,7 +105,41 @@ def test_a_feature_cache_that_is_a_file_is_refused_before_the_run(tmp_path, caps
                  "--feature-cache", str(tmp_path / "cache")]) == 2
     err = capsys.readouterr().err.strip()
     assert "feature cache" in err and "is not a directory" in err and len(err.splitlines()) == 1
+    assert main(["run", "--method", "simplecil", "--dataset", "digits", "--out", str(tmp_path / "out"),
+                 "--feature-cache", str(tmp_path / "cache" / "sub")]) == 2
+    assert f"lies under {str(tmp_path / 'cache')!r}, which exists and is not a directory" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_a_cuda_device_without_one_is_refused_before_the_run(tmp_path, capsys):
+    assert main(["run", "--method", "simplecil", "--dataset", "digits", "--device", "cuda:0",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "device 'cuda:0': no CUDA device is available here" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_terminated_run_removes_its_temporary_directory(tmp_path):
+    """SIGTERM (a scheduler's or timeout's stop) unwinds the run like Ctrl-C: nothing half-written stays."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "promptcl.cli", "run", "--method", "smope", "--dataset", "digits",
+                             "--out", str(out), "--no-progress", "--set", "epochs=200"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not list(tmp_path.glob(".out.*/checkpoints")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)  # the run's work directory exists (first task checkpoint not needed)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_output_directory_is_refused(tmp_path, capsys):

@@ -203,3 +203,37 @@ def test_every_table_of_the_report_sorts_by_its_own_columns_in_chromium(rows, tm
     assert loaded.errors == []
     assert json.loads(loaded.result) == {"fa": ["70.00", "80.00", "90.00"], "params": ["1,000", "500", "100"],
                                          "gates": ["b"]}
+
+
+def test_bad_report_input_is_one_line_and_writes_nothing(rows, tmp_path, capsys):
+    from promptcl.study import tracking
+
+    write_table(rows, tmp_path / "study.parquet")
+    (tmp_path / "file").write_text("a file")
+    pq.write_table(pq.read_table(tmp_path / "study.parquet").drop(["run_id"]), tmp_path / "other.parquet")
+    store = tracking.default_tracking_uri(tmp_path / "mlruns")
+    (tmp_path / "mlruns").mkdir()
+    empty_uri = tracking.default_tracking_uri(tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    experiment_id = tracking.ensure_experiment(empty_uri, "study")
+    tracking.finish(empty_uri, tracking.start_run(empty_uri, experiment_id, "study-study"))  # no trial finished
+    cases = [
+        (["--from-parquet", str(tmp_path / "study.parquet"), "--out", str(tmp_path / "file")],
+         "--out '%s' exists and is not a directory" % (tmp_path / "file")),
+        (["--from-parquet", str(tmp_path / "file"), "--out", str(tmp_path / "out")], "is not a Parquet file"),
+        (["--from-parquet", str(tmp_path / "other.parquet"), "--out", str(tmp_path / "out")],
+         "is not a study table written by a report (no column 'run_id')"),
+        (["--experiment", "study", "--mlflow-uri", "bogus://x", "--out", str(tmp_path / "out")],
+         "MLflow tracking URI 'bogus://x' names no tracking store"),
+        (["--experiment", "study", "--mlflow-uri", store, "--out", str(tmp_path / "out")],
+         f"no MLflow store at {store}"),
+        (["--experiment", "study", "--mlflow-uri", empty_uri, "--out", str(tmp_path / "out")],
+         "has no finished trials to report"),
+    ]
+    capsys.readouterr()  # MLflow's set-up lines
+    for argv, message in cases:
+        before = sorted(str(p) for p in tmp_path.rglob("*"))
+        assert main(["report", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+        assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # no store, table or page made

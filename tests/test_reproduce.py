@@ -200,6 +200,20 @@ def _write_manifest(path, *rows):
     return str(path)
 
 
+def test_a_manifest_of_the_wrong_shape_is_one_line(tmp_path):
+    from promptcl.study.reproduce import load_manifest
+
+    command = "promptcl run --method simplecil --dataset digits --seed {seed} --out runs/x/seed{seed}"
+    cases = [({"rows": 3}, r"must hold \{\"rows\": \[<row object>, ...\]\}"), ({"rows": [3]}, "must hold"),
+             ({"rows": [{**_row(command, published=1.0), "seeds": "0"}]}, r"needs seeds \(a list of integers\)"),
+             ({"rows": [{**_row(command, published=1.0), "command": 7}]}, "and a command with {seed}")]
+    for content, message in cases:
+        (tmp_path / "m.json").write_text(json.dumps(content))
+        with pytest.raises(ValueError, match=message) as err:
+            load_manifest(tmp_path / "m.json")
+        assert "\n" not in str(err.value)
+
+
 def test_missing_data_or_checkpoint_fails_before_any_run(capsys, monkeypatch, tmp_path):
     command = ('promptcl run --method simplecil --dataset digits --checkpoint-file "$PROMPTCL_CHECKPOINTS/w.pth" '
                f'--seed {{seed}} --data-dir "$PROMPTCL_DATA" --out {tmp_path}/runs/seed{{seed}}')

@@ -171,7 +171,12 @@ def test_bad_files_are_one_line_errors(tmp_path, check):
     state = source_vit().state_dict()
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"not a checkpoint")
-    one_line_error(lambda: check("ibot21k", corrupt, **SMALL), "corrupt or unreadable")
+    one_line_error(lambda: check("ibot21k", corrupt, **SMALL),
+                   "corrupt or unreadable: not a PyTorch checkpoint: neither a zip archive nor a pickle")
+    bad_pickle = tmp_path / "bad_pickle.pth"
+    bad_pickle.write_bytes(b"\x80\x02[garbage" + bytes(range(256)))
+    message = one_line_error(lambda: check("ibot21k", bad_pickle, **SMALL), "corrupt or unreadable")
+    assert "weights_only" not in message  # torch's advice to unpickle untrusted code is not passed on
     one_line_error(lambda: check("dino1k", tmp_path / "absent.pth", **SMALL), "does not exist")
 
     dino = write(tmp_path, dino_checkpoint(state), "dino.pth")

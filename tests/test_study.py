@@ -42,18 +42,35 @@ def test_bad_study_input_fails_before_ray_starts(tmp_path, capsys, monkeypatch):
     (["--trial-runner", "inline", "--workers-per-trial", "2"],
      "inline trials run one CPU process; use --trial-runner train for 2 workers"),
     (["--storage-path", "STORAGE"], "feature cache"),
+    (["--storage-path", "FILE"], "--storage-path 'FILE' exists and is not a directory"),
+    (["--storage-path", "FILE/sub"],
+     "--storage-path 'FILE/sub' lies under 'FILE', which exists and is not a directory"),
+    (["--runs-dir", "FILE/runs"], "--runs-dir 'FILE/runs' lies under 'FILE'"),
+    (["--optuna-storage", "notaurl"], "--optuna-storage 'notaurl' is not a database URL"),
+    (["--mlflow-uri", "bogus://x"], "MLflow tracking URI 'bogus://x' names no tracking store"),
+    (["--seed", "-1"], "seed must be an integer in [0, 2**32 - 1], got -1"),
+    (["--search-seed", "4294967296"], "search_seed must be an integer in [0, 2**32 - 1]"),
+    (["--num-samples", "0"], "num_samples and max_concurrent must be >= 1"),
+    (["--name", "../escape"], "a study name is letters, digits"),
 ])
-def test_bad_trial_runner_or_feature_cache_fails_before_ray_starts(tmp_path, capsys, flags, message):
+def test_bad_study_options_fail_before_ray_or_mlflow_start(tmp_path, capsys, flags, message):
+    """One line, exit 2, nothing created: no runs directory, MLflow store, Optuna database or Ray."""
+    import ray
     import smope_topk
 
     storage = tmp_path / "storage"
     storage.mkdir()
     (storage / "feature_cache").write_text("a file where the store's directory goes")
-    flags = [str(storage) if f == "STORAGE" else f for f in flags]
-    assert smope_topk.main(["--smoke", "--runs-dir", str(tmp_path / "r"), *flags]) == 2
+    (tmp_path / "file").write_text("a file")
+    names = {"STORAGE": str(storage), "FILE": str(tmp_path / "file")}
+    flags = [names.get(f, f.replace("FILE", names["FILE"])) for f in flags]
+    message = message.replace("FILE", names["FILE"])
+    runs = ["--runs-dir", str(tmp_path / "r")] if "--runs-dir" not in flags else []
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert smope_topk.main(["--smoke", *runs, *flags]) == 2
     err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "r").exists()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and not ray.is_initialized()
 
 
 def test_asha_stops_trials_at_task_boundaries_and_ranks_them_below_finished_ones(local_ray, tmp_path, capsys):

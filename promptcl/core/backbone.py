@@ -322,6 +322,10 @@ def _read_file(path: Path) -> Any:
             from safetensors.torch import load_file
 
             return load_file(str(path))
+        with open(path, "rb") as f:
+            header = f.read(2)
+        if not header.startswith((b"PK", b"\x80")):  # torch.save writes a zip archive (or, before 1.6, a pickle)
+            raise ValueError("not a PyTorch checkpoint: neither a zip archive nor a pickle")
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch/safetensors raise many types for a damaged file
@@ -329,10 +333,14 @@ def _read_file(path: Path) -> Any:
 
 
 def _reason(err: Exception) -> str:
-    """One line of a load error: torch's refusal of a pickled object names it on a later line."""
+    """One line of a load error: torch's refusal of a pickled object names it after "WeightsUnpickler
+    error:", on that line or the next (its advice to load with weights_only=False is left out)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    refusal = [line for line in lines if line.startswith("WeightsUnpickler error")]
-    return (refusal or lines or [type(err).__name__])[0]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            detail = line.split("WeightsUnpickler error:", 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
+            return f"WeightsUnpickler error: {detail}"
+    return lines[0] if lines and not lines[0].isdigit() else f"{type(err).__name__} {' '.join(lines)}".strip()
 
 
 def encode(
@@ -397,10 +405,11 @@ def backbone_mean_std(backbone: str) -> tuple[tuple, tuple]:
 
 
 def input_shape(name: str, img_size: Optional[int] = None) -> tuple[int, int, int]:
-    """(channels, height, width) a backbone takes; ``img_size`` overrides a timm model's default."""
+    """(channels, height, width) a backbone takes; ``img_size`` overrides its default."""
     if name in LOCAL_BACKBONES:
         cfg = LOCAL_BACKBONES[name]
-        return (cfg["in_chans"], cfg["img_size"], cfg["img_size"])
+        size = img_size or cfg["img_size"]
+        return (cfg["in_chans"], size, size)
     if name in SEED_BACKBONES:
         name = SEED_BACKBONES[name].arch
     size = img_size or timm.get_pretrained_cfg(name.partition(".")[0]).input_size[-1]

@@ -31,6 +31,8 @@ import pyarrow.fs
 import pyarrow.ipc
 import torch
 
+from promptcl.storage import check_writable_location
+
 FORMAT_VERSION = 1
 SEGMENT_SUFFIX = ".arrow"
 log = logging.getLogger("promptcl.feature_store")
@@ -55,10 +57,8 @@ def sample_keys(images: torch.Tensor) -> list[bytes]:
 
 
 def check_root(root: str | Path) -> None:
-    """Raise ValueError when a local store root cannot be a directory (checked before a run starts;
-    a URI is checked by its file system when the store opens)."""
-    if "://" not in str(root) and Path(root).exists() and not Path(root).is_dir():
-        raise ValueError(f"feature cache {str(root)!r} exists and is not a directory")
+    """Raise ValueError, before a run starts, when the store root cannot be a directory."""
+    check_writable_location("feature cache", root)
 
 
 def fingerprint_digest(fingerprint: dict[str, Any]) -> str:

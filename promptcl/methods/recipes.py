@@ -67,6 +67,7 @@ class AlignedRecipe:
         require(self.lr_hold_iters >= 0 and self.ca_epochs >= 0 and self.ca_samples_per_class >= 1,
                 "lr_hold_iters, ca_epochs must be >= 0 and ca_samples_per_class >= 1")
         require(self.schedule in ("hold-cosine", "epoch-cosine"), f"unknown schedule {self.schedule!r}")
+        require(self.ca_weight_decay >= 0, f"ca_weight_decay must be >= 0, got {self.ca_weight_decay}")
 
     def param_groups(self, prompt_params: list[nn.Parameter], head: nn.Module,
                      epochs: int) -> tuple[list[dict], list[Callable]]:

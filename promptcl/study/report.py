@@ -76,12 +76,24 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+TABLE_COLUMNS = ("run_id", "trial", "method", "pareto", "config", "method_state", *TRIAL_METRICS,
+                 "train_task", "eval_task", "accuracy")
+
+
 def read_table(path: Path) -> list[dict[str, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if not Path(path).is_file():
         raise ValueError(f"no report table at {str(path)!r}")
-    return pq.read_table(path).to_pylist()
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"{str(path)!r} is not a Parquet file ({' '.join(str(err).split())})") from None
+    missing = [c for c in TABLE_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{str(path)!r} is not a study table written by a report (no column {missing[0]!r})")
+    return table.to_pylist()
 
 
 def trials(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -354,6 +366,8 @@ def report_from_mlflow(tracking_uri: str, experiment: str, out_dir: Path, *,
 
     _, parent_run_id = study_run(tracking_uri, experiment, parent_run_id)
     rows = export_study(tracking_uri, experiment, parent_run_id=parent_run_id)
+    if not rows:  # before anything is written
+        raise ValueError(f"study run {parent_run_id} of {experiment!r} has no finished trials to report")
     write_table(rows, out_dir / "study.parquet")
     page = build_report(rows, out_dir, title=f"Study {experiment}")
     if log_to_parent:

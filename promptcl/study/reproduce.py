@@ -42,6 +42,8 @@ def load_manifest(path: Path = DEFAULT_MANIFEST) -> list[dict]:
         rows = json.loads(Path(path).read_text())["rows"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"cannot read the reproduction manifest {str(path)!r}: {err}") from err
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise ValueError(f"the reproduction manifest {str(path)!r} must hold {{\"rows\": [<row object>, ...]}}")
     seen: set[str] = set()
     for row in rows:
         missing = [key for key in REQUIRED_FIELDS if key not in row]
@@ -52,8 +54,10 @@ def load_manifest(path: Path = DEFAULT_MANIFEST) -> list[dict]:
         seen.add(row["id"])
         if row["metric"] not in METRIC_KEYS:
             raise ValueError(f"manifest row {row['id']!r}: metric {row['metric']!r} is not one of {list(METRIC_KEYS)}")
-        if not row["seeds"] or SEED_PLACEHOLDER not in row["command"]:
-            raise ValueError(f"manifest row {row['id']!r} needs seeds and a command with {SEED_PLACEHOLDER}")
+        if (not isinstance(row["seeds"], list) or not row["seeds"] or not all(isinstance(s, int) for s in row["seeds"])
+                or not isinstance(row["command"], str) or SEED_PLACEHOLDER not in row["command"]):
+            raise ValueError(f"manifest row {row['id']!r} needs seeds (a list of integers) and a command with "
+                             f"{SEED_PLACEHOLDER}")
     return rows
 
 

@@ -25,6 +25,19 @@ def default_tracking_uri(runs_dir: Path) -> str:
     return f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
 
 
+def check_tracking_uri(uri: str) -> None:
+    """A tracking URI MLflow has a store for (sqlite, a path, http(s), postgresql, ...); the store
+    itself is not opened (a sqlite file would be created)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    try:
+        _tracking_store_registry.get_store_builder(uri)
+    except MlflowException:
+        raise ValueError(f"MLflow tracking URI {uri!r} names no tracking store (use sqlite:///…, a path, "
+                         "http(s)://… or a database URL)") from None
+
+
 def client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
@@ -99,6 +112,9 @@ def study_run(tracking_uri: str, experiment: str, parent_run_id: Optional[str] =
     """(experiment id, study run id) of ``experiment``: ``parent_run_id``, checked to be one of its
     study (parent) runs, or by default its latest. A study run that is run again (``--resume``)
     keeps its id; a fresh run of the same study name starts a new one beside the old."""
+    check_tracking_uri(tracking_uri)
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
+        raise ValueError(f"no MLflow store at {tracking_uri}")  # (opening it would create an empty one)
     c = client(tracking_uri)
     found = c.get_experiment_by_name(experiment)
     if found is None:

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from promptcl.core.feature_store import check_root
 from promptcl.core.pretrain import local_checkpoint
 from promptcl.data.preprocessing import PROTOCOLS
 from promptcl.engine import FINAL_METRICS, RunSpec, resolve_run
+from promptcl.storage import check_writable_location
 from promptcl.study import tracking
 from promptcl.study.console import TrialEvents, study_console
 from promptcl.study.objectives import ACCURACY, Objective, parse_objectives, pareto_mask
@@ -167,9 +169,21 @@ def _trial_driver(config: dict, *, context: dict) -> None:
 
 
 def validate_study(spec: StudySpec) -> RunSpec:
-    """Raise ValueError on a bad study before Ray or MLflow start."""
+    """Raise ValueError on a bad study before Ray or MLflow start (nothing is created here)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", spec.name):
+        raise ValueError(f"a study name is letters, digits, '.', '_' and '-' (it names an experiment and a "
+                         f"folder), got {spec.name!r}")
     if spec.num_samples < 1 or spec.max_concurrent < 1:
         raise ValueError("num_samples and max_concurrent must be >= 1")
+    for what, seed in (("seed", spec.seed), ("search_seed", spec.search_seed),
+                       *(("a grid seed", s) for s in (spec.grid or {}).get("seed", ()))):
+        if not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise ValueError(f"{what} must be an integer in [0, 2**32 - 1], got {seed!r}")
+    check_writable_location("--runs-dir", spec.runs_dir)
+    check_writable_location("--storage-path", spec.resolved_storage_path())
+    tracking.check_tracking_uri(spec.resolved_tracking_uri())
+    if spec.optuna_storage is not None:
+        check_optuna_storage(spec.optuna_storage)
     if spec.grid is not None and (not spec.grid or any(len(v) == 0 for v in spec.grid.values())):
         raise ValueError(f"a study grid needs at least one value per key, got {spec.grid}")
     if (spec.grid is None) == (spec.search_space is None):
@@ -190,6 +204,18 @@ def validate_study(spec: StudySpec) -> RunSpec:
                                                overrides=spec.overrides_for(method))))
     return RunSpec(method=spec.method, dataset=spec.dataset, seed=spec.seed, precision=spec.precision,
                    **spec.run_options, overrides=dict(spec.fixed_overrides))
+
+
+def check_optuna_storage(url: str) -> None:
+    """An Optuna storage is a SQLAlchemy database URL; the database is not opened."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(url)
+    except ArgumentError:
+        raise ValueError(f"--optuna-storage {url!r} is not a database URL (e.g. sqlite:///optuna.db, "
+                         "postgresql://host/db)") from None
 
 
 class TrialRunStatus(Callback):
@@ -310,11 +336,40 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
 
 def _run_tuner(spec: StudySpec, run_spec: RunSpec, num_tasks: int, uri: str, experiment_id: str) -> list[dict]:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     ensure_ray()
     resuming = spec.resume and tune.Tuner.can_restore(spec.experiment_path())
     parent = _parent_run(spec, uri, experiment_id, resuming)
+    try:
+        tuner = _make_tuner(spec, run_spec, num_tasks, uri, experiment_id, parent, resuming)
+    except BaseException:  # the study run does not stay RUNNING for ever
+        tracking.finish(uri, parent, status="FAILED")
+        raise
+    try:
+        with _lenient_metric_check(spec.objectives != ACCURACY):
+            grid = tuner.fit()
+    except BaseException:
+        tracking.finish(uri, parent, status="FAILED")
+        raise
+    finally:
+        if spec.grid is None:
+            _fail_lost_optuna_trials(spec)
+    # Completed trials only: one stopped early by a scheduler has no final metrics.
+    rows = [{**result.config, **{k: v for k, v in result.metrics.items() if k in TRIAL_METRICS}}
+            for result in grid
+            if result.error is None and "final_average_accuracy" in (result.metrics or {})]
+    errors = sum(result.error is not None for result in grid)
+    _tag_pareto_front(uri, parent, rows, spec.objectives)
+    _log_study_summary(uri, parent, rows)
+    tracking.finish(uri, parent, status="FAILED" if errors else "FINISHED")
+    return rows
+
+
+def _make_tuner(spec: StudySpec, run_spec: RunSpec, num_tasks: int, uri: str, experiment_id: str, parent: str,
+                resuming: bool):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
     context = {
         "spec": {**dataclasses.asdict(run_spec)},
         "tracking": {"uri": uri, "experiment_id": experiment_id, "parent_run_id": parent},
@@ -359,24 +414,7 @@ def _run_tuner(spec: StudySpec, run_spec: RunSpec, num_tasks: int, uri: str, exp
                                       failure_config=tune.FailureConfig(
                                           max_failures=spec.scaling.max_failures if spec.inline_trials() else 0)),
         )
-    try:
-        with _lenient_metric_check(spec.objectives != ACCURACY):
-            grid = tuner.fit()
-    except BaseException:
-        tracking.finish(uri, parent, status="FAILED")
-        raise
-    finally:
-        if spec.grid is None:
-            _fail_lost_optuna_trials(spec)
-    # Completed trials only: one stopped early by a scheduler has no final metrics.
-    rows = [{**result.config, **{k: v for k, v in result.metrics.items() if k in TRIAL_METRICS}}
-            for result in grid
-            if result.error is None and "final_average_accuracy" in (result.metrics or {})]
-    errors = sum(result.error is not None for result in grid)
-    _tag_pareto_front(uri, parent, rows, spec.objectives)
-    _log_study_summary(uri, parent, rows)
-    tracking.finish(uri, parent, status="FAILED" if errors else "FINISHED")
-    return rows
+    return tuner
 
 
 TRIAL_METRICS = (*FINAL_METRICS, "task_identity_accuracy", "mlflow_run_id", "task", "trial_id")
@@ -588,7 +626,8 @@ def spec_from_args(args, *, method: str, search_space: SearchSpace, smoke_overri
         baseline_points=baseline_points,
         name=args.name + ("_smoke" if args.smoke else ""), method=method, dataset=study_dataset(args),
         search_space=search_space,
-        num_samples=args.num_samples or (2 if args.smoke else args.default_num_samples),
+        num_samples=(args.num_samples if args.num_samples is not None
+                     else 2 if args.smoke else args.default_num_samples),
         max_concurrent=args.max_concurrent, seed=args.seed, search_seed=args.search_seed,
         fixed_overrides=smoke_overrides if args.smoke else {}, runs_dir=args.runs_dir,
         tracking_uri=args.mlflow_uri, storage_path=args.storage_path,

@@ -1,0 +1,32 @@
+"""Where a run or study writes (output, feature cache, Ray storage, runs directory): checked before
+any work starts, without creating anything."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def check_writable_location(what: str, location: str | Path) -> None:
+    """Raise ValueError (one line) unless ``location`` can be, or already is, a directory this
+    process may write: a local path whose nearest existing ancestor is a writable directory, or a
+    URI of a file system pyarrow knows (s3://, gs://, ...; whether it is reachable is not checked here)."""
+    text = str(location)
+    if "://" in text:
+        import pyarrow.fs
+
+        try:
+            pyarrow.fs.FileSystem.from_uri(text)
+        except (pyarrow.ArrowInvalid, ValueError) as err:  # an unknown scheme or a malformed URI
+            detail = " ".join(str(err).split())
+            raise ValueError(f"{what} {text!r} is not a location pyarrow can open ({detail})") from None
+        except OSError:  # a known file system this machine cannot reach now (credentials, network): the workers may
+            pass
+        return
+    path = Path(text).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        where = "exists" if existing == path else f"lies under {str(existing)!r}, which exists"
+        raise ValueError(f"{what} {text!r} {where} and is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {text!r}: {str(existing)!r} is not writable")
