@@ -218,11 +218,15 @@ def _terminate_as_exit():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    def terminate(signum, frame):
+        sys.exit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if signal.getsignal(signal.SIGTERM) is terminate:  # not if Ray (ray.init) installed its own since
+            signal.signal(signal.SIGTERM, previous)
 
 
 def run_spec(args):
@@ -269,8 +273,9 @@ def _run(args) -> int:
 
     # Work in a sibling temporary directory; only a finished run appears under --out.
     with _terminate_as_exit():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
+        tmp = None
         try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
             progress = sys.stderr.isatty() if args.progress is None else args.progress
             if scaling is None:
                 summary = run_sequence(run, tmp, progress=progress, feature_cache=args.feature_cache)
@@ -278,7 +283,8 @@ def _run(args) -> int:
                 summary = _run_on_ray(spec, scaling, tmp, progress=progress, feature_cache=args.feature_cache)
             os.replace(tmp, args.out)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
     print(f"FA {summary['final_average_accuracy']:.2f}  CA {summary['cumulative_average_accuracy']:.2f}  "
           f"FM {summary['forgetting']:.2f}  trainable {summary['trainable_params']:,}  "

@@ -13,20 +13,29 @@ def check_writable_location(what: str, location: str | Path) -> None:
     URI of a file system pyarrow knows (s3://, gs://, ...; whether it is reachable is not checked here)."""
     text = str(location)
     if "://" in text:
+        if text.split("://", 1)[0].lower() in KNOWN_SCHEMES:  # opening one may first ask the network (a region)
+            return
         import pyarrow.fs
 
         try:
             pyarrow.fs.FileSystem.from_uri(text)
-        except (pyarrow.ArrowInvalid, ValueError) as err:  # an unknown scheme or a malformed URI
+        except OSError:  # a file system this machine cannot reach now (credentials, network): the workers may
+            pass
+        except (pyarrow.ArrowException, ValueError) as err:  # an unknown scheme or a malformed URI
             detail = " ".join(str(err).split())
             raise ValueError(f"{what} {text!r} is not a location pyarrow can open ({detail})") from None
-        except OSError:  # a known file system this machine cannot reach now (credentials, network): the workers may
-            pass
         return
     path = Path(text).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+    except OSError as err:  # e.g. an ancestor that may not be searched
+        raise ValueError(f"{what} {text!r} cannot be checked ({err})") from None
     if not existing.is_dir():
         where = "exists" if existing == path else f"lies under {str(existing)!r}, which exists"
         raise ValueError(f"{what} {text!r} {where} and is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{what} {text!r}: {str(existing)!r} is not writable")
+
+
+# pyarrow's file systems (and Ray's storage paths): taken as they are
+KNOWN_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")

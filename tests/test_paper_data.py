@@ -306,7 +306,7 @@ def test_reference_protocol_follows_each_method_code_base(cifar_root):
     assert fair.to_dict()["preprocessing"]["other"]["mean"] == (0.485, 0.456, 0.406)
     with pytest.raises(ValueError, match="unknown protocol"):
         resolve_run(RunSpec(method="smope", dataset="cifar100", data_dir=root, protocol="nope"))
-    with pytest.raises(ValueError, match="takes \\(1, 28, 28\\) inputs; cifar100 is shown at 3 x 224 x 224"):
+    with pytest.raises(ValueError, match="takes 1 x 28 x 28 inputs; cifar100 images are 3 x 224 x 224"):
         resolve_run(RunSpec(method="l2p", dataset="cifar100", data_dir=root, backbone="vit_glyphs28"))
     with pytest.raises(ValueError, match="offline tensor benchmark: it has no --protocol"):
         resolve_run(RunSpec(method="smope", dataset="digits", protocol="common"))

@@ -133,6 +133,7 @@ def test_a_report_is_of_one_study_run_not_every_run_of_the_experiment(tmp_path, 
     assert [t["trial"] for t in trials(export_study(uri, "study", parent_run_id=old))] == ["study-0"]
     assert {r["run_id"] for r in load_trials(uri, "study")} == {t["run_id"] for t in latest}
     assert len(load_trials(uri, "study", old)) == 1
+    assert tracking.study_run(f"{uri}?timeout=20", "study") == (experiment_id, new)  # a URI with a query
     # every trial of a study run, page by page
     assert len(tracking.children(uri, experiment_id, new)) == 2
     assert len(tracking.search_all_runs(uri, experiment_id, page_size=2)) == 5
@@ -227,6 +228,8 @@ def test_bad_report_input_is_one_line_and_writes_nothing(rows, tmp_path, capsys)
          "MLflow tracking URI 'bogus://x' names no tracking store"),
         (["--experiment", "study", "--mlflow-uri", store, "--out", str(tmp_path / "out")],
          f"no MLflow store at {store}"),
+        (["--experiment", "study", "--mlflow-uri", str(tmp_path / "mlruns"), "--out", str(tmp_path / "out")],
+         "is a file store, which MLflow refuses unless MLFLOW_ALLOW_FILE_STORE=true"),
         (["--experiment", "study", "--mlflow-uri", empty_uri, "--out", str(tmp_path / "out")],
          "has no finished trials to report"),
     ]

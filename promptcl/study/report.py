@@ -364,10 +364,12 @@ def report_from_mlflow(tracking_uri: str, experiment: str, out_dir: Path, *,
     report; default: the experiment's latest study run."""
     from promptcl.study.tracking import client, study_run
 
+    latest = parent_run_id is None
     _, parent_run_id = study_run(tracking_uri, experiment, parent_run_id)
     rows = export_study(tracking_uri, experiment, parent_run_id=parent_run_id)
     if not rows:  # before anything is written
-        raise ValueError(f"study run {parent_run_id} of {experiment!r} has no finished trials to report")
+        raise ValueError(f"study run {parent_run_id} of {experiment!r} has no finished trials to report"
+                         + (" (the latest; --study-run RUN_ID picks another)" if latest else ""))
     write_table(rows, out_dir / "study.parquet")
     page = build_report(rows, out_dir, title=f"Study {experiment}")
     if log_to_parent:

@@ -7,8 +7,10 @@ process-global MLflow state (Ray workers and the driver log to the same store).
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,16 +28,23 @@ def default_tracking_uri(runs_dir: Path) -> str:
 
 
 def check_tracking_uri(uri: str) -> None:
-    """A tracking URI MLflow has a store for (sqlite, a path, http(s), postgresql, ...); the store
-    itself is not opened (a sqlite file would be created)."""
+    """A tracking URI MLflow has a store for (sqlite, http(s), a database URL, ...); the store itself
+    is not opened (a sqlite file would be created). A plain path or file: URI is MLflow's file store,
+    which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE is set."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking._tracking_service.utils import _tracking_store_registry
 
     try:
         _tracking_store_registry.get_store_builder(uri)
     except MlflowException:
-        raise ValueError(f"MLflow tracking URI {uri!r} names no tracking store (use sqlite:///…, a path, "
+        raise ValueError(f"MLflow tracking URI {uri!r} names no tracking store (use sqlite:///…, "
                          "http(s)://… or a database URL)") from None
+    from mlflow.utils.uri import is_databricks_uri
+
+    allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true", "yes")
+    if _scheme(uri) in ("", "file") and not is_databricks_uri(uri) and not allowed:
+        raise ValueError(f"MLflow tracking URI {uri!r} is a file store, which MLflow refuses unless "
+                         "MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///…/mlflow.db")
 
 
 def client(tracking_uri: str):
@@ -112,28 +121,52 @@ def study_run(tracking_uri: str, experiment: str, parent_run_id: Optional[str] =
     """(experiment id, study run id) of ``experiment``: ``parent_run_id``, checked to be one of its
     study (parent) runs, or by default its latest. A study run that is run again (``--resume``)
     keeps its id; a fresh run of the same study name starts a new one beside the old."""
-    check_tracking_uri(tracking_uri)
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
-        raise ValueError(f"no MLflow store at {tracking_uri}")  # (opening it would create an empty one)
-    c = client(tracking_uri)
-    found = c.get_experiment_by_name(experiment)
-    if found is None:
-        raise ValueError(f"no MLflow experiment {experiment!r} at {tracking_uri}")
-    if parent_run_id is None:
-        latest = c.search_runs([found.experiment_id], filter_string=f"tags.`{PARENT_TAG}` IS NULL",
-                               order_by=["attributes.start_time DESC"], max_results=1)
-        if not latest:
-            raise ValueError(f"MLflow experiment {experiment!r} has no study run")
-        return found.experiment_id, latest[0].info.run_id
     from mlflow.exceptions import MlflowException
 
+    check_tracking_uri(tracking_uri)
+    if _scheme(tracking_uri) == "sqlite" and not _sqlite_file(tracking_uri).is_file():
+        raise ValueError(f"no MLflow store at {tracking_uri}")  # (opening it would create an empty one)
+    c = client(tracking_uri)
     try:
-        run = c.get_run(parent_run_id)
-    except MlflowException:
-        run = None
+        found = c.get_experiment_by_name(experiment)
+        if found is None:
+            raise ValueError(f"no MLflow experiment {experiment!r} at {tracking_uri}")
+        if parent_run_id is None:
+            latest = _latest_parent_run(c, found.experiment_id)
+            if latest is None:
+                raise ValueError(f"MLflow experiment {experiment!r} has no study run")
+            return found.experiment_id, latest
+        try:
+            run = c.get_run(parent_run_id)
+        except MlflowException:
+            run = None
+    except MlflowException as err:  # an unreachable server, a refused query
+        raise ValueError(f"MLflow at {tracking_uri}: {' '.join(str(err).split())}") from None
     if run is None or run.info.experiment_id != found.experiment_id or PARENT_TAG in run.data.tags:
         raise ValueError(f"{parent_run_id!r} is not a study run of MLflow experiment {experiment!r}")
     return found.experiment_id, parent_run_id
+
+
+def _latest_parent_run(c, experiment_id: str) -> Optional[str]:
+    """The newest run without a parent, page by page (tag-absence filters are not in every MLflow
+    server's search syntax, so the parent tag is checked here)."""
+    token = None
+    while True:
+        page = c.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=1000,
+                             page_token=token)
+        parent = next((r.info.run_id for r in page if PARENT_TAG not in r.data.tags), None)
+        if parent is not None or not page.token:
+            return parent
+        token = page.token
+
+
+def _scheme(uri: str) -> str:
+    return urllib.parse.urlsplit(uri).scheme.split("+")[0] if "://" in uri or uri.startswith("sqlite:") else ""
+
+
+def _sqlite_file(uri: str) -> Path:
+    """The database file of ``sqlite:///relative.db`` or ``sqlite:////absolute.db`` (query string dropped)."""
+    return Path(urllib.parse.urlsplit(uri).path[1:])
 
 
 def logged_steps(tracking_uri: str, run_id: str, metric: str) -> set[int]:
