@@ -52,11 +52,19 @@ def test_bad_study_input_fails_before_ray_starts(tmp_path, capsys, monkeypatch):
     (["--search-seed", "4294967296"], "search_seed must be an integer in [0, 2**32 - 1]"),
     (["--num-samples", "0"], "num_samples and max_concurrent must be >= 1"),
     (["--name", "../escape"], "a study name is letters, digits"),
+    (["--objectives", "task_identity_accuracy:max,trainable_params:min"],
+     "smope infer(s) no task at test time, so a trial reports no task_identity_accuracy"),
 ])
-def test_bad_study_options_fail_before_ray_or_mlflow_start(tmp_path, capsys, flags, message):
+def test_bad_study_options_fail_before_ray_or_mlflow_start(tmp_path, capsys, monkeypatch, flags, message):
     """One line, exit 2, nothing created: no runs directory, MLflow store, Optuna database or Ray."""
-    import ray
     import smope_topk
+
+    from promptcl.study import tuner
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("the study started Ray")
+
+    monkeypatch.setattr(tuner, "ensure_ray", no_ray)  # (another test's Ray may be up in this process)
 
     storage = tmp_path / "storage"
     storage.mkdir()
@@ -70,7 +78,7 @@ def test_bad_study_options_fail_before_ray_or_mlflow_start(tmp_path, capsys, fla
     assert smope_topk.main(["--smoke", *runs, *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == before and not ray.is_initialized()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 def test_asha_stops_trials_at_task_boundaries_and_ranks_them_below_finished_ones(local_ray, tmp_path, capsys):

@@ -229,6 +229,12 @@ class PromptMethod(nn.Module):
         task-identity accuracy by the engine."""
         return self.seen_class_logits(self.logits(images)).argmax(dim=-1), {}
 
+    @classmethod
+    def infers_task(cls) -> bool:
+        """Whether its predictions come with each sample's inferred task (so a run reports
+        task-identity accuracy): the methods that override ``predict_with_details`` to say it."""
+        return cls.predict_with_details is not PromptMethod.predict_with_details
+
     def seen_class_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Test-time logits restricted to the classes seen so far. A config with
         ``compat_unmasked_test_logits`` set keeps every class, untrained rows included, as the

@@ -31,6 +31,7 @@ from promptcl.core.feature_store import check_root
 from promptcl.core.pretrain import local_checkpoint
 from promptcl.data.preprocessing import PROTOCOLS
 from promptcl.engine import FINAL_METRICS, RunSpec, resolve_run
+from promptcl.methods import get_method
 from promptcl.storage import check_writable_location
 from promptcl.study import tracking
 from promptcl.study.console import TrialEvents, study_console
@@ -195,6 +196,11 @@ def validate_study(spec: StudySpec) -> RunSpec:
         check_root(spec.resolved_feature_cache())
     if spec.grid is not None and spec.optuna_storage is not None:
         raise ValueError("a grid study runs no Optuna search, so it keeps no Optuna study (--optuna-storage)")
+    if any(o.metric == "task_identity_accuracy" for o in spec.objectives):
+        blind = [m for m in spec.methods() if not get_method(m).infers_task()]
+        if blind:
+            raise ValueError(f"{', '.join(blind)} infer(s) no task at test time, so a trial reports no "
+                             "task_identity_accuracy to optimise")
     if spec.scheduler == "asha" and spec.objectives != ACCURACY:
         raise ValueError(f"ASHA compares trials on one accuracy metric per task; --asha needs the objective "
                          f"{ACCURACY[0]}, got {','.join(map(str, spec.objectives))}")
