@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
@@ -173,6 +174,38 @@ def test_fused_prefix_attention_equals_the_eager_path_in_bf16(name, device, impl
         fused_error = ((ours.float() - exact).abs().max() / scale).item()
         eager_error = ((theirs.float() - exact).abs().max() / scale).item()
         assert fused_error <= 2 * eager_error + 1e-2, (fused_error, eager_error)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "fused"])
+def test_fp32_prompts_join_bf16_tokens_in_bf16_under_autocast(impl):
+    """bf16 autocast: the fp32 prompt parameters are cast before they join the tokens, so no
+    [B, H, P + N, d] tensor is made in fp32 (SDPA would cast it back); the numbers are the same."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CatDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.cat.default:
+                self.dtypes.append(out.dtype)
+            return out
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, 33, D, generator=g).bfloat16() for _ in range(3))
+    keys, values = (torch.randn(B, H, 5, D, generator=g).requires_grad_() for _ in range(2))  # fp32, as trained
+    gate = None if impl == "sdpa" else NoRGaGate("tanh", alpha=0.7, tau=1.9)
+    with torch.autocast("cpu", dtype=torch.bfloat16), prefix_attention_impl("fused"), CatDtypes() as cats:
+        out = prefix_attention(q, k, v, Prefix(values=values, keys=keys, gate=gate))
+    assert out.dtype == torch.bfloat16 and cats.dtypes and set(cats.dtypes) == {torch.bfloat16}
+    if impl == "sdpa":  # what SDPA's autocast made of the fp32 concatenation before
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            promoted = F.scaled_dot_product_attention(q, torch.cat([keys, k], 2), torch.cat([values, v], 2))
+        assert torch.equal(out, promoted)
+    (out.float().sum()).backward()
+    assert keys.grad.dtype == values.grad.dtype == torch.float32 and values.grad.abs().sum() > 0
 
 
 def test_auto_is_the_merged_path_on_the_cpu_and_an_unknown_choice_is_refused():

@@ -81,15 +81,19 @@ def prefix_attention(
     *,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Attention of ``q`` over ``[prefix; tokens]`` in one softmax. Shapes ``[B, H, N, head_dim]``."""
+    """Attention of ``q`` over ``[prefix; tokens]`` in one softmax. Shapes ``[B, H, N, head_dim]``.
+
+    Prefix keys and values (fp32 parameters) join the tokens' in the tokens' dtype: under bf16
+    autocast a concatenation would otherwise promote the whole [B, H, P + N, d] tensor to fp32,
+    which SDPA's autocast then casts back (the same numbers, three times the memory traffic)."""
     if prefix is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     _check_prefix(prefix, q)
     gate = prefix.gate
     if prefix.keys is not None and (gate is None or getattr(gate, "is_linear", False)):
         # Linear gate with per-token scores is exactly SDPA over the concatenated keys/values.
-        keys = torch.cat([prefix.keys, k], dim=2)
-        values = torch.cat([prefix.values, v], dim=2)
+        keys = torch.cat([prefix.keys.to(k.dtype), k], dim=2)
+        values = torch.cat([prefix.values.to(v.dtype), v], dim=2)
         return F.scaled_dot_product_attention(q, keys, values, dropout_p=dropout_p)
 
     scale = q.shape[-1] ** -0.5
@@ -136,7 +140,7 @@ def _fused_prefix_attention(q, k, v, prefix_scores, prefix_values, dropout_p: fl
     queries = torch.cat([q, prefix_scores.to(q.dtype) * d ** 0.5, zeros(B, H, N, width - P)], dim=-1)
     keys = torch.cat([torch.cat([zeros(B, H, P, d), unit_keys], dim=-1),
                       torch.cat([k, zeros(B, H, k.shape[2], width)], dim=-1)], dim=2)
-    values = torch.cat([torch.cat([prefix_values, v], dim=2), zeros(B, H, P + v.shape[2], width)], dim=-1)
+    values = torch.cat([torch.cat([prefix_values.to(v.dtype), v], dim=2), zeros(B, H, P + v.shape[2], width)], dim=-1)
     out = F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p, scale=d ** -0.5)
     return out[..., :d]
 
