@@ -245,7 +245,7 @@ def run_spec(args):
 
 def _run(args) -> int:
     from promptcl.core.feature_store import check_root
-    from promptcl.engine import check_device, resolve_run, run_sequence
+    from promptcl.engine import check_local_resources, resolve_run, run_sequence
     from promptcl.study.trainer import Scaling, fault_from_env
 
     try:
@@ -261,7 +261,7 @@ def _run(args) -> int:
         elif args.use_gpu or args.max_failures or args.cpus_per_worker is not None:
             raise ValueError("--use-gpu, --cpus-per-worker and --max-failures need --num-workers")
         else:
-            check_device(spec.device)
+            check_local_resources(run)
         if args.feature_cache is not None:
             check_root(args.feature_cache)
         if args.out.exists():

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from promptcl import metrics
 from promptcl.distributed import all_reduce_sum, broadcast_from_main, is_main, sync_gradients, world
 from promptcl.core.backbone import (LOCAL_BACKBONES, backbone_mean_std, build_backbone, check_backbone,
-                                    check_backbone_name, encode, input_shape)
+                                    check_backbone_name, check_hub_weights_cached, encode, input_shape)
 from promptcl.core.pretrain import local_backbone, verified_shipped_checkpoint
 from promptcl.config import apply_overrides, as_flat_dict
 from promptcl.data.benchmarks import (ClassIncremental, check_data_dir, dataset_spec, load_dataset,
@@ -179,6 +179,15 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def check_local_resources(run: ResolvedRun) -> None:
+    """What the machine that runs ``run`` must have, checked before any work: its device and, with
+    HF_HUB_OFFLINE set, the backbone's published weights in the local cache (a Ray driver leaves
+    both to the workers, which may have GPUs and caches it lacks)."""
+    check_device(run.spec.device)
+    if run.spec.pretrained and run.spec.checkpoint_file is None:
+        check_hub_weights_cached(run.backbone)
 
 
 def check_device(name: str) -> None:

@@ -220,6 +220,34 @@ def test_imagenet_r_reads_coda_prompts_split_with_its_class_indices(tmp_path, ca
         resolve_run(RunSpec(method="simplecil", dataset="cifar100", split_file=str(train_yaml)))
 
 
+def test_offline_hub_weights_missing_from_the_cache_fail_before_the_data_is_read(cifar_root, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """HF_HUB_OFFLINE (set for the tests) and an empty Hugging Face cache: `run` stops in one line
+    before any work; a --checkpoint-file or --random-init run needs no hub weights."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    root, _ = cifar_root
+    argv = ["run", "--method", "simplecil", "--dataset", "cifar100", "--data-dir", str(root), "--out"]
+    assert main([*argv, str(tmp_path / "out"), "--backbone", "sup21k"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert ("backbone 'sup21k': its weights (timm/vit_base_patch16_224.orig_in21k) are not in the local Hugging "
+            "Face cache and HF_HUB_OFFLINE is set" in err and len(err.splitlines()) == 1), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    from promptcl.engine import check_local_resources
+
+    check_local_resources(resolve_run(RunSpec(method="simplecil", dataset="cifar100", data_dir=root,
+                                              backbone="sup21k", pretrained=False)))
+    cached = tmp_path / "hub" / "models--timm--vit_base_patch16_224.orig_in21k"
+    (cached / "snapshots" / "abc").mkdir(parents=True)
+    (cached / "refs").mkdir()
+    (cached / "refs" / "main").write_text("abc")
+    (cached / "snapshots" / "abc" / "model.safetensors").write_bytes(b"")  # in the cache layout: found
+    check_local_resources(resolve_run(RunSpec(method="simplecil", dataset="cifar100", data_dir=root,
+                                              backbone="sup21k")))
+
+
 def test_shipped_imagenet_r_split_is_the_reference_generator_output():
     """80/20, every class in both parts, and exactly what the seeded generator makes of its listing."""
     shipped = paper.read_split_file(paper.shipped_imagenet_r_split())
@@ -381,10 +409,14 @@ def test_every_disk_benchmark_is_registered_with_a_check():
         assert spec.needs_data_dir and spec.check is not None and spec.has_pipeline
 
 
-def test_a_study_passes_the_disk_benchmark_options_to_every_trial(cifar_root, tmp_path):
+def test_a_study_passes_the_disk_benchmark_options_to_every_trial(cifar_root, tmp_path, monkeypatch):
     """`studies/*.py --dataset cifar100 --data-dir ... --protocol ... --backbone ...` reaches each
     trial's RunSpec, and a bad root fails the study before Ray starts."""
+    import huggingface_hub
+
     from promptcl.study.tuner import spec_from_args, study_parser, validate_study
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # online: trials fetch the weights
 
     root, _ = cifar_root
     parser = study_parser("test", name="t", num_samples=2)
@@ -415,6 +447,11 @@ def test_a_study_passes_the_disk_benchmark_options_to_every_trial(cifar_root, tm
     assert with_split.run_options["split_file"] == str(split.resolve())
     with pytest.raises(ValueError, match="has a fixed train/test split"):
         validate_study(with_split)
+    # offline, a local study's trials would find no weights: refused before Ray starts
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ValueError, match="its weights .* are not in the local Hugging Face cache"):
+        validate_study(spec_from_args(args, method="smope", search_space=lambda trial: None, smoke_overrides={}))
 
 
 def test_probe_reads_a_disk_benchmark(tmp_path):

@@ -136,6 +136,24 @@ def check_backbone(name: str, checkpoint_file: Optional[Path] = None, pretrained
         raise ValueError(_release_file_required(name, seed))
 
 
+def check_hub_weights_cached(name: str) -> None:
+    """With HF_HUB_OFFLINE set, a timm backbone's published weights must already be in the local
+    Hugging Face cache (else the run would fail once its data is read); online they are fetched when
+    the backbone is built."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE or name in LOCAL_BACKBONES:
+        return
+    timm_name = SEED_BACKBONES[name].timm_name if name in SEED_BACKBONES else name
+    cfg = timm.get_pretrained_cfg(timm_name)
+    if cfg is None or not cfg.hf_hub_id:
+        return
+    if not any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, f), str)
+               for f in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")):
+        raise ValueError(f"backbone {name!r}: its weights ({cfg.hf_hub_id}) are not in the local Hugging Face "
+                         f"cache and HF_HUB_OFFLINE is set; fetch them once online, or pass --checkpoint-file")
+
+
 def _release_file_required(name: str, seed: SeedBackbone) -> str:
     return (f"backbone {name!r} ({seed.paper_name}) has no timm hub weights: pass its release file "
             f"{seed.release_file} with --checkpoint-file (or use a random init)")

@@ -26,7 +26,7 @@ from typing import Any, Callable, Literal, Optional
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from promptcl.core.backbone import LOCAL_BACKBONES
+from promptcl.core.backbone import LOCAL_BACKBONES, check_hub_weights_cached
 from promptcl.core.feature_store import check_root
 from promptcl.core.pretrain import local_checkpoint
 from promptcl.data.preprocessing import PROTOCOLS
@@ -205,9 +205,11 @@ def validate_study(spec: StudySpec) -> RunSpec:
         raise ValueError(f"ASHA compares trials on one accuracy metric per task; --asha needs the objective "
                          f"{ACCURACY[0]}, got {','.join(map(str, spec.objectives))}")
     for method in spec.methods():  # every method of a comparison, with its own overrides
-        spec.scaling.check(resolve_run(RunSpec(method=method, dataset=spec.dataset, seed=spec.seed,
-                                               precision=spec.precision, **spec.run_options,
-                                               overrides=spec.overrides_for(method))))
+        resolved = resolve_run(RunSpec(method=method, dataset=spec.dataset, seed=spec.seed, precision=spec.precision,
+                                       **spec.run_options, overrides=spec.overrides_for(method)))
+        spec.scaling.check(resolved)
+        if not os.environ.get("RAY_ADDRESS") and resolved.spec.pretrained and not resolved.spec.checkpoint_file:
+            check_hub_weights_cached(resolved.backbone)  # a local Ray's trials read this machine's cache
     return RunSpec(method=spec.method, dataset=spec.dataset, seed=spec.seed, precision=spec.precision,
                    **spec.run_options, overrides=dict(spec.fixed_overrides))
 
