@@ -10,6 +10,7 @@ import torch
 from promptcl.cli import main
 from promptcl.data.benchmarks import load_digits
 from promptcl.engine import RunSpec, resolve_run, run_sequence
+from promptcl.methods import get_method
 
 FAST = ["--set", "epochs=2", "--set", "ca_epochs=3"]
 
@@ -39,7 +40,7 @@ def test_run_writes_results_summary_and_checkpoints(reference_run):
                 "wall_seconds", "config"):
         assert key in summary
     assert summary["config"]["method_config"]["epochs"] == 2
-    assert "task_identity_accuracy" not in summary  # SMoPE infers no task (HiDe/NoRGa's runs report it)
+    assert "task_identity_accuracy" not in summary and not get_method("smope").INFERS_TASK  # HiDe's: test_resume
     acc = np.asarray(summary["accuracy_matrix"])
     final = [r["accuracy"] for r in rows if r["train_task"] == 4]
     assert summary["final_average_accuracy"] == pytest.approx(np.mean(final))

@@ -638,6 +638,7 @@ def test_bad_settings_fail_before_any_work(name, setting, capsys):
 def test_every_method_runs_a_sequence(name, tmp_path):
     summary = run_sequence(resolve_run(RunSpec(method=name, dataset="digits")), tmp_path)
     assert np.isfinite(summary["final_average_accuracy"]) and summary["final_average_accuracy"] > 20
+    assert ("task_identity_accuracy" in summary) == get_method(name).INFERS_TASK  # what studies may optimise
     assert (tmp_path / "summary.json").is_file()
 
 

@@ -246,6 +246,17 @@ def test_offline_hub_weights_missing_from_the_cache_fail_before_the_data_is_read
     (cached / "snapshots" / "abc" / "model.safetensors").write_bytes(b"")  # in the cache layout: found
     check_local_resources(resolve_run(RunSpec(method="simplecil", dataset="cifar100", data_dir=root,
                                               backbone="sup21k")))
+    # timm's old cache of a release URL (TIMM_USE_OLD_CACHE): timm loads from it, not from the hub
+    import timm.models._builder
+
+    dino = RunSpec(method="simplecil", dataset="cifar100", data_dir=root, backbone="dino1k")
+    with pytest.raises(ValueError, match="timm/vit_base_patch16_224.dino"):
+        check_local_resources(resolve_run(dino))
+    monkeypatch.setattr(timm.models._builder, "_USE_OLD_CACHE", True)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "torch" / "hub" / "checkpoints" / "dino_vitbase16_pretrain.pth").write_bytes(b"")
+    check_local_resources(resolve_run(dino))
 
 
 def test_shipped_imagenet_r_split_is_the_reference_generator_output():

@@ -137,21 +137,27 @@ def check_backbone(name: str, checkpoint_file: Optional[Path] = None, pretrained
 
 
 def check_hub_weights_cached(name: str) -> None:
-    """With HF_HUB_OFFLINE set, a timm backbone's published weights must already be in the local
-    Hugging Face cache (else the run would fail once its data is read); online they are fetched when
-    the backbone is built."""
+    """With HF_HUB_OFFLINE set, a timm backbone whose weights timm would fetch from the Hugging Face
+    hub must find them in the local cache (else the run would fail once its data is read). Where
+    they come from is timm's own choice (a hub repo and file, or its old cache of a URL's file)."""
     from huggingface_hub import constants, try_to_load_from_cache
+    from timm.models._builder import _resolve_pretrained_source
+    from timm.models._hub import hf_split
 
     if not constants.HF_HUB_OFFLINE or name in LOCAL_BACKBONES:
         return
-    timm_name = SEED_BACKBONES[name].timm_name if name in SEED_BACKBONES else name
-    cfg = timm.get_pretrained_cfg(timm_name)
-    if cfg is None or not cfg.hf_hub_id:
+    cfg = timm.get_pretrained_cfg(SEED_BACKBONES[name].timm_name if name in SEED_BACKBONES else name)
+    if cfg is None:
         return
-    if not any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, f), str)
-               for f in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")):
-        raise ValueError(f"backbone {name!r}: its weights ({cfg.hf_hub_id}) are not in the local Hugging Face "
-                         f"cache and HF_HUB_OFFLINE is set; fetch them once online, or pass --checkpoint-file")
+    source, location = _resolve_pretrained_source(cfg.to_dict())
+    if source != "hf-hub":  # a file, timm's old cache, or a URL that offline mode does not govern
+        return
+    repo, filename = location if isinstance(location, tuple) else (location, None)
+    repo_id, revision = hf_split(repo)
+    if not any(isinstance(try_to_load_from_cache(repo_id, f, revision=revision), str)
+               for f in ((filename,) if filename else ("model.safetensors", "pytorch_model.bin"))):
+        raise ValueError(f"backbone {name!r}: its weights ({repo_id}) are not in the local Hugging Face cache and "
+                         "HF_HUB_OFFLINE is set; fetch them once online, or pass --checkpoint-file")
 
 
 def _release_file_required(name: str, seed: SeedBackbone) -> str:

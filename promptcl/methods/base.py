@@ -117,6 +117,9 @@ class PromptMethod(nn.Module):
     DEFAULT_BACKBONES: ClassVar[dict[str, str]] = {}
     # full backbone passes per test image (two for methods with a task-identity pass)
     TEST_PASSES: ClassVar[int] = 1
+    # its predictions come with each sample's inferred task (``predict_with_details``'s "task"), so a
+    # run reports task-identity accuracy
+    INFERS_TASK: ClassVar[bool] = False
     # True: task t trains on the data of tasks 0..t (the joint upper bound), not on task t alone
     TRAINS_ON_SEEN_TASKS: ClassVar[bool] = False
     # the code base whose input pipeline `--protocol reference` follows: "hide" (HiDe/NoRGa and the
@@ -228,12 +231,6 @@ class PromptMethod(nn.Module):
         """Predictions plus per-sample diagnostics; ``task`` (the inferred task id) is scored as
         task-identity accuracy by the engine."""
         return self.seen_class_logits(self.logits(images)).argmax(dim=-1), {}
-
-    @classmethod
-    def infers_task(cls) -> bool:
-        """Whether its predictions come with each sample's inferred task (so a run reports
-        task-identity accuracy): the methods that override ``predict_with_details`` to say it."""
-        return cls.predict_with_details is not PromptMethod.predict_with_details
 
     def seen_class_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Test-time logits restricted to the classes seen so far. A config with

@@ -87,6 +87,7 @@ class DualPrompt(PromptMethod):
     SCRIPTS = NORGA_BASELINE_SCRIPTS
     SCRIPTED_PRESETS = ("5datasets",)  # NoRGa's 5-datasets config, the one its scripts run
     TEST_PASSES = 2
+    INFERS_TASK = True
     REFERENCE_CODE_BASE = "hide"
 
     def __init__(self, config: DualPromptConfig, *, backbone: nn.Module, num_classes: int, num_tasks: int) -> None:

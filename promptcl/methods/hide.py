@@ -183,6 +183,7 @@ class HiDePrompt(PromptMethod):
     # The reference's Sup-21K checkpoint is the original in21k ViT-B/16, not AugReg.
     DEFAULT_BACKBONES = {name: "sup21k" for name in ("cifar100", "imagenet_r", "cub200", "five_datasets")}
     TEST_PASSES = 2
+    INFERS_TASK = True
     REFERENCE_CODE_BASE = "hide"
 
     def __init__(self, config: HiDeConfig, *, backbone: nn.Module, num_classes: int, num_tasks: int) -> None:

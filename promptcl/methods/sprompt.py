@@ -66,6 +66,7 @@ class SPrompt(PromptMethod):
     Config = SPromptConfig
     PRESETS = {"paper": PAPER, "small": SMALL}
     TEST_PASSES = 2
+    INFERS_TASK = True
     REFERENCE_CODE_BASE = "hide"
 
     def __init__(self, config: SPromptConfig, *, backbone: nn.Module, num_classes: int, num_tasks: int) -> None:

@@ -197,7 +197,7 @@ def validate_study(spec: StudySpec) -> RunSpec:
     if spec.grid is not None and spec.optuna_storage is not None:
         raise ValueError("a grid study runs no Optuna search, so it keeps no Optuna study (--optuna-storage)")
     if any(o.metric == "task_identity_accuracy" for o in spec.objectives):
-        blind = [m for m in spec.methods() if not get_method(m).infers_task()]
+        blind = [m for m in spec.methods() if not get_method(m).INFERS_TASK]
         if blind:
             raise ValueError(f"{', '.join(blind)} infer(s) no task at test time, so a trial reports no "
                              "task_identity_accuracy to optimise")
