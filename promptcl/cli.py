@@ -258,6 +258,8 @@ def _run(args) -> int:
                               max_failures=args.max_failures)
             scaling.check(run)
             fault_from_env()
+            if not os.environ.get("RAY_ADDRESS"):  # a local Ray: its workers read this machine's cache
+                check_local_resources(run, device=False)
         elif args.use_gpu or args.max_failures or args.cpus_per_worker is not None:
             raise ValueError("--use-gpu, --cpus-per-worker and --max-failures need --num-workers")
         else:

@@ -181,11 +181,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_local_resources(run: ResolvedRun) -> None:
-    """What the machine that runs ``run`` must have, checked before any work: its device and, with
-    HF_HUB_OFFLINE set, the backbone's published weights in the local cache (a Ray driver leaves
-    both to the workers, which may have GPUs and caches it lacks)."""
-    check_device(run.spec.device)
+def check_local_resources(run: ResolvedRun, *, device: bool = True) -> None:
+    """What the machine that runs ``run`` must have, checked before any work: its device (unless
+    ``device`` is false: Ray places the workers) and, with HF_HUB_OFFLINE set, the backbone's
+    published weights in the local cache. A driver attached to a Ray cluster checks neither: its
+    workers may have GPUs and caches it lacks."""
+    if device:
+        check_device(run.spec.device)
     if run.spec.pretrained and run.spec.checkpoint_file is None:
         check_hub_weights_cached(run.backbone)
 

@@ -234,6 +234,8 @@ def test_offline_hub_weights_missing_from_the_cache_fail_before_the_data_is_read
     err = capsys.readouterr().err.strip()
     assert ("backbone 'sup21k': its weights (timm/vit_base_patch16_224.orig_in21k) are not in the local Hugging "
             "Face cache and HF_HUB_OFFLINE is set" in err and len(err.splitlines()) == 1), err
+    assert main([*argv, str(tmp_path / "out"), "--backbone", "sup21k", "--num-workers", "2"]) == 2  # a local Ray
+    assert "are not in the local Hugging Face cache" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     from promptcl.engine import check_local_resources
 

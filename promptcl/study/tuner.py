@@ -26,11 +26,11 @@ from typing import Any, Callable, Literal, Optional
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from promptcl.core.backbone import LOCAL_BACKBONES, check_hub_weights_cached
+from promptcl.core.backbone import LOCAL_BACKBONES
 from promptcl.core.feature_store import check_root
 from promptcl.core.pretrain import local_checkpoint
 from promptcl.data.preprocessing import PROTOCOLS
-from promptcl.engine import FINAL_METRICS, RunSpec, resolve_run
+from promptcl.engine import FINAL_METRICS, RunSpec, check_local_resources, resolve_run
 from promptcl.methods import get_method
 from promptcl.storage import check_writable_location
 from promptcl.study import tracking
@@ -208,8 +208,8 @@ def validate_study(spec: StudySpec) -> RunSpec:
         resolved = resolve_run(RunSpec(method=method, dataset=spec.dataset, seed=spec.seed, precision=spec.precision,
                                        **spec.run_options, overrides=spec.overrides_for(method)))
         spec.scaling.check(resolved)
-        if not os.environ.get("RAY_ADDRESS") and resolved.spec.pretrained and not resolved.spec.checkpoint_file:
-            check_hub_weights_cached(resolved.backbone)  # a local Ray's trials read this machine's cache
+        if not os.environ.get("RAY_ADDRESS"):  # a local Ray's trials read this machine's cache
+            check_local_resources(resolved, device=False)
     return RunSpec(method=spec.method, dataset=spec.dataset, seed=spec.seed, precision=spec.precision,
                    **spec.run_options, overrides=dict(spec.fixed_overrides))
 
