@@ -34,17 +34,20 @@ def export_study(tracking_uri: str, experiment: str, *, parent_run_id: Optional[
     """Tidy rows of every finished trial of one study run of ``experiment``: ``parent_run_id``, by
     default the latest (a fresh run of a study name starts a new study run beside the old ones,
     whose trials and fronts are not this run's)."""
-    from promptcl.study.tracking import children, client, study_run
+    return _export(tracking_uri, experiment, parent_run_id)[1]
+
+
+def _export(tracking_uri: str, experiment: str, parent_run_id: Optional[str]) -> tuple[str, list[dict[str, Any]]]:
+    """(the study run's id, its tidy rows)."""
+    from promptcl.study.tracking import client, finished_trials
 
     import os
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per trial otherwise
-    experiment_id, parent_run_id = study_run(tracking_uri, experiment, parent_run_id)
+    parent_run_id, runs = finished_trials(tracking_uri, experiment, parent_run_id)
     c = client(tracking_uri)
     rows: list[dict[str, Any]] = []
-    for run in children(tracking_uri, experiment_id, parent_run_id, "attributes.status = 'FINISHED'"):
-        if "final_average_accuracy" not in run.data.metrics:
-            continue
+    for run in runs:
         with tempfile.TemporaryDirectory() as tmp:
             summary = json.loads(Path(c.download_artifacts(run.info.run_id, "summary.json", tmp)).read_text())
         params = run.data.params
@@ -59,7 +62,7 @@ def export_study(tracking_uri: str, experiment: str, *, parent_run_id: Optional[
                  # runs made before the engine counted training work have no per-run figure
                  "train_flops_per_run": float(summary.get("train_flops_per_run", math.nan))}
         rows.extend(_matrix_rows(trial, np.asarray(summary["accuracy_matrix"])))
-    return rows
+    return parent_run_id, rows
 
 
 def _matrix_rows(trial: dict[str, Any], acc: np.ndarray) -> list[dict[str, Any]]:
@@ -362,11 +365,10 @@ def report_from_mlflow(tracking_uri: str, experiment: str, out_dir: Path, *,
                        log_to_parent: bool = True, parent_run_id: Optional[str] = None) -> Path:
     """Export, build, and log the report back to the study run. ``parent_run_id``: that study run's
     report; default: the experiment's latest study run."""
-    from promptcl.study.tracking import client, study_run
+    from promptcl.study.tracking import client
 
     latest = parent_run_id is None
-    _, parent_run_id = study_run(tracking_uri, experiment, parent_run_id)
-    rows = export_study(tracking_uri, experiment, parent_run_id=parent_run_id)
+    parent_run_id, rows = _export(tracking_uri, experiment, parent_run_id)
     if not rows:  # before anything is written
         raise ValueError(f"study run {parent_run_id} of {experiment!r} has no finished trials to report"
                          + (" (the latest; --study-run RUN_ID picks another)" if latest else ""))

@@ -147,6 +147,14 @@ def study_run(tracking_uri: str, experiment: str, parent_run_id: Optional[str] =
     return found.experiment_id, parent_run_id
 
 
+def finished_trials(tracking_uri: str, experiment: str, parent_run_id: Optional[str] = None) -> tuple[str, list]:
+    """(study run id, its finished trials that logged a final accuracy) of one study run of
+    ``experiment`` (``parent_run_id``, by default the latest; see ``study_run``)."""
+    experiment_id, parent_run_id = study_run(tracking_uri, experiment, parent_run_id)
+    runs = children(tracking_uri, experiment_id, parent_run_id, "attributes.status = 'FINISHED'")
+    return parent_run_id, [run for run in runs if "final_average_accuracy" in run.data.metrics]
+
+
 def _latest_parent_run(c, experiment_id: str) -> Optional[str]:
     """The newest run without a parent, page by page (tag-absence filters are not in every MLflow
     server's search syntax, so the parent tag is checked here)."""

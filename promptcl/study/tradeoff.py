@@ -25,13 +25,10 @@ def pareto_front(rows: Sequence[dict[str, Any]], cost_keys: Sequence[str] = COST
 def load_trials(tracking_uri: str, experiment: str, parent_run_id: Optional[str] = None) -> list[dict[str, Any]]:
     """One row per finished trial of one study run (``parent_run_id``, by default the experiment's
     latest): its method config and final metrics."""
-    from promptcl.study.tracking import children, study_run
+    from promptcl.study.tracking import finished_trials
 
-    experiment_id, parent_run_id = study_run(tracking_uri, experiment, parent_run_id)
     rows = []
-    for run in children(tracking_uri, experiment_id, parent_run_id, "attributes.status = 'FINISHED'"):
-        if ACCURACY_KEY not in run.data.metrics:
-            continue
+    for run in finished_trials(tracking_uri, experiment, parent_run_id)[1]:
         params = {k.split("/", 1)[1]: v for k, v in run.data.params.items() if k.startswith("method_config/")}
         rows.append({"run_id": run.info.run_id, "method": run.data.tags.get("method", ""), **params,
                      **run.data.metrics})
