@@ -10,6 +10,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.pop("RAY_ADDRESS", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# Under pytest-xdist the workers share the machine's cores: one compute thread each (and in the
+# processes they start), else OpenMP threads spin against each other and every test runs slower.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 
 @pytest.fixture
@@ -19,10 +23,10 @@ def mlflow_uri(tmp_path):
 
 @pytest.fixture(scope="session")
 def local_ray():
-    """One local Ray for every test that needs one. Logical CPUs exceed the 2 cores on purpose:
-    studies bound their own concurrency, and Ray Train can keep the placement groups of stopped
-    trials reserved for a while, which must not starve the tests after them. Yields the GCS
-    address, for subprocess drivers."""
+    """One local Ray for every test of this process that needs one (each xdist worker has its
+    own). Logical CPUs exceed the 2 cores on purpose: studies bound their own concurrency, and Ray
+    Train can keep the placement groups of stopped trials reserved for a while, which must not
+    starve the tests after them. Yields the GCS address, for subprocess drivers."""
     import ray
 
     # The dashboard serves the State API, which Ray Train's placement-group cleaner needs to free
