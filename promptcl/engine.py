@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from promptcl import metrics
 from promptcl.distributed import all_reduce_sum, broadcast_from_main, is_main, sync_gradients, world
-from promptcl.core.backbone import (LOCAL_BACKBONES, backbone_mean_std, build_backbone, check_backbone,
-                                    check_backbone_name, check_hub_weights_cached, encode, input_shape)
+from promptcl.core.backbone import (LOCAL_BACKBONES, backbone_mean_std, build_backbone, cache_hub_weights,
+                                    check_backbone, check_backbone_name, encode, input_shape)
 from promptcl.core.pretrain import local_backbone, verified_shipped_checkpoint
 from promptcl.config import apply_overrides, as_flat_dict
 from promptcl.data.benchmarks import (ClassIncremental, check_data_dir, dataset_spec, load_dataset,
@@ -185,13 +185,17 @@ def pick_device(name: str) -> torch.device:
 
 def check_local_resources(run: ResolvedRun, *, device: bool = True) -> None:
     """What the machine that runs ``run`` must have, checked before any work: its device (unless
-    ``device`` is false: Ray places the workers) and, with HF_HUB_OFFLINE set, the backbone's
-    published weights in the local cache. A driver attached to a Ray cluster checks neither: its
-    workers may have GPUs and caches it lacks."""
+    ``device`` is false: Ray places the workers) and the backbone's published hub weights in the
+    local cache (fetched now if online). A driver attached to a Ray cluster checks neither: its
+    workers may have GPUs and caches it lacks (each fetches before reading data: ``_set_up``)."""
     if device:
         check_device(run.spec.device)
+    _cache_backbone_weights(run)
+
+
+def _cache_backbone_weights(run: ResolvedRun) -> None:
     if run.spec.pretrained and run.spec.checkpoint_file is None:
-        check_hub_weights_cached(run.backbone)
+        cache_hub_weights(run.backbone)
 
 
 def check_device(name: str) -> None:
@@ -370,6 +374,7 @@ def _set_up(run: ResolvedRun) -> _Setup:
     """Device, tasks and a freshly initialised method for ``run`` (seeded)."""
     spec = run.spec
     device = pick_device(spec.device)
+    _cache_backbone_weights(run)  # an unreachable hub fails before the data is read
     data = load_dataset(spec.dataset, spec.data_dir, run.preprocessing, spec.split_file)
     ds = dataset_spec(spec.dataset)
     workers = spec.loader_workers

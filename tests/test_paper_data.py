@@ -2,11 +2,15 @@
 loaders, the ImageNet-R split, data-root errors, the preprocessing protocols and the DataLoaders."""
 
 import gzip
+import hashlib
+import http.server
 import json
 import os
 import random
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,11 +245,7 @@ def test_offline_hub_weights_missing_from_the_cache_fail_before_the_data_is_read
 
     check_local_resources(resolve_run(RunSpec(method="simplecil", dataset="cifar100", data_dir=root,
                                               backbone="sup21k", pretrained=False)))
-    cached = tmp_path / "hub" / "models--timm--vit_base_patch16_224.orig_in21k"
-    (cached / "snapshots" / "abc").mkdir(parents=True)
-    (cached / "refs").mkdir()
-    (cached / "refs" / "main").write_text("abc")
-    (cached / "snapshots" / "abc" / "model.safetensors").write_bytes(b"")  # in the cache layout: found
+    _cache_entry(tmp_path / "hub", "timm/vit_base_patch16_224.orig_in21k")
     check_local_resources(resolve_run(RunSpec(method="simplecil", dataset="cifar100", data_dir=root,
                                               backbone="sup21k")))
     # timm's old cache of a release URL (TIMM_USE_OLD_CACHE): timm loads from it, not from the hub
@@ -259,6 +259,113 @@ def test_offline_hub_weights_missing_from_the_cache_fail_before_the_data_is_read
     (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
     (tmp_path / "torch" / "hub" / "checkpoints" / "dino_vitbase16_pretrain.pth").write_bytes(b"")
     check_local_resources(resolve_run(dino))
+
+
+def _cache_entry(hub: Path, repo: str) -> None:
+    """An (empty) model.safetensors of ``repo`` in the Hugging Face cache's layout: found there."""
+    cached = hub / f"models--{repo.replace('/', '--')}"
+    (cached / "snapshots" / "abc").mkdir(parents=True)
+    (cached / "refs").mkdir()
+    (cached / "refs" / "main").write_text("abc")
+    (cached / "snapshots" / "abc" / "model.safetensors").write_bytes(b"")
+
+
+class _HubFiles(http.server.BaseHTTPRequestHandler):
+    """The Hugging Face hub's file protocol, as ``hf_hub_download`` speaks it, on this machine:
+    ``/{repo}/resolve/{revision}/{file}``, HEAD for the commit, ETag and size, GET for the bytes."""
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+
+    def do_HEAD(self):
+        self._answer(body=False)
+
+    def do_GET(self):
+        self._answer(body=True)
+
+    def _answer(self, body: bool) -> None:
+        repo, _, path = self.path.lstrip("/").partition("/resolve/")
+        self.server.requests.append(self.path)
+        data = self.server.files.get((repo, path.rpartition("/")[2]))
+        if data is None:
+            known = any(r == repo for r, _ in self.server.files)
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound" if known else "RepoNotFound")
+            self.send_header("X-Repo-Commit", self.commit)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", self.commit)
+        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def local_hub():
+    """A hub on a loopback port serving ``server.files[(repo, file)]``; yields the server."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HubFiles)
+    server.files, server.requests = {}, []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_online_hub_weights_are_fetched_before_any_work_and_a_missing_repository_fails_in_one_line(
+        cifar_root, tmp_path, local_hub):
+    """Online, against a hub on this machine: weights missing from the cache are fetched before any
+    work, and timm then builds from the cache with the hub switched off; a repository the hub lacks
+    stops `run` in one line before the data is read (exit 2, nothing written)."""
+    import timm
+    from safetensors.torch import save
+
+    torch.manual_seed(0)
+    served = timm.create_model("test_vit", num_classes=0).state_dict()
+    local_hub.files[("timm/test_vit.r160_in1k", "model.safetensors")] = save(served)
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{local_hub.server_port}",
+           "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_DISABLE_XET": "1"}
+    fetch_then_build_offline = (
+        "import huggingface_hub.constants as hub, torch\n"
+        "from promptcl.core.backbone import build_backbone, cache_hub_weights\n"
+        "cache_hub_weights('test_vit.r160_in1k')\n"
+        "hub.HF_HUB_OFFLINE = True\n"
+        "torch.save(build_backbone('test_vit.r160_in1k', pretrained=True).state_dict(), 'built.pt')\n")
+    subprocess.run([sys.executable, "-c", fetch_then_build_offline], env=env, cwd=tmp_path, check=True)
+    built = torch.load(tmp_path / "built.pt")
+    assert all(torch.equal(built[k], v) for k, v in served.items() if k in built) and "pos_embed" in built
+    assert local_hub.requests[-1] == "/timm/test_vit.r160_in1k/resolve/main/model.safetensors"
+
+    root, _ = cifar_root
+    out = tmp_path / "out"
+    absent = "vit_tiny_patch16_224.augreg_in21k"
+    failed = subprocess.run([sys.executable, "-m", "promptcl.cli", "run", "--method", "simplecil", "--dataset",
+                             "cifar100", "--data-dir", str(root), "--backbone", absent, "--out", str(out)],
+                            env=env, capture_output=True, text=True)
+    err = failed.stderr.strip()
+    assert failed.returncode == 2 and len(err.splitlines()) == 1, err
+    assert (f"backbone '{absent}': its weights (timm/{absent}) could not be fetched from the Hugging Face hub "
+            f"(http://127.0.0.1:{local_hub.server_port})" in err), err
+    assert not out.exists() and local_hub.requests[-1].startswith(f"/timm/{absent}/")
+
+
+def test_a_run_fetches_its_backbone_weights_before_it_reads_the_data(monkeypatch):
+    """A Train worker (or any run) fetches hub weights first: an unreachable hub fails before the data."""
+    from promptcl import engine
+
+    order = []
+    monkeypatch.setattr(engine, "cache_hub_weights", lambda name: order.append(("weights", name)))
+    monkeypatch.setattr(engine, "load_dataset", lambda *a: order.append(("data", a[0])) or 1 / 0)
+    run = resolve_run(RunSpec(method="simplecil", dataset="digits", backbone="vit_digits"))
+    with pytest.raises(ZeroDivisionError):
+        engine._set_up(run)
+    assert order == [("weights", "vit_digits"), ("data", "digits")]
 
 
 def test_shipped_imagenet_r_split_is_the_reference_generator_output():
@@ -438,7 +545,9 @@ def test_a_study_passes_the_disk_benchmark_options_to_every_trial(cifar_root, tm
 
     from promptcl.study.tuner import spec_from_args, study_parser, validate_study
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # online: trials fetch the weights
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    _cache_entry(tmp_path / "hub", "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k")  # the trials' weights
 
     root, _ = cifar_root
     parser = study_parser("test", name="t", num_samples=2)
@@ -470,8 +579,7 @@ def test_a_study_passes_the_disk_benchmark_options_to_every_trial(cifar_root, tm
     with pytest.raises(ValueError, match="has a fixed train/test split"):
         validate_study(with_split)
     # offline, a local study's trials would find no weights: refused before Ray starts
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     with pytest.raises(ValueError, match="its weights .* are not in the local Hugging Face cache"):
         validate_study(spec_from_args(args, method="smope", search_space=lambda trial: None, smoke_overrides={}))
 

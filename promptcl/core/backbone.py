@@ -136,28 +136,47 @@ def check_backbone(name: str, checkpoint_file: Optional[Path] = None, pretrained
         raise ValueError(_release_file_required(name, seed))
 
 
-def check_hub_weights_cached(name: str) -> None:
-    """With HF_HUB_OFFLINE set, a timm backbone whose weights timm would fetch from the Hugging Face
-    hub must find them in the local cache (else the run would fail once its data is read). Where
-    they come from is timm's own choice (a hub repo and file, or its old cache of a URL's file)."""
-    from huggingface_hub import constants, try_to_load_from_cache
+def cache_hub_weights(name: str) -> None:
+    """Put a timm backbone's published weights in the local Hugging Face cache before any work, when
+    timm would fetch them from the hub: found there, or fetched now. With HF_HUB_OFFLINE set a
+    missing file, and online an unreachable hub or repository, is a one-line error here instead of a
+    traceback once the data is read (and the trials of a local study do not race to fetch it).
+    Where they come from is timm's own choice (a hub repo and file, or its old cache of a URL's file)."""
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import RemoteEntryNotFoundError
     from timm.models._builder import _resolve_pretrained_source
-    from timm.models._hub import hf_split
+    from timm.models._hub import HF_WEIGHTS_NAME, _get_safe_alternatives, hf_split
 
-    if not constants.HF_HUB_OFFLINE or name in LOCAL_BACKBONES:
+    if name in LOCAL_BACKBONES:
         return
     cfg = timm.get_pretrained_cfg(SEED_BACKBONES[name].timm_name if name in SEED_BACKBONES else name)
     if cfg is None:
         return
     source, location = _resolve_pretrained_source(cfg.to_dict())
-    if source != "hf-hub":  # a file, timm's old cache, or a URL that offline mode does not govern
+    if source != "hf-hub":  # a file, timm's old cache, or a URL (torch.hub's download at build time)
         return
-    repo, filename = location if isinstance(location, tuple) else (location, None)
+    repo, filename = location if isinstance(location, tuple) else (location, HF_WEIGHTS_NAME)
     repo_id, revision = hf_split(repo)
-    if not any(isinstance(try_to_load_from_cache(repo_id, f, revision=revision), str)
-               for f in ((filename,) if filename else ("model.safetensors", "pytorch_model.bin"))):
+    # timm's order: a .safetensors file as it is, else its safetensors alternatives, then the file
+    candidates = (filename,) if filename.endswith(".safetensors") else (*_get_safe_alternatives(filename), filename)
+    if any(isinstance(try_to_load_from_cache(repo_id, f, revision=revision), str) for f in candidates):
+        return
+    if constants.HF_HUB_OFFLINE:
         raise ValueError(f"backbone {name!r}: its weights ({repo_id}) are not in the local Hugging Face cache and "
                          "HF_HUB_OFFLINE is set; fetch them once online, or pass --checkpoint-file")
+    for i, file in enumerate(candidates):
+        try:
+            hf_hub_download(repo_id, file, revision=revision)
+            return
+        except RemoteEntryNotFoundError:  # the repository lacks this file: timm tries the next
+            if i == len(candidates) - 1:
+                raise ValueError(f"backbone {name!r}: the hub repository {repo_id} has none of "
+                                 f"{', '.join(candidates)}") from None
+        except OSError as err:  # unreachable hub, unknown repository or revision, refused access
+            reason = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
+            raise ValueError(f"backbone {name!r}: its weights ({repo_id}) could not be fetched from the Hugging "
+                             f"Face hub ({constants.ENDPOINT}): {reason}; pass --checkpoint-file to use a "
+                             "local file") from None
 
 
 def _release_file_required(name: str, seed: SeedBackbone) -> str:
