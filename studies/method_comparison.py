@@ -54,12 +54,12 @@ def main(argv=None) -> int:
             spec_from_args(args, method=methods[0], search_space=None, smoke_overrides={}),
             grid={"method": tuple(methods), "seed": seeds},
             per_method_overrides=smoke_overrides(methods) if args.smoke else {})
-        validate_study(spec)
+        validated = validate_study(spec)
         fault_from_env()
     except (ValueError, ImportError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    rows = run_study(spec)
+    rows = run_study(spec, validated=validated)
     table = method_table(rows)
     paths = write_method_table(table, args.runs_dir / spec.name)
     parent = stored_parent_run(spec)

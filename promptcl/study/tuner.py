@@ -322,10 +322,11 @@ def _as_uri(path: str) -> str:
     return path if "://" in path else Path(path).resolve().as_uri()
 
 
-def run_study(spec: StudySpec) -> list[dict[str, Any]]:
+def run_study(spec: StudySpec, *, validated: Optional[RunSpec] = None) -> list[dict[str, Any]]:
     """Run (or with ``resume``, continue) the study; return one row per completed trial. The
-    console gets one line per trial event; the rest of the output goes to ``spec.log_path()``."""
-    run_spec = validate_study(spec)
+    console gets one line per trial event; the rest of the output goes to ``spec.log_path()``.
+    ``validated``: what ``validate_study(spec)`` returned, when the caller has checked it already."""
+    run_spec = validated if validated is not None else validate_study(spec)
     resolved = resolve_run(run_spec)
     num_tasks = resolved.num_tasks
     runs_dir = Path(spec.runs_dir).resolve()
@@ -656,12 +657,12 @@ def run_study_script(spec: StudySpec, *, table_params: list[str], best_by: str, 
     import sys
 
     try:
-        validate_study(spec)
+        validated = validate_study(spec)
         fault_from_env()
     except ValueError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    rows = run_study(spec)
+    rows = run_study(spec, validated=validated)
     ranked = sorted(rows, key=lambda r: -r["final_average_accuracy"])
     print("\nBest trials:\n" + format_table(ranked[:5], table_params))
     print(f"\nBest trial per {best_by} (accuracy vs parameters and test FLOPs):\n"
