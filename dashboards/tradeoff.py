@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from promptcl.study.tracking import default_tracking_uri
+from promptcl.study.tracking import tracking_uri
 from promptcl.study.tradeoff import ACCURACY_KEY, load_trials, pareto_front
 
 
@@ -21,11 +21,11 @@ def main(argv=None) -> int:
     p.add_argument("--experiment", default="smope_topk")
     p.add_argument("--study-run", default=None, metavar="RUN_ID",
                    help="the study's MLflow parent run (default: the experiment's latest)")
-    p.add_argument("--mlflow-uri", default=default_tracking_uri(Path("runs")))
+    p.add_argument("--mlflow-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///runs/mlflow.db")
     p.add_argument("--out", type=Path, default=Path("runs/tradeoff.png"))
     args = p.parse_args(argv)
     try:
-        rows = load_trials(args.mlflow_uri, args.experiment, args.study_run)
+        rows = load_trials(tracking_uri(args.mlflow_uri), args.experiment, args.study_run)
     except ValueError as err:
         print(f"tradeoff: error: {err}", file=sys.stderr)
         return 2

@@ -193,12 +193,12 @@ def _probe(args) -> int:
 def _report(args) -> int:
     from promptcl.storage import check_writable_location
     from promptcl.study.report import report_from_mlflow, report_from_table
-    from promptcl.study.tracking import default_tracking_uri
+    from promptcl.study.tracking import tracking_uri
 
     try:
         check_writable_location("--out", args.out)
         if args.experiment:
-            uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path("runs"))
+            uri = tracking_uri(args.mlflow_uri)
             page = report_from_mlflow(uri, args.experiment, args.out, log_to_parent=not args.no_log,
                                       parent_run_id=args.study_run)
         elif args.study_run:

@@ -4,7 +4,8 @@ Ray Tune + Optuna over the method itself (SMoPE, HiDe-Prompt, NoRGa) and, per me
 that set its size: SMoPE's experts per head (num_experts) and experts routed per token (top_k,
 never above num_experts), HiDe/NoRGa's prompt length, and for every method the number of
 prompted layers (the first n blocks, n from 1 up to the depth of the dataset's backbone). Each
-trial runs a whole CL sequence through Ray Train and is logged to MLflow with its cost
+trial runs a whole CL sequence (in its Tune trial for one CPU worker, through Ray Train for several
+workers or GPUs) and is logged to MLflow with its cost
 (trainable_params, train/test FLOPs per image), so the study is a map of accuracy against cost.
 
 Two modes:

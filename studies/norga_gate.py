@@ -2,8 +2,8 @@
 
 Ray Tune + Optuna (TPE, define-by-run) over the method itself (HiDe-Prompt = linear gate, or
 NoRGa) and, for NoRGa, the gate activation, the initial alpha and tau, and whether alpha/tau stay
-learnable after the first task. Each trial runs the whole two-stage pipeline through Ray Train
-and is logged to MLflow.
+learnable after the first task. Each trial runs the whole two-stage pipeline (in its Tune trial
+for one CPU worker, through Ray Train for several workers or GPUs) and is logged to MLflow.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """SMoPE sweep: how much accuracy do top-k, the expert count and the adaptive noise buy?
 
 Ray Tune + Optuna (TPE) over top-k, experts per head, noise scale and the two loss weights; each
-trial runs a whole CL sequence through Ray Train and is logged to MLflow. Laptop:
+trial runs a whole CL sequence (in its Tune trial for one CPU worker, through Ray Train for several
+workers or GPUs: --trial-runner) and is logged to MLflow. Laptop:
 ``python studies/smope_topk.py``; cluster: ``ray job submit -- python studies/smope_topk.py``.
 """
 

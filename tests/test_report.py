@@ -299,3 +299,34 @@ def test_final_metrics_are_logged_once_at_the_last_tasks_step(tmp_path):
     for name, value in (("final_average_accuracy", 75.0), ("forgetting", 5.0), ("task_identity_accuracy", 90.0)):
         assert [(m.step, m.value) for m in c.get_metric_history(run, name)] == [(2, value)]
     assert {a.path for a in c.list_artifacts(run)} >= {"accuracy_matrix.json", "config.json"}
+
+
+def test_every_command_finds_the_store_the_same_way(tmp_path, monkeypatch):
+    """The MLflow store of a study, `report` and the trade-off dashboard: the one given, else
+    $MLFLOW_TRACKING_URI, else sqlite under the runs directory (the dashboard ignored the variable)."""
+    import importlib.util
+
+    from promptcl.study import tracking
+
+    store = tracking.default_tracking_uri(tmp_path / "store")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri(None, tmp_path / "r") == f"sqlite:///{(tmp_path / 'r').resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    assert tracking.tracking_uri(None, tmp_path / "r") == store
+    assert tracking.tracking_uri("http://127.0.0.1:5000", tmp_path / "r") == "http://127.0.0.1:5000"
+
+    experiment_id = tracking.ensure_experiment(store, "study", tmp_path / "artifacts")
+    parent = tracking.start_run(store, experiment_id, "study-study")
+    trial = tracking.start_run(store, experiment_id, "trial", parent_run_id=parent)
+    tracking.log_metrics(store, trial, {"final_average_accuracy": 80.0, "trainable_params": 10.0,
+                                        "test_flops_per_image": 1e6, "backbone_flops_per_image": 1e6})
+    tracking.finish(store, trial)
+    tracking.finish(store, parent)
+    spec = importlib.util.spec_from_file_location("tradeoff", Path(__file__).resolve().parents[1] / "dashboards"
+                                                  / "tradeoff.py")
+    tradeoff = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tradeoff)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # no runs/ store here: only the variable names one
+    assert tradeoff.main(["--experiment", "study", "--out", str(tmp_path / "map.png")]) == 0
+    assert (tmp_path / "map.png").stat().st_size > 0

@@ -27,6 +27,12 @@ def default_tracking_uri(runs_dir: Path) -> str:
     return f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
 
 
+def tracking_uri(given: Optional[str], runs_dir: Path = Path("runs")) -> str:
+    """The MLflow store a command uses: the one given, else $MLFLOW_TRACKING_URI, else the sqlite
+    store under ``runs_dir`` (every study, report and dashboard resolves it the same way)."""
+    return given or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(runs_dir)
+
+
 def check_tracking_uri(uri: str) -> None:
     """A tracking URI MLflow has a store for (sqlite, http(s), a database URL, ...); the store itself
     is not opened (a sqlite file would be created). A plain path or file: URI is MLflow's file store,

@@ -98,8 +98,7 @@ class StudySpec:
         return {**self.fixed_overrides, **self.per_method_overrides.get(method, {})}
 
     def resolved_tracking_uri(self) -> str:
-        return (self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                or tracking.default_tracking_uri(self.runs_dir))
+        return tracking.tracking_uri(self.tracking_uri, self.runs_dir)
 
     def resolved_storage_path(self) -> str:
         return self.storage_path or str((Path(self.runs_dir) / "ray_results").resolve())
