@@ -1,11 +1,11 @@
 """Method comparison: every registered method (or a chosen list) x seeds on one benchmark.
 
 A Ray Tune grid over method and seed; each trial runs a whole CL sequence (in its Tune trial for
-one CPU worker, through Ray Train for several workers or GPUs) with the method's preset for the benchmark and is logged to MLflow (a parent run per study, a child
-per trial, with its cost). Printed and saved at the end: FA / CA / FM as mean ± std over the seeds
-with trainable parameters and test FLOPs per image, one row per method (the shape of the seeds'
-Table 1): ``methods.md`` and ``methods.parquet`` under the runs directory, and as artifacts of the
-parent run. The runs also feed the trade-off map (``dashboards/tradeoff.py``).
+one CPU worker, through Ray Train for several workers or GPUs) with the method's preset for the
+benchmark and is logged to MLflow (a parent run per study, a child per trial, with its cost).
+Printed and saved at the end: FA / CA / FM as mean ± std over the seeds with trainable parameters
+and test FLOPs per image, one row per method (the shape of the seeds' Table 1): ``methods.md`` and
+``methods.parquet`` under the runs directory, and as artifacts of the parent run. The runs also feed the trade-off map (``dashboards/tradeoff.py``).
 Laptop: ``python studies/method_comparison.py``; cluster: ``ray job submit -- python
 studies/method_comparison.py --methods smope,hide,coda --seeds 5 --use-gpu ...``.
 """

@@ -304,8 +304,6 @@ def test_final_metrics_are_logged_once_at_the_last_tasks_step(tmp_path):
 def test_every_command_finds_the_store_the_same_way(tmp_path, monkeypatch):
     """The MLflow store of a study, `report` and the trade-off dashboard: the one given, else
     $MLFLOW_TRACKING_URI, else sqlite under the runs directory (the dashboard ignored the variable)."""
-    import importlib.util
-
     from promptcl.study import tracking
 
     store = tracking.default_tracking_uri(tmp_path / "store")
@@ -322,10 +320,8 @@ def test_every_command_finds_the_store_the_same_way(tmp_path, monkeypatch):
                                         "test_flops_per_image": 1e6, "backbone_flops_per_image": 1e6})
     tracking.finish(store, trial)
     tracking.finish(store, parent)
-    spec = importlib.util.spec_from_file_location("tradeoff", Path(__file__).resolve().parents[1] / "dashboards"
-                                                  / "tradeoff.py")
-    tradeoff = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tradeoff)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "dashboards"))
+    import tradeoff
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")  # no runs/ store here: only the variable names one
     assert tradeoff.main(["--experiment", "study", "--out", str(tmp_path / "map.png")]) == 0

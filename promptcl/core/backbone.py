@@ -173,7 +173,8 @@ def cache_hub_weights(name: str) -> None:
                 raise ValueError(f"backbone {name!r}: the hub repository {repo_id} has none of "
                                  f"{', '.join(candidates)}") from None
         except OSError as err:  # unreachable hub, unknown repository or revision, refused access
-            reason = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
+            message = str(err).strip()
+            reason = message.splitlines()[0].rstrip(".") if message else type(err).__name__
             raise ValueError(f"backbone {name!r}: its weights ({repo_id}) could not be fetched from the Hugging "
                              f"Face hub ({constants.ENDPOINT}): {reason}; pass --checkpoint-file to use a "
                              "local file") from None
