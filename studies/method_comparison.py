@@ -40,9 +40,17 @@ def main(argv=None) -> int:
     parser = study_parser(__doc__, name="method_comparison", num_samples=1, objectives=ACCURACY_AND_COST)
     parser.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 per method (default 3; 1 with --smoke)")
+    parser.set_defaults(seed=None, search_seed=None)  # to tell a given flag from the default
     args = parser.parse_args(argv)
     prog = "method_comparison"
     try:
+        # A grid has no search: the trials are methods x --seeds.
+        ignored = [flag for flag, value in (("--num-samples", args.num_samples), ("--seed", args.seed),
+                                            ("--search-seed", args.search_seed)) if value is not None]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)} do not apply to a method x seed grid (use --seeds N "
+                             "for seeds 0..N-1)")
+        args.seed = args.search_seed = 0
         methods = args.methods.split(",") if args.methods else method_names()
         for method in methods:
             get_method(method)

@@ -162,6 +162,16 @@ def test_method_comparison_rejects_unknown_methods_before_ray_starts(tmp_path, c
     assert "unknown method 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags", [["--num-samples", "4"], ["--seed", "1"], ["--search-seed", "0"]])
+def test_method_comparison_rejects_search_flags_a_grid_ignores(tmp_path, capsys, flags):
+    import method_comparison
+
+    assert method_comparison.main([*flags, "--runs-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{flags[0]} do not apply to a method x seed grid" in err and "--seeds N" in err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real ``mlflow server`` on a sqlite store, bound to 127.0.0.1; yields its URL."""
