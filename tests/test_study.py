@@ -81,6 +81,30 @@ def test_bad_study_options_fail_before_ray_or_mlflow_start(tmp_path, capsys, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+def test_driver_resource_without_a_cluster_fails_before_work(tmp_path):
+    """A study that starts its own Ray has no custom resources: its trials would wait for ever."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, str(ROOT / "studies" / "smope_topk.py"), "--smoke", "--driver-resource",
+                           "promptcl_driver", "--runs-dir", str(tmp_path / "r")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == ("smope_topk: error: --driver-resource promptcl_driver: a study without RAY_ADDRESS "
+                                   "starts a local Ray with no custom resources, so its trials would never start "
+                                   "(set RAY_ADDRESS to a cluster whose head offers it)")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_driver_resource_no_node_offers_gets_a_console_line(local_ray):
+    from promptcl.study.tuner import driver_resource_note
+
+    note = driver_resource_note("promptcl_driver")
+    assert note.startswith("no node offers the resource 'promptcl_driver' (--driver-resource) yet")
+    assert driver_resource_note("CPU") is None  # the local cluster's nodes offer CPUs
+
+
 def test_asha_stops_trials_at_task_boundaries_and_ranks_them_below_finished_ones(local_ray, tmp_path, capsys):
     """ASHA compares trials at the same task; a stopped trial ends KILLED in MLflow, tagged with
     the task it stopped at, and its searcher score ranks below every trial that finished."""

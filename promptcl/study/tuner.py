@@ -124,6 +124,24 @@ class StudySpec:
         return f"{self.resolved_storage_path().rstrip('/')}/{self.name}"
 
 
+def starts_local_ray() -> bool:
+    """Whether :func:`ensure_ray` would start a Ray of its own (no RAY_ADDRESS, none running here)."""
+    import ray
+
+    return not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+
+
+def driver_resource_note(resource: str) -> Optional[str]:
+    """A console line when no node of the running cluster offers ``resource`` yet: the trials wait
+    for one (an autoscaler may still add it), which Tune only reports in the study log."""
+    import ray
+
+    if ray.cluster_resources().get(resource, 0) > 0:
+        return None
+    return (f"no node offers the resource {resource!r} (--driver-resource) yet: the trials wait until one "
+            f"does (the head's `ray start --resources '{{\"{resource}\": 100}}'`, or a node type that has it)")
+
+
 def ensure_ray(num_cpus: Optional[int] = None) -> None:
     """Attach to the cluster named by RAY_ADDRESS (``ray job submit``), else start a local one."""
     import ray
@@ -193,6 +211,10 @@ def validate_study(spec: StudySpec) -> RunSpec:
                          f"{spec.scaling.num_workers} workers{' with GPUs' if spec.scaling.use_gpu else ''}")
     if spec.feature_cache:
         check_root(spec.resolved_feature_cache())
+    if spec.driver_resource is not None and starts_local_ray():
+        raise ValueError(f"--driver-resource {spec.driver_resource}: a study without RAY_ADDRESS starts a local "
+                         "Ray with no custom resources, so its trials would never start (set RAY_ADDRESS to a "
+                         "cluster whose head offers it)")
     if spec.grid is not None and spec.optuna_storage is not None:
         raise ValueError("a grid study runs no Optuna search, so it keeps no Optuna study (--optuna-storage)")
     if any(o.metric == "task_identity_accuracy" for o in spec.objectives):
@@ -337,6 +359,9 @@ def run_study(spec: StudySpec, *, validated: Optional[RunSpec] = None) -> list[d
                      + ("" if spec.verbose else f"; Ray's tables and worker logs: {spec.log_path()}"))
         uri = spec.resolved_tracking_uri()
         experiment_id = tracking.ensure_experiment(uri, spec.name, artifact_dir=runs_dir / "mlartifacts")
+        ensure_ray()
+        if spec.driver_resource is not None and (note := driver_resource_note(spec.driver_resource)):
+            console.note(note)
         if resolved.backbone in LOCAL_BACKBONES and run_spec.pretrained and not run_spec.checkpoint_file:
             local_checkpoint(resolved.backbone)  # made once here, not raced for by concurrent trials
         return _run_tuner(spec, run_spec, num_tasks, uri, experiment_id)
@@ -345,7 +370,6 @@ def run_study(spec: StudySpec, *, validated: Optional[RunSpec] = None) -> list[d
 def _run_tuner(spec: StudySpec, run_spec: RunSpec, num_tasks: int, uri: str, experiment_id: str) -> list[dict]:
     from ray import tune
 
-    ensure_ray()
     resuming = spec.resume and tune.Tuner.can_restore(spec.experiment_path())
     parent = _parent_run(spec, uri, experiment_id, resuming)
     try:
