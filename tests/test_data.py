@@ -25,6 +25,8 @@ def test_digits_split_is_fixed_and_disjoint(digits):
         n_test = (digits.test_labels == c).sum()
         n_all = n_test + (digits.train_labels == c).sum()
         assert abs(n_test - 0.2 * n_all) <= 1
+    train_rows = {row.numpy().tobytes() for row in digits.train.tensors[0]}
+    assert not any(row.numpy().tobytes() in train_rows for row in digits.test.tensors[0])
 
 
 def test_class_order_follows_the_reference_rule():
@@ -44,14 +46,25 @@ def test_tasks_cover_classes_in_order_with_remapped_labels(digits):
         assert list(s.task_classes(t)) == [2 * t, 2 * t + 1]
         labels = [y for _, y in s.train_dataset(t)]
         assert set(labels) == {2 * t, 2 * t + 1}
-        originals = set(order[2 * t: 2 * t + 2])
-        assert len(s.test_dataset(t)) == int(np.isin(digits.test_labels, list(originals)).sum())
+        originals = order[2 * t: 2 * t + 2]
+        test_images, test_labels = map(torch.stack, zip(*[(x, torch.as_tensor(y)) for x, y in s.test_dataset(t)]))
+        assert set(test_labels.tolist()) == {2 * t, 2 * t + 1}
+        in_task = np.isin(digits.test_labels, originals)
+        assert torch.equal(test_images, digits.test.tensors[0][torch.from_numpy(in_task)])
+        # label 2t is the task's first class in the order, 2t + 1 its second
+        expected = np.where(digits.test_labels[in_task] == originals[0], 2 * t, 2 * t + 1)
+        assert test_labels.tolist() == expected.tolist()
 
 
 def test_uneven_increments_and_explicit_order(digits):
     s = ClassIncremental(digits, increments=[4, 3, 3], class_order=list(range(9, -1, -1)))
     assert [list(s.task_classes(t)) for t in range(3)] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
     assert s.task_of_class().tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    # head output k is original class 9 - k
+    images, labels = map(torch.stack, zip(*[(x, torch.as_tensor(y)) for x, y in s.train_dataset(0)]))
+    assert set(labels.tolist()) == {0, 1, 2, 3}
+    for k in range(4):
+        assert torch.equal(images[labels == k], digits.train.tensors[0][torch.from_numpy(digits.train_labels == 9 - k)])
 
 
 @pytest.mark.parametrize("kwargs,match", [

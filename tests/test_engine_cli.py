@@ -7,7 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from promptcl import metrics
 from promptcl.cli import main
+from promptcl.cost import measure_cost
 from promptcl.data.benchmarks import load_digits
 from promptcl.engine import RunSpec, resolve_run, run_sequence
 from promptcl.methods import get_method
@@ -35,13 +37,16 @@ def test_run_writes_results_summary_and_checkpoints(reference_run):
     assert all(r["eval_task"] <= r["train_task"] for r in rows)
     assert sum(r["n_samples"] for r in rows if r["train_task"] == 4) == len(load_digits().test)
     summary = json.loads((reference_run / "summary.json").read_text())
-    for key in ("final_average_accuracy", "cumulative_average_accuracy", "forgetting", "backward_transfer",
-                "trainable_params", "total_params", "train_flops_per_image", "test_flops_per_image",
-                "wall_seconds", "config"):
-        assert key in summary
+    acc = np.asarray(summary["accuracy_matrix"])
+    # every metric is the pure function of the accuracy matrix, and the cost that of the run's config
+    assert {k: summary[k] for k in metrics.summarize(acc)} == pytest.approx(metrics.summarize(acc))
+    run = resolve_run(RunSpec(method="smope", dataset="digits", overrides={"epochs": 2, "ca_epochs": 3}))
+    cost = measure_cost(run.method_cls, run.config, run.backbone, 10, (1, 8, 8), num_tasks=5)
+    for key in ("trainable_params", "total_params", "train_flops_per_image", "test_flops_per_image"):
+        assert summary[key] == cost[key], key
+    assert summary["wall_seconds"] > 0
     assert summary["config"]["method_config"]["epochs"] == 2
     assert "task_identity_accuracy" not in summary and not get_method("smope").INFERS_TASK  # HiDe's: test_resume
-    acc = np.asarray(summary["accuracy_matrix"])
     final = [r["accuracy"] for r in rows if r["train_task"] == 4]
     assert summary["final_average_accuracy"] == pytest.approx(np.mean(final))
     assert acc[0, 0] > 90  # two digit classes from a pretrained backbone
@@ -191,7 +196,11 @@ def test_cli_runs_the_two_stage_methods(tmp_path, method):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_passes"] == 2 and 0 < summary["task_identity_accuracy"] <= 100
     assert summary["config"]["run"]["method"] == method
-    assert len(summary["before_tap_matrix"]) == 5
+    before_tap = np.asarray(summary["before_tap_matrix"])
+    # filled in before each replay alignment (from task 1: task 0 has no older classes to align), for
+    # every task seen so far
+    assert before_tap.shape == (5, 5) and not np.triu(before_tap, 1).any() and not before_tap[0].any()
+    assert all(before_tap[t, : t + 1].all() for t in range(1, 5))
 
 
 def test_compiled_frozen_pass_gives_the_same_run(tmp_path):

@@ -13,6 +13,9 @@ sys.path.insert(0, str(ROOT / "studies"))
 
 import expert_scaling  # noqa: E402
 
+from promptcl.cost import measure_cost  # noqa: E402
+from promptcl.engine import RunSpec, resolve_run  # noqa: E402
+
 DATASET = "digits"
 
 
@@ -23,8 +26,6 @@ def _config(trial, space) -> dict:
 
 
 def _resolve(config: dict):
-    from promptcl.engine import RunSpec, resolve_run
-
     overrides = dict(config)
     method = overrides.pop("method")
     return resolve_run(RunSpec(method=method, dataset=DATASET, overrides=overrides))
@@ -101,7 +102,6 @@ def test_tpe_proposals_are_valid_runs():
 
 def test_grid_varies_the_cost():
     from promptcl.core.backbone import input_shape
-    from promptcl.cost import measure_cost
     from promptcl.data.benchmarks import dataset_spec
 
     space = expert_scaling.make_search_space(DATASET)
@@ -166,7 +166,14 @@ def test_smoke_grid_study_logs_accuracy_and_cost(local_ray, tmp_path, capsys):
         assert params["method_config/prompt_layers"] == "[0]"
         assert params["method_config/epochs"] == "2"  # fixed smoke override
     assert smope["method_config/ca_epochs"] == "5" and hide["method_config/tap_epochs"] == "3"  # per method
+    # each child's cost is its configuration's, counted afresh
+    architecture = {"smope": dict(num_experts=4, top_k=1, prompt_layers=(0,)), "hide": dict(prompt_length=2,
+                                                                                            prompt_layers=(0,))}
     for child in children:
-        for key in ("final_average_accuracy", "trainable_params", "train_flops_per_image", "test_flops_per_image"):
-            assert key in child.data.metrics
+        method = child.data.tags["method"]
+        run = resolve_run(RunSpec(method=method, dataset="digits", overrides=architecture[method]))
+        cost = measure_cost(run.method_cls, run.config, run.backbone, 10, (1, 8, 8), num_tasks=5)
+        for key in ("trainable_params", "test_flops_per_image"):
+            assert child.data.metrics[key] == cost[key], (method, key)
+        assert 0 < child.data.metrics["final_average_accuracy"] <= 100
     assert parents[0].data.metrics["completed_trials"] == 2

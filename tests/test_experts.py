@@ -113,8 +113,12 @@ def test_state_survives_a_state_dict_round_trip():
     e = experts()
     e.usage += 3
     e.frequent[0, 0, 0] = True
+    with torch.no_grad():  # trained parameters: a fresh copy built the same way differs
+        e.keys.add_(1.0)
+        e.values.mul_(-2.0)
     e.begin_task("used")
     f = experts()
+    assert not torch.equal(f.keys, e.keys) and not torch.equal(f.usage, e.usage)
     f.load_state_dict(e.state_dict())
     for name in ("usage", "frequent", "old_keys", "keys", "values"):
         assert torch.equal(getattr(f, name), getattr(e, name))

@@ -622,15 +622,18 @@ def test_the_contrastive_term_compares_with_earlier_tasks_class_means_only():
 
 
 @pytest.mark.parametrize("covariance", ["diag", "full"])
-def test_gaussian_replays_have_the_fitted_mean_and_spread(covariance):
-    """Replays drawn from a class's stored Gaussian have its mean and standard deviation (the
-    square root of the variance: std 2 for variance 4), dimension by dimension."""
+def test_gaussian_replays_have_the_fitted_mean_and_covariance(covariance):
+    """Replays drawn from a class's stored Gaussian have its mean and covariance: on correlated
+    features (z·A + mu, covariance AᵀA) the full one reproduces the correlations, the diagonal one
+    only the variances, its draws uncorrelated."""
     g = torch.Generator().manual_seed(0)
-    scale = torch.tensor([2.0, 0.5, 1.0])
-    feats = torch.randn(4000, 3, generator=g) * scale + torch.tensor([1.0, -3.0, 0.0])
+    a = torch.tensor([[2.0, 0.0, 0.0], [1.0, 0.5, 0.0], [0.0, 0.3, 1.0]])
+    mu = torch.tensor([1.0, -3.0, 0.0])
+    feats = torch.randn(20_000, 3, generator=g) @ a + mu
     stats = ClassGaussians(2, 3, covariance=covariance)
-    stats.fit(feats, torch.ones(4000, dtype=torch.long))
-    draws, labels = stats.sample(range(1, 2), 10_000, g)
+    stats.fit(feats, torch.ones(20_000, dtype=torch.long))
+    draws, labels = stats.sample(range(1, 2), 20_000, g)
     assert labels.eq(1).all()
-    torch.testing.assert_close(draws.mean(0), torch.tensor([1.0, -3.0, 0.0]), atol=0.1, rtol=0)
-    torch.testing.assert_close(draws.std(0), scale, atol=0.1, rtol=0)
+    torch.testing.assert_close(draws.mean(0), mu, atol=0.05, rtol=0)
+    expected = a.T @ a if covariance == "full" else torch.diag(torch.diag(a.T @ a))
+    torch.testing.assert_close(torch.cov(draws.T), expected, atol=0.15, rtol=0)

@@ -25,6 +25,9 @@ def test_cumulative_average_accuracy():
 def test_forgetting_uses_the_max_over_all_rows():
     # task 0: max(90, 80, 85) - 85 = 5; task 1: max(70, 60) - 60 = 10
     assert metrics.forgetting(ACC) == pytest.approx(7.5)
+    # task 0 peaks after it was learnt: max(90, 95, 85) - 85 = 10 (its diagonal alone gives 5)
+    later_peak = np.array([[90.0, 0.0, 0.0], [95.0, 70.0, 0.0], [85.0, 60.0, 50.0]])
+    assert metrics.forgetting(later_peak) == pytest.approx(10.0)
 
 
 def test_forgetting_is_never_negative_when_accuracy_rises():

@@ -26,7 +26,7 @@ def test_gate_study_compares_hide_and_norga(local_ray, tmp_path, capsys):
     assert sorted(r.data.tags["method"] for r in children) == ["hide", "norga"]
     norga = next(r for r in children if r.data.tags["method"] == "norga")
     assert norga.data.params["method_config/gate_activation"] == "sigmoid"
-    assert all("task_identity_accuracy" in r.data.metrics for r in children)
+    assert all(0 < r.data.metrics["task_identity_accuracy"] <= 100 for r in children)
     assert all("unfair_protocol" not in r.data.tags for r in children)
 
 
