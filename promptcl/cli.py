@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     dist.add_argument("--num-workers", type=int, default=None,
                       help="run on N Ray Train workers; the method's batch size is the global one")
     dist.add_argument("--use-gpu", action="store_true", help="GPUs for the workers (NCCL between them)")
-    dist.add_argument("--gpus-per-worker", type=float, default=1.0)
+    dist.add_argument("--gpus-per-worker", type=float, default=None, help="with --use-gpu (default 1)")
     dist.add_argument("--cpus-per-worker", type=float, default=None)
     dist.add_argument("--max-failures", type=int, default=0,
                       help="restart the workers from the last task checkpoint up to K times (-1: no limit)")
@@ -136,6 +136,7 @@ def _pretrain(args) -> int:
     import time
 
     from promptcl.core import pretrain
+    from promptcl.storage import check_writable_location
 
     try:
         spec = pretrain.local_backbone(args.name)
@@ -151,6 +152,8 @@ def _pretrain(args) -> int:
             out = pretrain.cache_dir() / f"{args.name}_{spec.version}_remade_steps{steps}.safetensors"
         if args.out is not None and (args.out.exists() or not args.out.parent.is_dir()):
             raise ValueError(f"--out {str(args.out)!r} exists or its directory does not")
+        if args.out is not None:
+            check_writable_location(f"--out {str(args.out)!r}: its directory", args.out.parent)
     except ValueError as err:
         return _fail(str(err))
     started = time.perf_counter()
@@ -246,7 +249,9 @@ def run_spec(args):
 def _run(args) -> int:
     from promptcl.core.feature_store import check_root
     from promptcl.engine import check_local_resources, resolve_run, run_sequence
+    from promptcl.storage import check_writable_location
     from promptcl.study.trainer import Scaling, fault_from_env
+    from promptcl.study.tuner import check_fits_local_ray, starts_local_ray
 
     try:
         spec = run_spec(args)
@@ -260,8 +265,11 @@ def _run(args) -> int:
             fault_from_env()
             if not os.environ.get("RAY_ADDRESS"):  # a local Ray: its workers read this machine's cache
                 check_local_resources(run, device=False)
-        elif args.use_gpu or args.max_failures or args.cpus_per_worker is not None:
-            raise ValueError("--use-gpu, --cpus-per-worker and --max-failures need --num-workers")
+            if starts_local_ray():
+                check_fits_local_ray({k: v * scaling.num_workers for k, v in scaling.resources_per_worker().items()},
+                                     f"--num-workers {scaling.num_workers}")
+        elif args.use_gpu or args.max_failures or args.cpus_per_worker is not None or args.gpus_per_worker is not None:
+            raise ValueError("--use-gpu, --cpus-per-worker, --gpus-per-worker and --max-failures need --num-workers")
         else:
             check_local_resources(run)
         if args.feature_cache is not None:
@@ -270,8 +278,10 @@ def _run(args) -> int:
             raise ValueError(f"output directory {str(args.out)!r} already exists")
         if not args.out.parent.is_dir():
             raise ValueError(f"parent of output directory {str(args.out)!r} does not exist")
+        check_writable_location("--out", args.out)
     except (ValueError, ImportError) as err:
         return _fail(str(err))
+    args.out = args.out.absolute()  # Ray's storage paths must be absolute
 
     # Work in a sibling temporary directory; only a finished run appears under --out.
     with _terminate_as_exit():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 
 def check_writable_location(what: str, location: str | Path) -> None:
@@ -39,3 +40,43 @@ def check_writable_location(what: str, location: str | Path) -> None:
 
 # pyarrow's file systems (and Ray's storage paths): taken as they are
 KNOWN_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+
+
+def sqlite_file(url: str) -> Optional[Path]:
+    """The database file of an SQLAlchemy ``sqlite:`` URL (MLflow's and Optuna's default stores), else None."""
+    if not url.lower().startswith("sqlite"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    return Path(database) if database and database != ":memory:" else None
+
+
+def check_sqlite_url(what: str, url: str) -> None:
+    """An ``sqlite:`` store must be an SQLite file (or empty, or absent in a directory this process can
+    make and write): not a text file, a directory, or a path under a file."""
+    path = sqlite_file(url)
+    if path is None:
+        return
+    if not path.exists():
+        check_writable_location(f"{what} {url!r}: its directory", path.parent)
+        return
+    if path.is_dir():
+        raise ValueError(f"{what} {url!r}: {str(path)!r} is a directory, not an SQLite database")
+    try:
+        with path.open("rb") as f:
+            header = f.read(len(SQLITE_HEADER))
+    except OSError as err:
+        raise ValueError(f"{what} {url!r}: {str(path)!r} cannot be read ({err.strerror})") from None
+    if header and header != SQLITE_HEADER:
+        raise ValueError(f"{what} {url!r}: {str(path)!r} is not an SQLite database")
+
+
+def make_sqlite_parent(url: str) -> None:
+    """SQLite creates a missing database file, not its directory."""
+    path = sqlite_file(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,10 @@ def main(argv=None) -> int:
         methods = args.methods.split(",") if args.methods else method_names()
         for method in methods:
             get_method(method)
+        repeated = sorted({m for m in methods if methods.count(m) > 1})
+        if repeated:
+            raise ValueError(f"--methods names {', '.join(repeated)} more than once (a grid runs each method once "
+                             "per seed)")
         num_seeds = args.seeds if args.seeds is not None else (1 if args.smoke else 3)
         if num_seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {num_seeds}")

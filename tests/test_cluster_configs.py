@@ -14,12 +14,13 @@ import jsonschema
 import pytest
 import yaml
 
+from promptcl.study.tuner import DRIVER_REQUEST  # what each trial driver asks for
+
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "ray_jobs"
 DRIVER_RESOURCE = "promptcl_driver"  # what the entrypoints pass to --driver-resource
-DRIVER_REQUEST = 0.01                 # what each trial driver then asks for
 LAUNCHER, RAYCLUSTER, RAYJOB = "cluster-aws.yaml", "raycluster.yaml", "rayjob-smope-topk.yaml"
 SHARED_URI_SCHEMES = ("s3://", "gs://", "abfs://", "abfss://")
 RUNTIME_ENV_KEYS = {"working_dir", "excludes", "pip", "env_vars", "config", "py_modules"}

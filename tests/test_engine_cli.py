@@ -89,6 +89,11 @@ def test_eval_batch_size_does_not_change_any_accuracy(reference_run, tmp_path):
     (["--backbone", "vit_glyphs28"], "backbone 'vit_glyphs28' takes 1 x 28 x 28 inputs; digits images are 1 x 8 x 8"),
     (["--device", "cudaXYZ"], "device must be auto, cpu or cuda[:N]"),
     (["--feature-cache", "bogus://x"], "feature cache 'bogus://x' is not a location pyarrow can open"),
+    (["--data-dir", "/nonexistent"], "dataset 'digits' is built in (no files to read): it takes no --data-dir"),
+    (["--num-workers", "1", "--cpus-per-worker", "nan"], "cpus_per_worker must be a finite number > 0, got nan"),
+    (["--num-workers", "1", "--gpus-per-worker", "2"], "gpus_per_worker needs use_gpu"),
+    (["--gpus-per-worker", "2"], "--gpus-per-worker and --max-failures need --num-workers"),
+    (["--num-workers", "1", "--device", "cuda"], "device 'cuda' on Ray Train workers needs use_gpu"),
 ])
 def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, capsys, args, message):
     out = tmp_path / "out"

@@ -1,6 +1,7 @@
 """Runs on N Ray Train workers: exact sharded evaluation, 1 vs 2 workers, a worker killed mid-run."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,10 +27,15 @@ def one_worker(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_workers(local_ray, tmp_path_factory):
-    out = tmp_path_factory.mktemp("two") / "run"
-    assert main(["run", "--method", "smope", "--dataset", "digits", "--out", str(out), "--no-progress",
-                 "--num-workers", "2"]) == 0
-    return out
+    base = tmp_path_factory.mktemp("two")
+    cwd = os.getcwd()
+    os.chdir(base)
+    try:  # a relative --out (Ray's storage path is made absolute from it)
+        assert main(["run", "--method", "smope", "--dataset", "digits", "--out", "run", "--no-progress",
+                     "--num-workers", "2"]) == 0
+    finally:
+        os.chdir(cwd)
+    return base / "run"
 
 
 def test_two_worker_evaluation_equals_the_single_process_one(local_ray, one_worker, tmp_path):

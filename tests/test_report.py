@@ -228,6 +228,8 @@ def test_bad_report_input_is_one_line_and_writes_nothing(rows, tmp_path, capsys)
          "MLflow tracking URI 'bogus://x' names no tracking store"),
         (["--experiment", "study", "--mlflow-uri", store, "--out", str(tmp_path / "out")],
          f"no MLflow store at {store}"),
+        (["--experiment", "study", "--mlflow-uri", f"sqlite:///{tmp_path / 'file'}", "--out", str(tmp_path / "out")],
+         f"'{tmp_path / 'file'}' is not an SQLite database"),
         (["--experiment", "study", "--mlflow-uri", str(tmp_path / "mlruns"), "--out", str(tmp_path / "out")],
          "is a file store, which MLflow refuses unless MLFLOW_ALLOW_FILE_STORE=true"),
         (["--experiment", "study", "--mlflow-uri", empty_uri, "--out", str(tmp_path / "out")],

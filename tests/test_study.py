@@ -13,12 +13,15 @@ sys.path.insert(0, str(ROOT / "dashboards"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def test_gate_study_compares_hide_and_norga(local_ray, tmp_path, capsys):
+def test_gate_study_compares_hide_and_norga(local_ray, tmp_path, capsys, monkeypatch):
     import norga_gate
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    assert norga_gate.main(["--smoke", "--no-report", "--runs-dir", str(tmp_path), "--mlflow-uri", uri]) == 0
+    monkeypatch.chdir(tmp_path)  # a relative --storage-path (made absolute: Ray takes no other)
+    assert norga_gate.main(["--smoke", "--no-report", "--runs-dir", str(tmp_path), "--mlflow-uri", uri,
+                            "--storage-path", "ray_rel"]) == 0
+    assert (tmp_path / "ray_rel" / "norga_gate_smoke").is_dir()
     assert "Best trial per method" in capsys.readouterr().out
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("norga_gate_smoke").experiment_id])
@@ -47,6 +50,12 @@ def test_bad_study_input_fails_before_ray_starts(tmp_path, capsys, monkeypatch):
      "--storage-path 'FILE/sub' lies under 'FILE', which exists and is not a directory"),
     (["--runs-dir", "FILE/runs"], "--runs-dir 'FILE/runs' lies under 'FILE'"),
     (["--optuna-storage", "notaurl"], "--optuna-storage 'notaurl' is not a database URL"),
+    (["--optuna-storage", "sqlite:///FILE"], "--optuna-storage 'sqlite:///FILE': 'FILE' is not an SQLite database"),
+    (["--optuna-storage", "sqlite:///FILE/o.db"], "its directory 'FILE' exists and is not a directory"),
+    (["--mlflow-uri", "sqlite:///FILE"], "MLflow tracking URI 'sqlite:///FILE': 'FILE' is not an SQLite database"),
+    (["--runs-dir", "STORAGE"], "'STORAGE/optuna.db' is a directory, not an SQLite database"),
+    (["--cpus-per-worker", "inf"], "cpus_per_worker must be a finite number > 0, got inf"),
+    (["--gpus-per-worker", "2"], "gpus_per_worker needs use_gpu"),
     (["--mlflow-uri", "bogus://x"], "MLflow tracking URI 'bogus://x' names no tracking store"),
     (["--seed", "-1"], "seed must be an integer in [0, 2**32 - 1], got -1"),
     (["--search-seed", "4294967296"], "search_seed must be an integer in [0, 2**32 - 1]"),
@@ -69,10 +78,11 @@ def test_bad_study_options_fail_before_ray_or_mlflow_start(tmp_path, capsys, mon
     storage = tmp_path / "storage"
     storage.mkdir()
     (storage / "feature_cache").write_text("a file where the store's directory goes")
+    (storage / "optuna.db").mkdir()  # a directory where the Optuna store of --runs-dir STORAGE goes
     (tmp_path / "file").write_text("a file")
     names = {"STORAGE": str(storage), "FILE": str(tmp_path / "file")}
     flags = [names.get(f, f.replace("FILE", names["FILE"])) for f in flags]
-    message = message.replace("FILE", names["FILE"])
+    message = message.replace("FILE", names["FILE"]).replace("STORAGE", names["STORAGE"])
     runs = ["--runs-dir", str(tmp_path / "r")] if "--runs-dir" not in flags else []
     before = sorted(p.name for p in tmp_path.iterdir())
     assert smope_topk.main(["--smoke", *runs, *flags]) == 2
@@ -81,20 +91,34 @@ def test_bad_study_options_fail_before_ray_or_mlflow_start(tmp_path, capsys, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
-def test_driver_resource_without_a_cluster_fails_before_work(tmp_path):
-    """A study that starts its own Ray has no custom resources: its trials would wait for ever."""
+LOCAL_RAY_REFUSALS = [
+    (["studies/smope_topk.py", "--smoke", "--driver-resource", "promptcl_driver"],
+     "smope_topk: error: --driver-resource promptcl_driver: a study without RAY_ADDRESS starts a local Ray with no "
+     "custom resources, so its trials would never start (set RAY_ADDRESS to a cluster whose head offers it)"),
+    (["studies/smope_topk.py", "--smoke", "--cpus-per-worker", "64"],
+     "smope_topk: error: a trial asks for 64 CPU (this machine has "),
+    (["studies/smope_topk.py", "--smoke", "--use-gpu", "--gpus-per-worker", "64"],
+     "smope_topk: error: a trial asks for 64 GPU (this machine has "),
+    (["promptcl", "run", "--method", "smope", "--dataset", "digits", "--num-workers", "2", "--cpus-per-worker", "32"],
+     "promptcl: error: --num-workers 2 asks for 64 CPU (this machine has "),
+]
+
+
+@pytest.mark.parametrize("command, message", LOCAL_RAY_REFUSALS, ids=["driver-resource", "cpus", "gpus", "run"])
+def test_what_a_local_ray_cannot_give_fails_before_work(tmp_path, command, message):
+    """A study or run without RAY_ADDRESS starts a Ray on this machine, with no autoscaler and no
+    custom resources: a request it cannot meet would leave the trials waiting for ever."""
     import os
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, str(ROOT / "studies" / "smope_topk.py"), "--smoke", "--driver-resource",
-                           "promptcl_driver", "--runs-dir", str(tmp_path / "r")],
-                          env=env, capture_output=True, text=True, timeout=120)
+    program = ([str(Path(sys.executable).parent / "promptcl")] if command[0] == "promptcl"
+               else [sys.executable, str(ROOT / command[0])])
+    where = ["--out", str(tmp_path / "out")] if command[0] == "promptcl" else ["--runs-dir", str(tmp_path / "r")]
+    done = subprocess.run([*program, *command[1:], *where], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.strip() == ("smope_topk: error: --driver-resource promptcl_driver: a study without RAY_ADDRESS "
-                                   "starts a local Ray with no custom resources, so its trials would never start "
-                                   "(set RAY_ADDRESS to a cluster whose head offers it)")
-    assert not (tmp_path / "r").exists()
+    assert done.stderr.strip().startswith(message) and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_driver_resource_no_node_offers_gets_a_console_line(local_ray):
@@ -184,6 +208,9 @@ def test_method_comparison_rejects_unknown_methods_before_ray_starts(tmp_path, c
 
     assert method_comparison.main(["--methods", "l2p,nope", "--runs-dir", str(tmp_path)]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
+    assert method_comparison.main(["--methods", "smope,l2p,smope", "--runs-dir", str(tmp_path)]) == 2
+    assert "--methods names smope more than once" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("flags", [["--num-samples", "4"], ["--seed", "1"], ["--search-seed", "0"]])

@@ -118,6 +118,8 @@ def _split_options(name: str, split_file: Optional[str | Path]) -> dict[str, Pat
 
 def _existing_root(name: str, data_dir: Optional[str | Path]) -> Optional[Path]:
     if not dataset_spec(name).needs_data_dir:
+        if data_dir is not None:  # (not $PROMPTCL_DATA, which serves the disk benchmarks)
+            raise ValueError(f"dataset {name!r} is built in (no files to read): it takes no --data-dir")
         return None
     root, origin = data_root(data_dir)
     if root is None:

@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from promptcl.storage import check_sqlite_url, make_sqlite_parent, sqlite_file
+
 PARENT_TAG = "mlflow.parentRunId"
 # A run's identity across restarts (a trial id): a restarted worker or a resumed study attaches
 # to the run that carries it instead of making a duplicate.
@@ -51,6 +53,7 @@ def check_tracking_uri(uri: str) -> None:
     if _scheme(uri) in ("", "file") and not is_databricks_uri(uri) and not allowed:
         raise ValueError(f"MLflow tracking URI {uri!r} is a file store, which MLflow refuses unless "
                          "MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///…/mlflow.db")
+    check_sqlite_url("MLflow tracking URI", uri)
 
 
 def client(tracking_uri: str):
@@ -61,6 +64,7 @@ def client(tracking_uri: str):
 
 def ensure_experiment(tracking_uri: str, name: str, artifact_dir: Optional[Path] = None) -> str:
     """Experiment id, creating it (in the driver, before trials race to) if needed."""
+    make_sqlite_parent(tracking_uri)
     c = client(tracking_uri)
     found = c.get_experiment_by_name(name)
     if found is not None:
@@ -130,7 +134,8 @@ def study_run(tracking_uri: str, experiment: str, parent_run_id: Optional[str] =
     from mlflow.exceptions import MlflowException
 
     check_tracking_uri(tracking_uri)
-    if _scheme(tracking_uri) == "sqlite" and not _sqlite_file(tracking_uri).is_file():
+    store = sqlite_file(tracking_uri)
+    if store is not None and not store.is_file():
         raise ValueError(f"no MLflow store at {tracking_uri}")  # (opening it would create an empty one)
     c = client(tracking_uri)
     try:
@@ -176,11 +181,6 @@ def _latest_parent_run(c, experiment_id: str) -> Optional[str]:
 
 def _scheme(uri: str) -> str:
     return urllib.parse.urlsplit(uri).scheme.split("+")[0] if "://" in uri or uri.startswith("sqlite:") else ""
-
-
-def _sqlite_file(uri: str) -> Path:
-    """The database file of ``sqlite:///relative.db`` or ``sqlite:////absolute.db`` (query string dropped)."""
-    return Path(urllib.parse.urlsplit(uri).path[1:])
 
 
 def logged_steps(tracking_uri: str, run_id: str, metric: str) -> set[int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -40,7 +41,7 @@ class Scaling:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: Optional[float] = None  # None: 0.99 on CPU (two trials fit 2 cores), 1 with GPUs
-    gpus_per_worker: float = 1.0
+    gpus_per_worker: Optional[float] = None  # None: 1 with GPUs; only with use_gpu
     max_failures: int = 0  # Train restarts after a worker failure; -1: no limit
 
     def check(self, run: ResolvedRun) -> None:
@@ -50,16 +51,20 @@ class Scaling:
         if self.num_workers > 1 and batch_dependent:
             raise ValueError(f"{' and '.join(batch_dependent)}: a sample's prompts or loss depend on its whole batch, "
                              f"which {self.num_workers} workers would split into shards; run it on one worker")
-        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
-            raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
-        if self.use_gpu and self.gpus_per_worker <= 0:
-            raise ValueError(f"gpus_per_worker must be > 0, got {self.gpus_per_worker}")
+        for what, amount in (("cpus_per_worker", self.cpus_per_worker), ("gpus_per_worker", self.gpus_per_worker)):
+            if amount is not None and not (math.isfinite(amount) and amount > 0):
+                raise ValueError(f"{what} must be a finite number > 0, got {amount}")
+        if self.gpus_per_worker is not None and not self.use_gpu:
+            raise ValueError("gpus_per_worker needs use_gpu (workers without it get no GPU)")
+        if str(run.spec.device).startswith("cuda") and not self.use_gpu:
+            raise ValueError(f"device {run.spec.device!r} on Ray Train workers needs use_gpu (workers without it "
+                             "get no GPU)")
         if self.max_failures < -1:
             raise ValueError(f"max_failures must be >= -1 (-1: no limit), got {self.max_failures}")
 
     def resources_per_worker(self) -> dict[str, float]:
         cpus = self.cpus_per_worker if self.cpus_per_worker is not None else (1.0 if self.use_gpu else 0.99)
-        return {"CPU": cpus, **({"GPU": self.gpus_per_worker} if self.use_gpu else {})}
+        return {"CPU": cpus, **({"GPU": self.gpus_per_worker or 1.0} if self.use_gpu else {})}
 
     def train_configs(self):
         """Ray Train's (TorchConfig, ScalingConfig) for these workers: gloo moves the CPU-side

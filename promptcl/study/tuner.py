@@ -32,13 +32,14 @@ from promptcl.core.pretrain import local_checkpoint
 from promptcl.data.preprocessing import PROTOCOLS
 from promptcl.engine import FINAL_METRICS, RunSpec, check_local_resources, resolve_run
 from promptcl.methods import get_method
-from promptcl.storage import check_writable_location
+from promptcl.storage import check_sqlite_url, check_writable_location, make_sqlite_parent
 from promptcl.study import tracking
 from promptcl.study.console import TrialEvents, study_console
 from promptcl.study.objectives import ACCURACY, Objective, parse_objectives, pareto_mask
 from promptcl.study.trainer import Scaling, TuneSession, fault_from_env, make_trainer, run_reported
 
 SearchSpace = Callable[[Any], Optional[dict]]  # optuna.Trial -> constants (define-by-run)
+DRIVER_REQUEST = 0.01  # what a trial's driver asks for (of CPU, or of --driver-resource) beside its Train workers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,12 +102,25 @@ class StudySpec:
         return tracking.tracking_uri(self.tracking_uri, self.runs_dir)
 
     def resolved_storage_path(self) -> str:
-        return self.storage_path or str((Path(self.runs_dir) / "ray_results").resolve())
+        """A URI as given; a local path made absolute (Ray and pyarrow take no relative one)."""
+        if self.storage_path is not None and "://" in self.storage_path:
+            return self.storage_path
+        return str(Path(self.storage_path or Path(self.runs_dir) / "ray_results").resolve())
 
     def resolved_feature_cache(self) -> Optional[str]:
         """Where the study's trials share un-prompted backbone features (beside Ray's results, so
         on a cluster on the shared storage path), unless ``feature_cache`` is off."""
         return f"{self.resolved_storage_path().rstrip('/')}/feature_cache" if self.feature_cache else None
+
+    def trial_resources(self) -> dict[str, float]:
+        """What one trial holds while it runs: its Train workers and its driver (an inline trial is
+        its one worker)."""
+        per_worker = self.scaling.resources_per_worker()
+        if self.inline_trials():
+            return per_worker
+        total = {k: v * self.scaling.num_workers for k, v in per_worker.items()}
+        driver = self.driver_resource or "CPU"
+        return {**total, driver: total.get(driver, 0.0) + DRIVER_REQUEST}
 
     def inline_trials(self) -> bool:
         if self.trial_runner == "auto":
@@ -129,6 +143,30 @@ def starts_local_ray() -> bool:
     import ray
 
     return not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+
+
+def local_ray_capacity() -> dict[str, float]:
+    """CPUs and GPUs of the Ray :func:`ensure_ray` starts on this machine (Ray's own CPU count, which
+    follows a container's CPU quota; the CUDA devices torch sees)."""
+    import torch
+
+    try:
+        from ray._private.utils import get_num_cpus  # what ray.init counts
+
+        cpus = float(get_num_cpus())
+    except (ImportError, AttributeError):
+        cpus = float(os.cpu_count() or 1)
+    return {"CPU": cpus, "GPU": float(torch.cuda.device_count())}
+
+
+def check_fits_local_ray(needed: dict[str, float], what: str) -> None:
+    """A local Ray has no autoscaler: a request larger than this machine would wait for ever."""
+    have = local_ray_capacity()
+    short = [f"{needed[k]:g} {k} (this machine has {have.get(k, 0):g})" for k in needed
+             if needed[k] > have.get(k, 0) + 1e-9]
+    if short:
+        raise ValueError(f"{what} asks for {' and '.join(short)}, more than the local Ray started here can give; "
+                         "ask for less, or set RAY_ADDRESS to a cluster that has them")
 
 
 def driver_resource_note(resource: str) -> Optional[str]:
@@ -200,8 +238,8 @@ def validate_study(spec: StudySpec) -> RunSpec:
     check_writable_location("--runs-dir", spec.runs_dir)
     check_writable_location("--storage-path", spec.resolved_storage_path())
     tracking.check_tracking_uri(spec.resolved_tracking_uri())
-    if spec.optuna_storage is not None:
-        check_optuna_storage(spec.optuna_storage)
+    if spec.grid is None:  # a search keeps its Optuna study (the default one in runs_dir, unless given)
+        check_optuna_storage(spec.resolved_optuna_storage())
     if spec.grid is not None and (not spec.grid or any(len(v) == 0 for v in spec.grid.values())):
         raise ValueError(f"a study grid needs at least one value per key, got {spec.grid}")
     if (spec.grid is None) == (spec.search_space is None):
@@ -231,12 +269,15 @@ def validate_study(spec: StudySpec) -> RunSpec:
         spec.scaling.check(resolved)
         if not os.environ.get("RAY_ADDRESS"):  # a local Ray's trials read this machine's cache
             check_local_resources(resolved, device=False)
+    if starts_local_ray():  # (after the resources' own checks)
+        check_fits_local_ray(spec.trial_resources(), "a trial")
     return RunSpec(method=spec.method, dataset=spec.dataset, seed=spec.seed, precision=spec.precision,
                    **spec.run_options, overrides=dict(spec.fixed_overrides))
 
 
 def check_optuna_storage(url: str) -> None:
-    """An Optuna storage is a SQLAlchemy database URL; the database is not opened."""
+    """An Optuna storage is a SQLAlchemy database URL; the database is not opened (an SQLite file's
+    header is read)."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
@@ -245,6 +286,7 @@ def check_optuna_storage(url: str) -> None:
     except ArgumentError:
         raise ValueError(f"--optuna-storage {url!r} is not a database URL (e.g. sqlite:///optuna.db, "
                          "postgresql://host/db)") from None
+    check_sqlite_url("--optuna-storage", url)
 
 
 class TrialRunStatus(Callback):
@@ -412,7 +454,7 @@ def _make_tuner(spec: StudySpec, run_spec: RunSpec, num_tasks: int, uri: str, ex
     if spec.inline_trials():  # the trial is the worker
         resources = spec.scaling.resources_per_worker()
     else:  # the trial is only a driver; its Train workers hold the CPUs (or GPUs)
-        resources = {spec.driver_resource: 0.01} if spec.driver_resource else {"CPU": 0.01}
+        resources = {spec.driver_resource or "CPU": DRIVER_REQUEST}
     trainable = tune.with_resources(tune.with_parameters(_trial_driver, context=context), resources)
     if resuming:
         tuner = tune.Tuner.restore(spec.experiment_path(), trainable=trainable, resume_unfinished=True,
@@ -458,6 +500,7 @@ def fresh_optuna_storage(spec: StudySpec):
     starts a new MLflow parent run; a resumed one keeps it (the restored searcher refers to it)."""
     import optuna
 
+    make_sqlite_parent(spec.resolved_optuna_storage())
     storage = optuna.storages.RDBStorage(spec.resolved_optuna_storage())
     if any(s.study_name == spec.name for s in optuna.get_all_study_summaries(storage)):
         print(f"Optuna study {spec.name!r} in {spec.resolved_optuna_storage()} replaced (a fresh study; "
@@ -607,7 +650,7 @@ def study_parser(description: str, *, name: str, num_samples: int, objectives: t
     p.add_argument("--workers-per-trial", type=int, default=1,
                    help="Ray Train workers per trial (data-parallel; the method's batch size is the global one)")
     p.add_argument("--use-gpu", action="store_true", help="give each Train worker GPUs (NCCL between them)")
-    p.add_argument("--gpus-per-worker", type=float, default=1.0, help="with --use-gpu")
+    p.add_argument("--gpus-per-worker", type=float, default=None, help="with --use-gpu (default 1)")
     p.add_argument("--cpus-per-worker", type=float, default=None,
                    help="default: 0.99 on CPU workers (two trials share a 2-core box), 1 with --use-gpu")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
