@@ -346,7 +346,8 @@ def _reproduce(args) -> int:
         reproduce.load_results(results_path)  # an unreadable results file fails now, not after the runs
     except ValueError as err:
         return _fail(str(err))
-    recorded = reproduce.run_row(row, plan, results_path, reproduce.same_run_rows(rows, row))
+    with _terminate_as_exit():  # a stopped row stops its running seed too
+        recorded = reproduce.run_row(row, plan, results_path, reproduce.same_run_rows(rows, row))
     for judged, record in recorded:
         print(reproduce.format_record(judged, record))
     return 1 if recorded[0][1]["status"] == reproduce.NOT_RUN else 0

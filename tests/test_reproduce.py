@@ -12,7 +12,6 @@ from promptcl.study import reproduce
 
 ROWS = reproduce.load_manifest()
 ROW_IDS = [row["id"] for row in ROWS]
-# Presets landing with SMoPE's per-benchmark settings; drop once smope.PRESETS has them.
 
 
 def _cli(capsys, *argv):
@@ -210,9 +209,20 @@ def test_a_manifest_of_the_wrong_shape_is_one_line(tmp_path):
     from promptcl.study.reproduce import load_manifest
 
     command = "promptcl run --method simplecil --dataset digits --seed {seed} --out runs/x/seed{seed}"
+    row = _row(command, published=1.0)
     cases = [({"rows": 3}, r"must hold \{\"rows\": \[<row object>, ...\]\}"), ({"rows": [3]}, "must hold"),
-             ({"rows": [{**_row(command, published=1.0), "seeds": "0"}]}, r"needs seeds \(a list of integers\)"),
-             ({"rows": [{**_row(command, published=1.0), "command": 7}]}, "and a command with {seed}")]
+             ({"rows": [{**row, "seeds": "0"}]}, r"seeds must be a non-empty list of integers"),
+             ({"rows": [{**row, "seeds": [0, -1]}]}, r"seeds must be a non-empty list of integers in \[0, 2\*\*32 - 1\]"),
+             ({"rows": [{**row, "seeds": [0, 0]}]}, r"seeds \[0, 0\] repeat a seed"),
+             ({"rows": [{**row, "command": 7}]}, "the command must be a string with {seed}"),
+             ({"rows": [{**row, "id": 7}]}, "manifest row id 7 must be a non-empty string"),
+             ({"rows": [{**row, "published": None}]}, "published must be a number, got None"),
+             ({"rows": [{**row, "published": "83.1"}]}, "published must be a number, got '83.1'"),
+             ({"rows": [{**row, "tolerance": None}]}, "tolerance must be a number >= 0, got None"),
+             ({"rows": [{**row, "published_std": -1}]}, "published_std must be a number >= 0 or null"),
+             ({"rows": [{**row, "command": command.replace(" --out runs/x/seed{seed}", "")}]}, "has no --out value"),
+             ({"rows": [{**row, "seeds": [0, 1], "command": command.replace("/seed{seed}", "")}]},
+              "--out 'runs/x' lacks {seed}: every seed's run needs its own output directory")]
     for content, message in cases:
         (tmp_path / "m.json").write_text(json.dumps(content))
         with pytest.raises(ValueError, match=message) as err:
@@ -220,8 +230,8 @@ def test_a_manifest_of_the_wrong_shape_is_one_line(tmp_path):
         assert "\n" not in str(err.value)
 
 
-def test_missing_data_or_checkpoint_fails_before_any_run(capsys, monkeypatch, tmp_path):
-    command = ('promptcl run --method simplecil --dataset digits --checkpoint-file "$PROMPTCL_CHECKPOINTS/w.pth" '
+def test_missing_data_or_checkpoint_fails_before_any_run(capsys, monkeypatch, tmp_path, cifar100_files):
+    command = ('promptcl run --method simplecil --dataset cifar100 --checkpoint-file "$PROMPTCL_CHECKPOINTS/w.pth" '
                f'--seed {{seed}} --data-dir "$PROMPTCL_DATA" --out {tmp_path}/runs/seed{{seed}}')
     manifest = _write_manifest(tmp_path / "m.json", _row(command, published=50.0))
     results = tmp_path / "results.json"
@@ -236,10 +246,60 @@ def test_missing_data_or_checkpoint_fails_before_any_run(capsys, monkeypatch, tm
     assert "$PROMPTCL_DATA" in attempt()
     monkeypatch.setenv("PROMPTCL_DATA", str(tmp_path / "absent"))
     assert "data directory" in attempt()
-    monkeypatch.setenv("PROMPTCL_DATA", str(tmp_path))
+    monkeypatch.setenv("PROMPTCL_DATA", str(cifar100_files[0]))
     err = attempt()
     assert "checkpoint file" in err and "w.pth" in err and "does not exist" in err
     assert not results.exists() and not (tmp_path / "runs").exists()
+
+
+def test_every_seed_of_a_row_is_resolved_before_any_run(tmp_path):
+    """A row's seeds differ only in {seed}, which may reach a setting: the last seed's run is
+    checked before the first one starts."""
+    from promptcl.study.reproduce import plan_row
+
+    command = f"promptcl run --method smope --dataset digits --set top_k={{seed}} --seed {{seed}} --out {tmp_path}/s{{seed}}"
+    with pytest.raises(ValueError, match=r"seed 9: .*top_k=9 must be between 1 and num_experts=8"):
+        plan_row({**_row(command, published=50.0, seeds=(1, 9))})
+    assert [seed for seed, _, _ in plan_row(_row(command, published=50.0, seeds=(1, 2)))] == [1, 2]
+    assert not any(tmp_path.iterdir())
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc; the field after the command's ')')."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except OSError:  # a process that ended meanwhile
+            continue
+    return found
+
+
+def test_a_terminated_row_stops_its_running_seed_which_leaves_nothing(tmp_path):
+    """SIGTERM to `promptcl reproduce` reaches the seed's `promptcl run`: it stops (no orphan keeps
+    computing) and removes its unfinished output; no result is recorded."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = (f"promptcl run --method smope --dataset digits --set epochs=200 --no-progress --seed {{seed}} "
+               f"--out {tmp_path}/runs/s{{seed}}")
+    manifest = _write_manifest(tmp_path / "m.json", _row(command, published=50.0))
+    proc = subprocess.Popen([sys.executable, "-m", "promptcl.cli", "reproduce", "simplecil-digits-fa", "--manifest",
+                             manifest, "--results", str(tmp_path / "results.json")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not list(tmp_path.glob("runs/.s0.*/checkpoints")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)  # the seed's run is under way
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    (child,) = _children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert not Path(f"/proc/{child}").exists()  # stopped, and waited for
+    assert list((tmp_path / "runs").iterdir()) == [] and not (tmp_path / "results.json").exists()
 
 
 def test_a_damaged_release_checkpoint_fails_the_row_before_any_run(capsys, monkeypatch, tmp_path, cifar100_files):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import re
 import shlex
@@ -52,13 +53,43 @@ def load_manifest(path: Path = DEFAULT_MANIFEST) -> list[dict]:
         if row["id"] in seen:
             raise ValueError(f"manifest row id {row['id']!r} appears twice")
         seen.add(row["id"])
-        if row["metric"] not in METRIC_KEYS:
-            raise ValueError(f"manifest row {row['id']!r}: metric {row['metric']!r} is not one of {list(METRIC_KEYS)}")
-        if (not isinstance(row["seeds"], list) or not row["seeds"] or not all(isinstance(s, int) for s in row["seeds"])
-                or not isinstance(row["command"], str) or SEED_PLACEHOLDER not in row["command"]):
-            raise ValueError(f"manifest row {row['id']!r} needs seeds (a list of integers) and a command with "
-                             f"{SEED_PLACEHOLDER}")
+        _check_row(row)
     return rows
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_row(row: dict) -> None:
+    """The fields a row's run and judgement read, with the types they are read as."""
+    def bad(message: str) -> ValueError:
+        return ValueError(f"manifest row {row['id']!r}: {message}")
+
+    if not isinstance(row["id"], str) or not row["id"]:
+        raise ValueError(f"manifest row id {row['id']!r} must be a non-empty string")
+    if row["metric"] not in METRIC_KEYS:
+        raise bad(f"metric {row['metric']!r} is not one of {list(METRIC_KEYS)}")
+    if not _is_number(row["published"]):
+        raise bad(f"published must be a number, got {row['published']!r}")
+    if row["published_std"] is not None and not (_is_number(row["published_std"]) and row["published_std"] >= 0):
+        raise bad(f"published_std must be a number >= 0 or null, got {row['published_std']!r}")
+    if not (_is_number(row["tolerance"]) and row["tolerance"] >= 0):
+        raise bad(f"tolerance must be a number >= 0, got {row['tolerance']!r}")
+    seeds = row["seeds"]
+    if (not isinstance(seeds, list) or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**32 for s in seeds)):
+        raise bad(f"seeds must be a non-empty list of integers in [0, 2**32 - 1], got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise bad(f"seeds {seeds} repeat a seed (the published mean is over distinct runs)")
+    if not isinstance(row["command"], str) or SEED_PLACEHOLDER not in row["command"]:
+        raise bad(f"the command must be a string with {SEED_PLACEHOLDER}")
+    try:
+        out = _option(shlex.split(row["command"]), "--out")
+    except ValueError as err:
+        raise bad(str(err)) from None
+    if len(seeds) > 1 and SEED_PLACEHOLDER not in out:
+        raise bad(f"--out {out!r} lacks {SEED_PLACEHOLDER}: every seed's run needs its own output directory")
 
 
 def find_row(rows: list[dict], row_id: str) -> dict:
@@ -104,7 +135,7 @@ def parse_run_command(tokens: list[str]):
 
 def plan_row(row: dict) -> list[tuple[int, list[str], Path]]:
     """(seed, argv with the environment expanded, output dir) per seed, after checking the
-    environment variables the commands name and resolving the first seed's run as ``promptcl run``
+    environment variables the commands name and resolving every seed's run as ``promptcl run``
     does (method, preset, the benchmark's files, the backbone and its checkpoint file), so a row
     fails in seconds, not after hours of another seed."""
     from promptcl.cli import run_spec
@@ -121,14 +152,13 @@ def plan_row(row: dict) -> list[tuple[int, list[str], Path]]:
         args = parse_run_command(argv)
         if args.data_dir is not None and not Path(args.data_dir).is_dir():
             raise ValueError(f"row {row['id']!r}: data directory {args.data_dir!r} does not exist")
-        if not plan:  # the seeds' runs differ in the seed only
-            try:
-                resolved = resolve_run(run_spec(args)).to_dict()
-            except ValueError as err:
-                raise ValueError(f"row {row['id']!r}: {err}") from None
+        try:
+            resolved = resolve_run(run_spec(args)).to_dict()
+        except ValueError as err:
+            raise ValueError(f"row {row['id']!r}, seed {seed}: {err}") from None
         summary = Path(args.out) / "summary.json"
         if summary.is_file():  # a seed already run is reused only if it ran this very configuration
-            expected = json.loads(json.dumps({**resolved, "run": {**resolved["run"], "seed": seed}}))
+            expected = json.loads(json.dumps(resolved))
             if json.loads(summary.read_text()).get("config") != expected:
                 raise ValueError(f"row {row['id']!r}: {summary} holds a run of another configuration than the "
                                  "row's command; remove its directory to rerun that seed")
@@ -156,7 +186,7 @@ def run_row(row: dict, plan: list[tuple[int, list[str], Path]], results_path: Pa
             print(f"{row['id']}: seed {seed}: {shlex.join(argv)}", file=sys.stderr, flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
             # The same program as the command's `promptcl`, with this interpreter (PATH may lack the venv).
-            code = subprocess.run([sys.executable, "-m", "promptcl.cli", *argv[1:]], check=False).returncode
+            code = _run_child([sys.executable, "-m", "promptcl.cli", *argv[1:]])
             if code != 0 or not summary.is_file():
                 error = f"seed {seed} exited with code {code} without {summary}"
                 break
@@ -168,6 +198,22 @@ def run_row(row: dict, plan: list[tuple[int, list[str], Path]], results_path: Pa
         write_result(results_path, judged["id"], record)
         recorded.append((judged, record))
     return recorded
+
+
+def _run_child(argv: list[str]) -> int:
+    """Run a seed's ``promptcl run``; if this process is stopped meanwhile (Ctrl-C, SIGTERM), the
+    child gets SIGTERM, so it removes its unfinished output as a stopped run does, and is waited for."""
+    child = subprocess.Popen(argv)
+    try:
+        return child.wait()
+    except BaseException:
+        child.terminate()
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        raise
 
 
 def judge(row: dict, per_seed: dict[str, float], error: Optional[str] = None) -> dict:
