@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from prompted_step import time_interleaved
-from report_table import print_table, write_json
+from report_table import argument_errors, check_arguments, print_table, write_json
 
 from promptcl.core.backbone import build_backbone, encode, input_shape
 from promptcl.engine import precision_context
@@ -33,6 +33,9 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = p.parse_args(argv)
+    with argument_errors(p):
+        check_arguments(at_least_one={"--batch": args.batch, "--repeats": args.repeats}, backbone=args.backbone,
+                        device=args.device, json_path=args.json)
     device = torch.device(args.device)
     torch.manual_seed(0)
     vit = build_backbone(args.backbone).to(device)

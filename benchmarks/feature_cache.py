@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from report_table import print_table, write_json
+from report_table import argument_errors, check_arguments, print_table, write_json
 
 from promptcl.study.tuner import StudySpec, ensure_ray, run_study
 
@@ -44,6 +44,9 @@ def main(argv=None) -> dict:
     p.add_argument("--max-concurrent", type=int, default=1)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    with argument_errors(p):
+        check_arguments(methods=args.methods, seeds=args.seeds, at_least_one={"--max-concurrent": args.max_concurrent},
+                        json_path=args.json)
     ensure_ray()
     off = measure(args.methods, args.seeds, args.max_concurrent, cache=False)
     on = measure(args.methods, args.seeds, args.max_concurrent, cache=True)

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from report_table import print_table, write_json
+from report_table import argument_errors, check_arguments, print_table, write_json
 
 from promptcl.config import parse_overrides
 from promptcl.engine import RunSpec, resolve_run, run_sequence
@@ -33,13 +33,16 @@ def main(argv=None) -> dict:
                    help="also run METHOD with this override (a row of its own)")
     p.add_argument("--json", type=Path, default=None, help="write the rows (every seed's figures) here")
     args = p.parse_args(argv)
-    rows = [(m, {}) for m in (args.methods or method_names())]
-    for variant in args.variants:
-        method, _, pair = variant.partition(":")
-        rows.append((method, parse_overrides([pair])))
-    # Every run is validated before the first one trains.
-    planned = [[resolve_run(RunSpec(method=m, dataset=args.dataset, seed=s, overrides=o)) for s in args.seeds]
-               for m, o in rows]
+    with argument_errors(p):  # every run is validated before the first one trains
+        check_arguments(methods=args.methods, seeds=args.seeds, json_path=args.json)
+        rows = [(m, {}) for m in (args.methods or method_names())]
+        for variant in args.variants:
+            method, colon, pair = variant.partition(":")
+            if not colon:
+                raise ValueError(f"--set {variant!r} is not METHOD:KEY=VALUE")
+            rows.append((method, parse_overrides([pair])))
+        planned = [[resolve_run(RunSpec(method=m, dataset=args.dataset, seed=s, overrides=o)) for s in args.seeds]
+                   for m, o in rows]
     table, report = [], {"dataset": args.dataset, "seeds": args.seeds, "rows": []}
     for (method, overrides), runs in zip(rows, planned):
         results = []

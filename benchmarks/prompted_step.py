@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from report_table import print_table, write_json
+from report_table import argument_errors, check_arguments, print_table, write_json
 
 from promptcl.core import attention
 from promptcl.core.backbone import build_backbone, encode, input_shape
@@ -127,6 +127,9 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.clock == "kernels" and not args.device.startswith("cuda"):
         p.error("--clock kernels needs a CUDA device")
+    with argument_errors(p):
+        check_arguments(methods=args.methods, at_least_one={"--batch": args.batch, "--repeats": args.repeats},
+                        backbone=args.backbone, device=args.device, json_path=args.json)
     methods = args.methods or list(method_names())
     num_tasks, classes_per_task = 10, 10
     device = torch.device(args.device)

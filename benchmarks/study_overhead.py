@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from report_table import print_table, write_json
+from report_table import argument_errors, check_arguments, print_table, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,6 +54,9 @@ def main(argv=None) -> dict:
     p.add_argument("--runners", nargs="+", choices=("train", "inline"), default=["train", "inline"])
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    with argument_errors(p):
+        check_arguments(at_least_one={"--num-samples": args.num_samples, "--max-concurrent": args.max_concurrent},
+                        json_path=args.json)
 
     from promptcl.study.tuner import ensure_ray
 

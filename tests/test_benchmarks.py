@@ -85,10 +85,12 @@ def test_method_table_prints_and_writes_a_row_per_method(capsys, tmp_path):
 def test_method_table_validates_every_row_before_training(capsys):
     import method_table
 
-    with pytest.raises(ValueError, match="top_k"):
+    with pytest.raises(SystemExit) as stop:
         method_table.main(["--dataset", "digits", "--seeds", "0", "--methods", "simplecil",
                            "--set", "smope:top_k=99"])
-    assert "simplecil |" not in capsys.readouterr().out  # nothing ran
+    assert stop.value.code == 2
+    out, err = capsys.readouterr()
+    assert "simplecil |" not in out and "top_k=99" in err  # nothing ran
 
 
 @pytest.mark.ray
@@ -132,3 +134,36 @@ def test_compiled_backbone_benchmark_compares_compiled_and_eager(tmp_path, capsy
     assert report["ratio"] > 0 and report["compile_seconds"] > 0
     assert report["max_abs_difference"] < 1e-4  # the same features
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("vit_digits | cpu | fp32 | 4 |")
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("method_table", ["--methods", "nope"], "unknown method 'nope'"),
+    ("method_table", ["--methods", "smope", "smope"], "--methods names smope more than once"),
+    ("method_table", ["--seeds", "-1"], "seed must be in [0, 2**32 - 1], got -1"),
+    ("method_table", ["--set", "top_k=3"], "--set 'top_k=3' is not METHOD:KEY=VALUE"),
+    ("method_table", ["--json", "FILE/x.json"], "its directory 'FILE' exists and is not a directory"),
+    ("prompted_step", ["--repeats", "0"], "--repeats must be >= 1, got 0"),
+    ("prompted_step", ["--backbone", "nope"], "unknown backbone 'nope'"),
+    ("prompted_step", ["--device", "gpu"], "device must be auto, cpu or cuda[:N], got 'gpu'"),
+    ("compiled_backbone", ["--batch", "0"], "--batch must be >= 1, got 0"),
+    ("feature_cache", ["--methods", "nope"], "unknown method 'nope'"),
+    ("study_overhead", ["--max-concurrent", "0"], "--max-concurrent must be >= 1, got 0"),
+])
+def test_bad_benchmark_arguments_exit_2_before_any_work(tmp_path, capsys, monkeypatch, script, argv, message):
+    """Checked before a backbone is built, a run trains or Ray starts (both would fail here)."""
+    import importlib
+
+    from promptcl.study import tuner
+
+    module = importlib.import_module(script)
+    monkeypatch.setattr(tuner, "ensure_ray", lambda *a, **k: pytest.fail("Ray started"))
+    for name in ("build_backbone", "run_sequence", "ensure_ray"):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail(f"{name} called"))
+    (tmp_path / "file").write_text("a file")
+    argv = [a.replace("FILE", str(tmp_path / "file")) for a in argv]
+    with pytest.raises(SystemExit) as stop:
+        module.main(argv)
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # argparse's usage, then its one error line
+    assert ": error: " in last and message.replace("FILE", str(tmp_path / "file")) in last, last
