@@ -46,9 +46,9 @@ def check_arguments(*, methods: Optional[Iterable[str]] = None, seeds: Optional[
             raise ValueError(f"seed must be in [0, 2**32 - 1], got {seed}")
     if backbone is not None:
         check_backbone_name(backbone)
-    if device is not None:
-        if device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device):
-            raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+    if device is not None:  # (the scripts hand it to torch.device)
+        if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+            raise ValueError(f"device must be cpu or cuda[:N], got {device!r}")
         check_device(device)
     if json_path is not None:
         if json_path.is_dir():

@@ -251,13 +251,14 @@ def _run(args) -> int:
     from promptcl.engine import check_local_resources, resolve_run, run_sequence
     from promptcl.storage import check_writable_location
     from promptcl.study.trainer import Scaling, fault_from_env
-    from promptcl.study.tuner import check_fits_local_ray, starts_local_ray
 
     try:
         spec = run_spec(args)
         run = resolve_run(spec)
         scaling = None
         if args.num_workers is not None:
+            from promptcl.study.tuner import check_fits_local_ray, starts_local_ray  # (Tune loads only here)
+
             scaling = Scaling(num_workers=args.num_workers, use_gpu=args.use_gpu,
                               cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
                               max_failures=args.max_failures)

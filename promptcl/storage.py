@@ -50,8 +50,12 @@ def sqlite_file(url: str) -> Optional[Path]:
     if not url.lower().startswith("sqlite"):
         return None
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
-    database = make_url(url).database
+    try:
+        database = make_url(url).database
+    except ArgumentError:
+        raise ValueError(f"{url!r} is not a database URL (e.g. sqlite:///mlflow.db)") from None
     return Path(database) if database and database != ":memory:" else None
 
 

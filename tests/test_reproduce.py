@@ -216,6 +216,7 @@ def test_a_manifest_of_the_wrong_shape_is_one_line(tmp_path):
              ({"rows": [{**row, "seeds": [0, 0]}]}, r"seeds \[0, 0\] repeat a seed"),
              ({"rows": [{**row, "command": 7}]}, "the command must be a string with {seed}"),
              ({"rows": [{**row, "id": 7}]}, "manifest row id 7 must be a non-empty string"),
+             ({"rows": [{**row, "id": ["a"]}]}, r"manifest row id \['a'\] must be a non-empty string"),
              ({"rows": [{**row, "published": None}]}, "published must be a number, got None"),
              ({"rows": [{**row, "published": "83.1"}]}, "published must be a number, got '83.1'"),
              ({"rows": [{**row, "tolerance": None}]}, "tolerance must be a number >= 0, got None"),
@@ -261,6 +262,14 @@ def test_every_seed_of_a_row_is_resolved_before_any_run(tmp_path):
     with pytest.raises(ValueError, match=r"seed 9: .*top_k=9 must be between 1 and num_experts=8"):
         plan_row({**_row(command, published=50.0, seeds=(1, 9))})
     assert [seed for seed, _, _ in plan_row(_row(command, published=50.0, seeds=(1, 2)))] == [1, 2]
+    # every seed's command must run that seed (else one seed would be averaged with itself)
+    fixed = command.replace("--seed {seed}", "--seed 1")
+    with pytest.raises(ValueError, match=r"the command runs --seed 1, not the row's seed 2 \(give --seed \{seed\}\)"):
+        plan_row(_row(fixed, published=50.0, seeds=(1, 2)))
+    # --out=PATH is the same option as --out PATH
+    equals = command.replace(f"--out {tmp_path}", f"--out={tmp_path}")
+    assert [out for _, _, out in plan_row(_row(equals, published=50.0, seeds=(1, 2)))] == [tmp_path / "s1",
+                                                                                           tmp_path / "s2"]
     assert not any(tmp_path.iterdir())
 
 

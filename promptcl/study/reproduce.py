@@ -50,10 +50,10 @@ def load_manifest(path: Path = DEFAULT_MANIFEST) -> list[dict]:
         missing = [key for key in REQUIRED_FIELDS if key not in row]
         if missing:
             raise ValueError(f"manifest row {row.get('id', '?')!r} lacks {', '.join(missing)}")
+        _check_row(row)
         if row["id"] in seen:
             raise ValueError(f"manifest row id {row['id']!r} appears twice")
         seen.add(row["id"])
-        _check_row(row)
     return rows
 
 
@@ -112,10 +112,13 @@ def dry_run_script(row: dict) -> str:
 
 
 def _option(tokens: list[str], name: str) -> str:
-    try:
-        return tokens[tokens.index(name) + 1]
-    except (ValueError, IndexError):
-        raise ValueError(f"command {shlex.join(tokens)!r} has no {name} value") from None
+    """The value of ``name`` in ``tokens``, given as ``name value`` or ``name=value``."""
+    for i, token in enumerate(tokens):
+        if token == name and i + 1 < len(tokens):
+            return tokens[i + 1]
+        if token.startswith(f"{name}="):
+            return token[len(name) + 1:]
+    raise ValueError(f"command {' '.join(tokens)!r} has no {name} value")
 
 
 def parse_run_command(tokens: list[str]):
@@ -150,6 +153,9 @@ def plan_row(row: dict) -> list[tuple[int, list[str], Path]]:
                     raise ValueError(f"row {row['id']!r} needs ${name}, which is not set (see REPRODUCIBILITY.md)")
         argv = [os.path.expandvars(token) for token in tokens]
         args = parse_run_command(argv)
+        if args.seed != seed:
+            raise ValueError(f"row {row['id']!r}: the command runs --seed {args.seed}, not the row's seed {seed} "
+                             f"(give --seed {SEED_PLACEHOLDER})")
         if args.data_dir is not None and not Path(args.data_dir).is_dir():
             raise ValueError(f"row {row['id']!r}: data directory {args.data_dir!r} does not exist")
         try:

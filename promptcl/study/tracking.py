@@ -133,10 +133,10 @@ def study_run(tracking_uri: str, experiment: str, parent_run_id: Optional[str] =
     keeps its id; a fresh run of the same study name starts a new one beside the old."""
     from mlflow.exceptions import MlflowException
 
-    check_tracking_uri(tracking_uri)
     store = sqlite_file(tracking_uri)
     if store is not None and not store.is_file():
         raise ValueError(f"no MLflow store at {tracking_uri}")  # (opening it would create an empty one)
+    check_tracking_uri(tracking_uri)
     c = client(tracking_uri)
     try:
         found = c.get_experiment_by_name(experiment)

@@ -180,7 +180,7 @@ def driver_resource_note(resource: str) -> Optional[str]:
             f"does (the head's `ray start --resources '{{\"{resource}\": 100}}'`, or a node type that has it)")
 
 
-def ensure_ray(num_cpus: Optional[int] = None) -> None:
+def ensure_ray() -> None:
     """Attach to the cluster named by RAY_ADDRESS (``ray job submit``), else start a local one."""
     import ray
 
@@ -195,7 +195,7 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
         # free the resources of a trial a scheduler stopped (without it they stay reserved).
         # address="local": a new instance even when another one runs on this machine (joining that
         # one is what RAY_ADDRESS is for)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
                  object_store_memory=256 * 2**20)
 
 
@@ -239,7 +239,8 @@ def validate_study(spec: StudySpec) -> RunSpec:
     check_writable_location("--storage-path", spec.resolved_storage_path())
     tracking.check_tracking_uri(spec.resolved_tracking_uri())
     if spec.grid is None:  # a search keeps its Optuna study (the default one in runs_dir, unless given)
-        check_optuna_storage(spec.resolved_optuna_storage())
+        check_optuna_storage(spec.resolved_optuna_storage(),
+                             "--optuna-storage" if spec.optuna_storage else "the Optuna store under --runs-dir")
     if spec.grid is not None and (not spec.grid or any(len(v) == 0 for v in spec.grid.values())):
         raise ValueError(f"a study grid needs at least one value per key, got {spec.grid}")
     if (spec.grid is None) == (spec.search_space is None):
@@ -275,7 +276,7 @@ def validate_study(spec: StudySpec) -> RunSpec:
                    **spec.run_options, overrides=dict(spec.fixed_overrides))
 
 
-def check_optuna_storage(url: str) -> None:
+def check_optuna_storage(url: str, what: str = "--optuna-storage") -> None:
     """An Optuna storage is a SQLAlchemy database URL; the database is not opened (an SQLite file's
     header is read)."""
     from sqlalchemy.engine import make_url
@@ -284,9 +285,9 @@ def check_optuna_storage(url: str) -> None:
     try:
         make_url(url)
     except ArgumentError:
-        raise ValueError(f"--optuna-storage {url!r} is not a database URL (e.g. sqlite:///optuna.db, "
+        raise ValueError(f"{what} {url!r} is not a database URL (e.g. sqlite:///optuna.db, "
                          "postgresql://host/db)") from None
-    check_sqlite_url("--optuna-storage", url)
+    check_sqlite_url(what, url)
 
 
 class TrialRunStatus(Callback):
