@@ -62,7 +62,10 @@ def sqlite_file(url: str) -> Optional[Path]:
 def check_sqlite_url(what: str, url: str) -> None:
     """An ``sqlite:`` store must be an SQLite file (or empty, or absent in a directory this process can
     make and write): not a text file, a directory, or a path under a file."""
-    path = sqlite_file(url)
+    try:
+        path = sqlite_file(url)
+    except ValueError as err:
+        raise ValueError(f"{what} {err}") from None
     if path is None:
         return
     if not path.exists():

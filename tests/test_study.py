@@ -55,7 +55,7 @@ def test_bad_study_input_fails_before_ray_starts(tmp_path, capsys, monkeypatch):
     (["--mlflow-uri", "sqlite:///FILE"], "MLflow tracking URI 'sqlite:///FILE': 'FILE' is not an SQLite database"),
     (["--runs-dir", "STORAGE"],
      "the Optuna store under --runs-dir 'sqlite:///STORAGE/optuna.db': 'STORAGE/optuna.db' is a directory"),
-    (["--mlflow-uri", "sqlite:x.db"], "'sqlite:x.db' is not a database URL"),
+    (["--mlflow-uri", "sqlite:x.db"], "MLflow tracking URI 'sqlite:x.db' is not a database URL"),
     (["--cpus-per-worker", "inf"], "cpus_per_worker must be a finite number > 0, got inf"),
     (["--gpus-per-worker", "2"], "gpus_per_worker needs use_gpu"),
     (["--mlflow-uri", "bogus://x"], "MLflow tracking URI 'bogus://x' names no tracking store"),
