@@ -267,8 +267,7 @@ def _run(args) -> int:
             if not os.environ.get("RAY_ADDRESS"):  # a local Ray: its workers read this machine's cache
                 check_local_resources(run, device=False)
             if starts_local_ray():
-                check_fits_local_ray({k: v * scaling.num_workers for k, v in scaling.resources_per_worker().items()},
-                                     f"--num-workers {scaling.num_workers}")
+                check_fits_local_ray(scaling.group_resources(), f"--num-workers {scaling.num_workers}")
         elif args.use_gpu or args.max_failures or args.cpus_per_worker is not None or args.gpus_per_worker is not None:
             raise ValueError("--use-gpu, --cpus-per-worker, --gpus-per-worker and --max-failures need --num-workers")
         else:

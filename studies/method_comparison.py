@@ -5,7 +5,8 @@ one CPU worker, through Ray Train for several workers or GPUs) with the method's
 benchmark and is logged to MLflow (a parent run per study, a child per trial, with its cost).
 Printed and saved at the end: FA / CA / FM as mean ± std over the seeds with trainable parameters
 and test FLOPs per image, one row per method (the shape of the seeds' Table 1): ``methods.md`` and
-``methods.parquet`` under the runs directory, and as artifacts of the parent run. The runs also feed the trade-off map (``dashboards/tradeoff.py``).
+``methods.parquet`` under the runs directory, and as artifacts of the parent run. The runs also
+feed the trade-off map (``dashboards/tradeoff.py``).
 Laptop: ``python studies/method_comparison.py``; cluster: ``ray job submit -- python
 studies/method_comparison.py --methods smope,hide,coda --seeds 5 --use-gpu ...``.
 """

@@ -66,6 +66,10 @@ class Scaling:
         cpus = self.cpus_per_worker if self.cpus_per_worker is not None else (1.0 if self.use_gpu else 0.99)
         return {"CPU": cpus, **({"GPU": self.gpus_per_worker or 1.0} if self.use_gpu else {})}
 
+    def group_resources(self) -> dict[str, float]:
+        """What all the workers of one run hold together."""
+        return {k: v * self.num_workers for k, v in self.resources_per_worker().items()}
+
     def train_configs(self):
         """Ray Train's (TorchConfig, ScalingConfig) for these workers: gloo moves the CPU-side
         collectives, NCCL the GPU ones."""

@@ -112,15 +112,20 @@ class StudySpec:
         on a cluster on the shared storage path), unless ``feature_cache`` is off."""
         return f"{self.resolved_storage_path().rstrip('/')}/feature_cache" if self.feature_cache else None
 
-    def trial_resources(self) -> dict[str, float]:
-        """What one trial holds while it runs: its Train workers and its driver (an inline trial is
-        its one worker)."""
-        per_worker = self.scaling.resources_per_worker()
+    def trial_request(self) -> dict[str, float]:
+        """What Tune's trial itself asks for: an inline trial is its one worker; otherwise the trial
+        is only a driver, whose Train workers hold the CPUs (or GPUs)."""
         if self.inline_trials():
-            return per_worker
-        total = {k: v * self.scaling.num_workers for k, v in per_worker.items()}
-        driver = self.driver_resource or "CPU"
-        return {**total, driver: total.get(driver, 0.0) + DRIVER_REQUEST}
+            return self.scaling.resources_per_worker()
+        return {self.driver_resource or "CPU": DRIVER_REQUEST}
+
+    def trial_resources(self) -> dict[str, float]:
+        """What one trial holds while it runs: its request and, beside a driver, its Train workers."""
+        request = self.trial_request()
+        if self.inline_trials():
+            return request
+        workers = self.scaling.group_resources()
+        return {**workers, **{k: workers.get(k, 0.0) + v for k, v in request.items()}}
 
     def inline_trials(self) -> bool:
         if self.trial_runner == "auto":
@@ -452,11 +457,7 @@ def _make_tuner(spec: StudySpec, run_spec: RunSpec, num_tasks: int, uri: str, ex
         "fault": fault_from_env(), "per_method": spec.per_method_overrides, "inline": spec.inline_trials(),
         "feature_cache": spec.resolved_feature_cache(),
     }
-    if spec.inline_trials():  # the trial is the worker
-        resources = spec.scaling.resources_per_worker()
-    else:  # the trial is only a driver; its Train workers hold the CPUs (or GPUs)
-        resources = {spec.driver_resource or "CPU": DRIVER_REQUEST}
-    trainable = tune.with_resources(tune.with_parameters(_trial_driver, context=context), resources)
+    trainable = tune.with_resources(tune.with_parameters(_trial_driver, context=context), spec.trial_request())
     if resuming:
         tuner = tune.Tuner.restore(spec.experiment_path(), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False)
