@@ -9,7 +9,9 @@
 #    on CUDA what it computes on the CPU (they skip where there is no CUDA device);
 # 2. NoRGa and SMoPE, every prefix path (eager / fused / merged), batch 128, bf16, GPU kernel time: the
 #    open question is whether `merged` brings their bf16 forward per pass to <= 1.10x a plain pass;
-#    if so, `auto` should pick it on CUDA (promptcl/core/attention.py, prefix_attention);
+#    if so, `auto` should pick it on CUDA (promptcl/core/attention.py, prefix_attention). Its log also
+#    holds the 12 costliest kernels of the plain and of each prompted bf16 forward (--profile), so a
+#    path that still misses the target shows where its excess goes without another device call;
 # 3. every method at batch 128, bf16, kernel time: the README's "On a GPU" table, re-measured.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -34,7 +36,7 @@ step versions 60 "$python" -c "import torch, timm; print('torch', torch.__versio
 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
 step gpu_tests 150 "$python" -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_gpu.py
 step gated_paths 120 "$python" benchmarks/prompted_step.py --device cuda --bf16 --batch 128 --repeats 3 --clock kernels \
-    --methods smope norga --json "$out/gated_paths.json"
+    --methods smope norga --profile --json "$out/gated_paths.json"
 step all_methods 200 "$python" benchmarks/prompted_step.py --device cuda --bf16 --batch 128 --repeats 3 --clock kernels \
     --json "$out/all_methods.json"
 cat "$out/steps.txt"

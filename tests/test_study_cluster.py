@@ -118,3 +118,31 @@ def _runs_started(tmp_path: Path) -> int:
     except Exception:
         return 0
     return sum("mlflow.parentRunId" in r.data.tags for r in runs)
+
+
+def test_trials_wait_for_a_node_that_offers_the_driver_resource(tmp_path):
+    """``--driver-resource`` that no node offers yet: the console says so, no trial starts, and once a
+    node that offers it joins, the study runs there and completes."""
+    from ray.cluster_utils import Cluster
+
+    # the head could hold the whole trial (driver and one 1-CPU Train worker) but for the resource
+    cluster = Cluster(initialize_head=True, connect=False,
+                      head_node_args={"num_cpus": 2, "object_store_memory": 128 * 2**20,
+                                      "include_dashboard": False})
+    study = None
+    try:
+        study = _study(cluster.address, tmp_path, "--num-samples", "1", "--driver-resource", "promptcl_driver")
+        console = next(tmp_path.glob("driver-*.log"))
+        _wait_for(lambda: "no node offers the resource 'promptcl_driver'" in console.read_text()
+                  or study.poll() is not None, 300, "the console line")
+        time.sleep(20)  # time enough for a trial to start and open its MLflow run, were its driver placed
+        assert study.poll() is None and _runs_started(tmp_path) == 0
+        cluster.add_node(num_cpus=1, resources={"promptcl_driver": 10}, object_store_memory=128 * 2**20)
+        assert study.wait(600) == 0, console.read_text()[-3000:]
+        _, runs = _runs(tmp_path)
+        children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        assert len(children) == 1 and children[0].info.status == "FINISHED"
+    finally:
+        if study is not None and study.poll() is None:
+            study.kill()
+        cluster.shutdown()
