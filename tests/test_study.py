@@ -1,5 +1,6 @@
 """The Ray Tune + Optuna study on a real local Ray cluster, logged to a real MLflow store."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -121,6 +122,25 @@ def test_what_a_local_ray_cannot_give_fails_before_work(tmp_path, command, messa
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().startswith(message) and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.ray
+def test_the_local_capacity_check_counts_the_cpus_and_gpus_of_the_ray_a_study_starts():
+    """The check reads Ray's CPU count through a private function: it must still be what
+    ``ensure_ray`` starts with (a drift would refuse runs that fit, or let a too large one wait)."""
+    import os
+    import subprocess
+
+    from ray._private.utils import get_num_cpus  # noqa: F401 (a Ray without it leaves only the fallback)
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    code = ("import json, ray; from promptcl.study.tuner import ensure_ray, local_ray_capacity; ensure_ray(); "
+            "r = ray.cluster_resources(); print(json.dumps([{k: r.get(k, 0.0) for k in ('CPU', 'GPU')}, "
+            "local_ray_capacity()]))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    started, assumed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert started == assumed and started["CPU"] >= 1
 
 
 def test_a_driver_resource_no_node_offers_gets_a_console_line(local_ray):
