@@ -1,5 +1,6 @@
-"""``promptcl`` command line: ``run`` a CL sequence, ``cost`` of a method without training, ``report`` of a
-study, ``pretrain`` a project-made backbone, ``probe`` a backbone's frozen features against raw pixels."""
+"""The promptcl command line: run a CL sequence, the cost of a method without training, the report of a
+study, pretrain a project-made backbone, probe a backbone's frozen features against raw pixels, reproduce
+the rows of the published-numbers manifest."""
 
 from __future__ import annotations
 
