@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
+from promptcl.data import CLASS_ORDERS
 from promptcl.data.preprocessing import PROTOCOLS
 
 USAGE_ERROR = 2
@@ -29,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--method", required=True)
     run.add_argument("--dataset", required=True)
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--class-order", choices=CLASS_ORDERS, default="seeded",
+                     help="seeded: random.seed(seed); random.shuffle(range(C)), the rule of the reference code that "
+                          "shuffles (default; every method sees the same task sequences); natural: the dataset's own "
+                          "class (or source) order at every seed, as HiDe-Prompt's scripts run")
     run.add_argument("--out", required=True, type=Path, help="output directory (must not exist)")
     run.add_argument("--backbone", default=None,
                      help="timm ViT name (full tag), a seed alias or a local preset "
@@ -238,7 +243,8 @@ def run_spec(args):
     from promptcl.config import parse_overrides
     from promptcl.engine import RunSpec
 
-    return RunSpec(method=args.method, dataset=args.dataset, seed=args.seed, backbone=args.backbone,
+    return RunSpec(method=args.method, dataset=args.dataset, seed=args.seed, class_order=args.class_order,
+                   backbone=args.backbone,
                    pretrained=args.pretrained, checkpoint_file=args.checkpoint_file,
                    data_dir=args.data_dir, split_file=args.split_file, eval_batch_size=args.eval_batch_size,
                    device=args.device,

@@ -3,8 +3,9 @@
 :func:`train_flops_per_run` turns them into the training FLOPs of a whole run, from the work the
 engine counted (images per training phase, end-of-task passes).
 
-FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode``. Its registry has no formula
-for the CPU SDPA kernel, which would count attention as zero, so one is registered here; every
+FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode``, a multiply-add as 2 FLOPs (a
+ViT-B/16 pass at 224 px: 35.13 GFLOPs, the 17.6 G multiply-adds most papers quote). Its registry
+has no formula for the CPU SDPA kernel, which would count attention as zero, so one is registered here; every
 forward pass a method needs at test time is counted (``predict`` runs them all). Counting runs the
 reference (eager) prefix-attention path: the fused one pads each query and key with the prefix
 logits' coordinates, arithmetic of the kernel layout, not of the method.
@@ -105,8 +106,10 @@ def train_flops_per_run(cost: dict[str, Any], work: dict[str, Any]) -> int:
     """FLOPs of a run's training: every training step (images seen per phase × that phase's step per
     image) and every end-of-task backbone pass (frozen: task-identity and query features, prototypes;
     prompted: class statistics), all tasks. Un-counted: fits on features (task-identity MLP, Gaussian
-    replay, K-means), each under 1 % of one backbone pass per image. A study's feature store saves
-    some frozen passes; this counts the method's own work, with or without one."""
+    replay, K-means); the largest, HiDe/NoRGa's re-alignment of the task-identity MLP, is up to a
+    quarter of one backbone pass per training image (CUB-200; about 0.2 % of the run's count). A
+    study's feature store saves some frozen passes; this counts the method's own work, with or
+    without one."""
     steps = sum(images * cost["train_flops_per_image_by_phase"][name] for name, images in work["phase_images"].items())
     return int(steps + work["frozen_pass_images"] * cost["backbone_flops_per_image"]
                + work["prompted_pass_images"] * cost["prompted_pass_flops_per_image"])

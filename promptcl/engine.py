@@ -25,8 +25,9 @@ from promptcl.core.backbone import (LOCAL_BACKBONES, backbone_mean_std, build_ba
                                     check_backbone, check_backbone_name, encode, input_shape)
 from promptcl.core.pretrain import local_backbone, verified_shipped_checkpoint
 from promptcl.config import apply_overrides, as_flat_dict
+from promptcl.data import CLASS_ORDERS
 from promptcl.data.benchmarks import (ClassIncremental, check_data_dir, dataset_spec, load_dataset,
-                                      scenario_class_order)
+                                      scenario_class_order, source_order)
 from promptcl.data.paper import split_sha256
 from promptcl.data.preprocessing import Preprocessing, resolve_preprocessing
 from promptcl.methods import get_method
@@ -53,6 +54,7 @@ class RunSpec:
     method: str
     dataset: str
     seed: int = 0
+    class_order: str = "seeded"  # promptcl.data.benchmarks.CLASS_ORDERS: seeded shuffle, or the dataset's own
     backbone: Optional[str] = None  # None: the dataset's default
     pretrained: bool = True  # False: a random-init backbone (a control)
     checkpoint_file: Optional[str] = None
@@ -116,6 +118,8 @@ def resolve_run(spec: RunSpec) -> ResolvedRun:
     ds = dataset_spec(spec.dataset)
     if not 0 <= spec.seed < 2**32:  # numpy's and Python's seeding range
         raise ValueError(f"seed must be in [0, 2**32 - 1], got {spec.seed}")
+    if spec.class_order not in CLASS_ORDERS:
+        raise ValueError(f"unknown class order {spec.class_order!r}; choose one of {', '.join(CLASS_ORDERS)}")
     backbone = spec.backbone or method_cls.DEFAULT_BACKBONES.get(spec.dataset, ds.default_backbone)
     check_backbone_name(backbone)  # names first: a typo is reported before anything is read
     # disk benchmarks are shown at 224 px; an offline benchmark's tensors have its default backbone's shape
@@ -375,13 +379,15 @@ def _set_up(run: ResolvedRun) -> _Setup:
     spec = run.spec
     device = pick_device(spec.device)
     _cache_backbone_weights(run)  # an unreachable hub fails before the data is read
-    data = load_dataset(spec.dataset, spec.data_dir, run.preprocessing, spec.split_file)
+    class_order = scenario_class_order(spec.dataset, spec.seed, spec.class_order)
+    data = load_dataset(spec.dataset, spec.data_dir, run.preprocessing, spec.split_file,
+                        sources_learned=source_order(spec.dataset, class_order))
     ds = dataset_spec(spec.dataset)
     workers = spec.loader_workers
     if workers is None:
         workers = DISK_LOADER_WORKERS if ds.has_pipeline else 0
     scenario = ClassIncremental(data, increments=ds.num_classes // run.num_tasks,
-                                class_order=scenario_class_order(spec.dataset, spec.seed), num_workers=workers,
+                                class_order=class_order, num_workers=workers,
                                 pin_memory=device.type == "cuda",
                                 drop_last=run.preprocessing is not None and run.preprocessing.drop_last)
     seed_everything(spec.seed)

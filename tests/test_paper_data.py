@@ -19,8 +19,9 @@ from PIL import Image
 
 from disk_formats import solid_images, write_cifar, write_idx, write_jpegs
 from promptcl.data import paper
-from promptcl.data.benchmarks import ClassIncremental, DATASETS, load_dataset, scenario_class_order
-from promptcl.data.preprocessing import CIFAR100_MEAN, CIFAR100_STD, CODA, HIDE, OVOR, common
+from promptcl.data.benchmarks import ClassIncremental, DATASETS, load_dataset, scenario_class_order, source_order
+from promptcl.data.preprocessing import (CIFAR100_MEAN, CIFAR100_STD, CODA, HIDE, HIDE_CARRYOVER, OVOR, common,
+                                       resolve_preprocessing)
 from promptcl.cli import main
 from promptcl.engine import RunSpec, resolve_run
 
@@ -103,6 +104,61 @@ def test_five_datasets_source_order_follows_the_reference_shuffle():
     assert sources == ["notmnist", "mnist", "cifar10", "fashion_mnist", "svhn"]  # norga.md 5.2, seed 42
     order = scenario_class_order("five_datasets", 42)
     assert [order[10 * t] // 10 for t in range(5)] == [paper.FIVE_DATASETS_SOURCES.index(s) for s in sources]
+
+
+def test_natural_class_order_is_the_datasets_own_at_every_seed():
+    """HiDe-Prompt's scripts never pass --shuffle: every seed learns the classes, or 5-Datasets' sources
+    (its unshuffled list: SVHN, MNIST, CIFAR-10, notMNIST, Fashion-MNIST), in the dataset's order."""
+    for seed in (0, 42):
+        assert scenario_class_order("cifar100", seed, "natural") == list(range(100))
+    assert scenario_class_order("cifar100", 42)[:3] == [42, 41, 91]  # seeded stays the default
+    assert scenario_class_order("five_datasets", 40, "natural") == list(range(50))
+    assert paper.FIVE_DATASETS_SOURCES == ("svhn", "mnist", "cifar10", "notmnist", "fashion_mnist")
+    with pytest.raises(ValueError, match="unknown class order 'sorted'; choose one of seeded, natural"):
+        scenario_class_order("cifar100", 0, "sorted")
+    with pytest.raises(ValueError, match="unknown class order 'sorted'"):
+        resolve_run(RunSpec(method="simplecil", dataset="digits", class_order="sorted"))
+
+
+def _normalised_sources(data) -> list[bool]:
+    """Per 5-Datasets source (dataset order): do its test, statistics and augmented images take a
+    mean/std normalisation (the CIFAR pipeline)? The three always agree."""
+    from torchvision import transforms as T
+
+    def normalised(part) -> bool:
+        return any(isinstance(t, T.Normalize) for t in part.transform.transforms)
+
+    kinds = [(normalised(a), normalised(b), normalised(c))
+             for a, b, c in zip(data.test.datasets, data.train.datasets, data.train_augmented.datasets)]
+    assert all(len(set(k)) == 1 for k in kinds)
+    return [k[0] for k in kinds]
+
+
+def test_hide_carryover_gives_the_cifar_pipeline_to_every_source_learned_after_cifar10(five_root):
+    """The HiDe/NoRGa code's 5-Datasets loop sets the CIFAR transforms when it reaches CIFAR-10 and
+    never resets them: ``reference-hide-carryover`` reproduces that, ``reference-hide`` does not."""
+    learned = source_order("five_datasets", scenario_class_order("five_datasets", 42))
+    assert learned == [3, 1, 2, 4, 0]  # notMNIST, MNIST, CIFAR-10, Fashion-MNIST, SVHN
+    assert _normalised_sources(load_dataset("five_datasets", five_root, HIDE, sources_learned=learned)) == \
+        [False, False, True, False, False]
+    assert _normalised_sources(load_dataset("five_datasets", five_root, HIDE_CARRYOVER, sources_learned=learned)) == \
+        [True, False, True, False, True]
+    natural = source_order("five_datasets", scenario_class_order("five_datasets", 0, "natural"))
+    assert _normalised_sources(load_dataset("five_datasets", five_root, HIDE_CARRYOVER, sources_learned=natural)) == \
+        [False, False, True, True, True]
+    with pytest.raises(ValueError, match="needs the order the sources are learned in"):
+        load_dataset("five_datasets", five_root, HIDE_CARRYOVER)
+    # a single-source benchmark: the same pipeline as reference-hide
+    assert resolve_preprocessing("reference-hide-carryover", code_base=None,
+                                 backbone_mean_std=((0.5,) * 3, (0.5,) * 3)).cifar == HIDE.cifar
+
+
+def test_a_run_learns_its_class_order_and_records_it(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", "--method", "simplecil", "--dataset", "digits", "--seed", "3", "--class-order", "natural",
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["class_order"] == list(range(10)) and summary["config"]["run"]["class_order"] == "natural"
 
 
 def test_cub200_follows_the_official_split_file(tmp_path):
@@ -361,7 +417,7 @@ def test_a_run_fetches_its_backbone_weights_before_it_reads_the_data(monkeypatch
 
     order = []
     monkeypatch.setattr(engine, "cache_hub_weights", lambda name: order.append(("weights", name)))
-    monkeypatch.setattr(engine, "load_dataset", lambda *a: order.append(("data", a[0])) or 1 / 0)
+    monkeypatch.setattr(engine, "load_dataset", lambda *a, **k: order.append(("data", a[0])) or 1 / 0)
     run = resolve_run(RunSpec(method="simplecil", dataset="digits", backbone="vit_digits"))
     with pytest.raises(ZeroDivisionError):
         engine._set_up(run)

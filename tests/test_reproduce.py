@@ -126,7 +126,12 @@ def test_dry_run_prints_commands_that_promptcl_run_parses(capsys, monkeypatch, r
         assert (args.command, args.method, args.dataset, args.backbone, args.preset, args.seed) == (
             "run", row["method"], row["benchmark"], row["backbone"], row["preset"], seed)
         # each table's numbers come from one code base's pipeline: NoRGa's (HiDe's) or SMoPE's (CODA's)
-        assert args.protocol == ("reference-coda" if row["source"].startswith("SMoPE") else "reference-hide")
+        # (on 5-Datasets with that code's CIFAR pipeline carried over to the sources after CIFAR-10)
+        hide_protocol = "reference-hide-carryover" if row["benchmark"] == "five_datasets" else "reference-hide"
+        assert args.protocol == ("reference-coda" if row["source"].startswith("SMoPE") else hide_protocol)
+        # SMoPE's code base fits its statistics on augmented images
+        assert ("compat_augmented_statistics=true" in args.overrides) == (
+            row["source"].startswith("SMoPE") and row["method"] in ("smope", "vqprompt"))
         # NoRGa's code base ran its methods and baselines (not CODA) with the reference's quirks
         norga_code_base = row["source"].startswith("NoRGa") and row["method"] != "coda"
         prefix_gather = row["method"] in ("hide", "norga", "dualprompt", "sprompt++")
@@ -147,6 +152,8 @@ def test_dry_run_prints_commands_that_promptcl_run_parses(capsys, monkeypatch, r
         per_gpu = get_method("hide").PRESETS[row["preset"]].contrastive_group if hide_upstream else None
         assert args.eval_batch_size == (per_gpu if hide_upstream else 128 if norga_code_base else 256)
         assert hide_upstream == (row["method"] == "hide" and row["source"].startswith("NoRGa"))
+        # HiDe-Prompt's scripts never shuffle the classes; NoRGa's and SMoPE's shuffle every seed
+        assert args.class_order == ("natural" if hide_upstream else "seeded")
         if norga_code_base and row["method"] in ("l2p", "dualprompt"):
             assert row["preset"] == NORGA_BASELINE_PRESETS[row["method"], row["benchmark"]]
         # SMoPE's ImageNet-R numbers come from CODA-Prompt's split and class numbering

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler, Subset, TensorDataset
 
+from promptcl.data import CLASS_ORDERS
 from promptcl.distributed import ShardedBatchSampler, world
 
 
@@ -69,14 +70,24 @@ def register_dataset(name: str, *, default_backbone: str, num_classes: int, defa
     return wrap
 
 
-def scenario_class_order(name: str, seed: int) -> list[int]:
-    """The class order a run with ``seed`` learns: seeded, and for a multi-domain benchmark a seeded
-    order of its sources, each source's classes in their own order (one task per source)."""
+def scenario_class_order(name: str, seed: int, rule: str = "seeded") -> list[int]:
+    """The class order a run with ``seed`` learns under ``rule`` (:data:`CLASS_ORDERS`); for a
+    multi-domain benchmark an order of its sources, each source's classes in their own order (one
+    task per source)."""
+    if rule not in CLASS_ORDERS:
+        raise ValueError(f"unknown class order {rule!r}; choose one of {', '.join(CLASS_ORDERS)}")
     spec = dataset_spec(name)
+    units = spec.num_classes if spec.domain_size is None else spec.num_classes // spec.domain_size
+    order = seeded_class_order(units, seed) if rule == "seeded" else list(range(units))
     if spec.domain_size is None:
-        return seeded_class_order(spec.num_classes, seed)
-    sources = seeded_class_order(spec.num_classes // spec.domain_size, seed)
-    return [s * spec.domain_size + c for s in sources for c in range(spec.domain_size)]
+        return order
+    return [s * spec.domain_size + c for s in order for c in range(spec.domain_size)]
+
+
+def source_order(name: str, class_order: Sequence[int]) -> Optional[list[int]]:
+    """The order in which a multi-domain benchmark's sources are learned (None for one source)."""
+    size = dataset_spec(name).domain_size
+    return None if size is None else [c // size for c in class_order[::size]]
 
 
 def dataset_spec(name: str) -> DatasetSpec:
@@ -130,17 +141,22 @@ def _existing_root(name: str, data_dir: Optional[str | Path]) -> Optional[Path]:
 
 
 def load_dataset(name: str, data_dir: Optional[str | Path] = None, preprocessing=None,
-                 split_file: Optional[str | Path] = None) -> ClassificationData:
+                 split_file: Optional[str | Path] = None,
+                 sources_learned: Optional[Sequence[int]] = None) -> ClassificationData:
     """``preprocessing`` (a :class:`~promptcl.data.preprocessing.Preprocessing`): the input pipeline
     of a benchmark read from disk (the offline ones ignore it); ``split_file``: a train/test split for
-    the datasets that take one. Reading validates the files as :func:`check_data_dir` does, so a
-    resolved run does not check them twice."""
+    the datasets that take one; ``sources_learned``: a multi-domain disk benchmark's source order
+    (:func:`source_order`), which a protocol that carries one source's pipeline over to the sources
+    after it needs. Reading validates the files as :func:`check_data_dir` does, so a resolved run does
+    not check them twice."""
     spec = dataset_spec(name)
-    split_options = _split_options(name, split_file)
+    options = _split_options(name, split_file)
     root = _existing_root(name, data_dir)
     if spec.has_pipeline and preprocessing is None:
         raise ValueError(f"dataset {name!r} is read from disk: give its preprocessing protocol")
-    return spec.loader(root, preprocessing, **split_options)
+    if spec.has_pipeline and spec.domain_size is not None:
+        options["sources_learned"] = sources_learned
+    return spec.loader(root, preprocessing, **options)
 
 
 # The per-class train/test split of the embedded benchmark is fixed, independent of the run seed.

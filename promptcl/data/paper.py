@@ -61,10 +61,8 @@ class ImageDataset(Dataset):
         return self.transform(image), int(self.labels[i])
 
 
-def _split_data(source: str, preprocessing: Preprocessing, train: tuple, test: tuple,
-                num_classes: int) -> ClassificationData:
+def _split_data(pipeline: Pipeline, train: tuple, test: tuple, num_classes: int) -> ClassificationData:
     """Train (augmented and not) and test datasets of one source with its pipeline."""
-    pipeline: Pipeline = preprocessing.pipeline(source)
     plain, augmented = pipeline.transforms(augment=False), pipeline.transforms(augment=True)
     return ClassificationData(
         train=ImageDataset(*train, plain), test=ImageDataset(*test, plain),
@@ -123,7 +121,7 @@ def load_cifar100(root: Path, preprocessing: Preprocessing) -> ClassificationDat
     """Split CIFAR-100 (50,000 / 10,000 images of 32 px, shown at 224)."""
     _need(root, "cifar100", CIFAR100_FILES)
     train, test = _read_cifar(root, "cifar-100-python", ["train"], "fine_labels", 100)
-    return _split_data("cifar", preprocessing, train, test, 100)
+    return _split_data(preprocessing.pipeline("cifar"), train, test, 100)
 
 
 # --- ImageNet-R -------------------------------------------------------------------------------
@@ -274,7 +272,7 @@ def load_imagenet_r(root: Path, preprocessing: Preprocessing, split_file: Option
     _need(root, "imagenet_r", ["imagenet-r"])
     train, test = _imagenet_r_items(root, split_file or shipped_imagenet_r_split())
     num_classes = int(max(train[1].max(), test[1].max())) + 1
-    return _split_data("other", preprocessing, train, test, num_classes)
+    return _split_data(preprocessing.pipeline("other"), train, test, num_classes)
 
 
 # --- CUB-200-2011 -----------------------------------------------------------------------------
@@ -326,7 +324,7 @@ def check_cub200(root: Path) -> None:
 def load_cub200(root: Path, preprocessing: Preprocessing) -> ClassificationData:
     """Split CUB-200-2011 with the official train_test_split.txt (5,994 / 5,794 images)."""
     train, test = _cub_items(root)
-    return _split_data("other", preprocessing, train, test, 200)
+    return _split_data(preprocessing.pipeline("other"), train, test, 200)
 
 
 # --- 5-datasets -------------------------------------------------------------------------------
@@ -423,11 +421,15 @@ def check_five_datasets(root: Path) -> None:
 
 @register_dataset("five_datasets", default_backbone="sup21k", num_classes=50, default_increment=10,
                   needs_data_dir=True, method_preset="5datasets", domain_size=10, check=check_five_datasets)
-def load_five_datasets(root: Path, preprocessing: Preprocessing) -> ClassificationData:
-    """5-datasets: SVHN, MNIST, CIFAR-10, notMNIST, Fashion-MNIST, one 10-class task each (the seed
-    permutes their order), labels offset by 10 per source in that list's order; grey images to RGB."""
-    parts = [_split_data(kind, preprocessing, (x, y + 10 * k), (xt, yt + 10 * k), 50)
-             for k, (kind, (x, y), (xt, yt)) in enumerate(_five_datasets_parts(root))]
+def load_five_datasets(root: Path, preprocessing: Preprocessing,
+                       sources_learned: Optional[Sequence[int]] = None) -> ClassificationData:
+    """5-datasets: SVHN, MNIST, CIFAR-10, notMNIST, Fashion-MNIST, one 10-class task each (the class
+    order permutes them; ``sources_learned`` is that order, for protocols whose pipelines depend on
+    it), labels offset by 10 per source in that list's order; grey images to RGB."""
+    sources = _five_datasets_parts(root)
+    pipelines = preprocessing.source_pipelines([kind for kind, *_ in sources], sources_learned)
+    parts = [_split_data(pipeline, (x, y + 10 * k), (xt, yt + 10 * k), 50)
+             for k, (pipeline, (_, (x, y), (xt, yt))) in enumerate(zip(pipelines, sources))]
     return ClassificationData(
         train=ConcatDataset([p.train for p in parts]), test=ConcatDataset([p.test for p in parts]),
         train_labels=np.concatenate([p.train_labels for p in parts]),

@@ -6,6 +6,9 @@
   CIFAR images get RandomResizedCrop (bicubic) + flip + brightness jitter and CIFAR-100's mean/std;
   every other source gets RandomResizedCrop(scale 0.05-1) + flip and raw [0, 1] pixels; tests are
   Resize(256, bicubic) + CenterCrop(224).
+- ``reference-hide-carryover``: the same, with that code's 5-Datasets bug: its loop over the
+  sources sets the CIFAR transforms when it reaches CIFAR-10 and never resets them, so every source
+  learned after CIFAR-10 gets the CIFAR pipeline too (what its published 5-Datasets numbers ran).
 - ``reference-coda`` (CODA-Prompt, VQ-Prompt, SMoPE): [0, 1] pixels, RandomResizedCrop + flip;
   tests Resize(224) for CIFAR, Resize(256) + CenterCrop(224) otherwise; the last partial training
   batch is dropped.
@@ -24,9 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
-PROTOCOLS = ("reference", "reference-hide", "reference-coda", "reference-ovor", "common")
+PROTOCOLS = ("reference", "reference-hide", "reference-hide-carryover", "reference-coda", "reference-ovor",
+             "common")
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 
@@ -73,9 +77,25 @@ class Preprocessing:
     cifar: Pipeline
     other: Pipeline
     drop_last: bool = False  # drop the last partial training batch (the CODA code base)
+    cifar_carryover: bool = False  # sources learned after a CIFAR one keep its pipeline (HiDe's 5-Datasets)
 
     def pipeline(self, source: str) -> Pipeline:
         return self.cifar if source == "cifar" else self.other
+
+    def source_pipelines(self, kinds: Sequence[str], learned: Optional[Sequence[int]]) -> list[Pipeline]:
+        """The pipeline of each source (``kinds``, in the dataset's order) of a multi-domain benchmark
+        whose sources are learned in the order ``learned`` (indices into ``kinds``)."""
+        pipelines = [self.pipeline(kind) for kind in kinds]
+        if not self.cifar_carryover:
+            return pipelines
+        if learned is None or sorted(learned) != list(range(len(kinds))):
+            raise ValueError(f"protocol {self.name} needs the order the sources are learned in, got {learned}")
+        after_cifar = False
+        for source in learned:
+            after_cifar = after_cifar or kinds[source] == "cifar"
+            if after_cifar:
+                pipelines[source] = self.cifar
+        return pipelines
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -87,6 +107,7 @@ HIDE = Preprocessing(
                    mean=CIFAR100_MEAN, std=CIFAR100_STD),
     other=Pipeline(crop_scale=(0.05, 1.0), test_interpolation="bicubic"),
 )
+HIDE_CARRYOVER = dataclasses.replace(HIDE, name="reference-hide-carryover", cifar_carryover=True)
 CODA = Preprocessing(
     "reference-coda",
     cifar=Pipeline(test_resize=224, test_center_crop=False),
@@ -111,6 +132,8 @@ def resolve_preprocessing(protocol: str, *, code_base: Optional[str],
         protocol = f"reference-{code_base}" if code_base else "common"
     if protocol == "reference-hide":
         return HIDE
+    if protocol == "reference-hide-carryover":
+        return HIDE_CARRYOVER
     if protocol == "reference-coda":
         return CODA
     if protocol == "reference-ovor":
