@@ -340,6 +340,20 @@ def _config_key(run: ResolvedRun) -> str:
     return json.dumps(run.to_dict(), sort_keys=True)
 
 
+# Configuration fields added after checkpoints and summaries were first written, with the value that
+# gives what the versions before them ran: a stored configuration without one is of the same run.
+_ADDED_FIELDS = {("run", "class_order"): "seeded", ("preprocessing", "cifar_carryover"): False}
+
+
+def same_configuration(stored: dict[str, Any], run: ResolvedRun) -> bool:
+    """Whether a configuration a checkpoint or summary holds is ``run``'s (older ones included)."""
+    stored = {section: dict(fields) if isinstance(fields, dict) else fields for section, fields in stored.items()}
+    for (section, name), value in _ADDED_FIELDS.items():
+        if isinstance(stored.get(section), dict):
+            stored[section].setdefault(name, value)
+    return stored == json.loads(_config_key(run))
+
+
 def save_task_checkpoint(path: Path, *, task: int, method: PromptMethod, run: ResolvedRun,
                          matrices: dict[str, np.ndarray], work: Optional[dict[str, Any]] = None) -> None:
     torch.save({"task": task, "seen_classes": method.seen_classes, "state": method.checkpoint_state(),
@@ -397,7 +411,7 @@ def _set_up(run: ResolvedRun) -> _Setup:
 
 def _load_for(run: ResolvedRun, path: Path) -> dict[str, Any]:
     ckpt = load_task_checkpoint(path)
-    if ckpt["config"] != _config_key(run):
+    if not same_configuration(json.loads(ckpt["config"]), run):
         raise ValueError(f"checkpoint {str(path)!r} belongs to a different run configuration")
     return ckpt
 

@@ -1,6 +1,7 @@
 """The seed papers' benchmarks read from their on-disk formats, on small files these tests write:
 loaders, the ImageNet-R split, data-root errors, the preprocessing protocols and the DataLoaders."""
 
+import dataclasses
 import gzip
 import hashlib
 import http.server
@@ -20,8 +21,7 @@ from PIL import Image
 from disk_formats import solid_images, write_cifar, write_idx, write_jpegs
 from promptcl.data import paper
 from promptcl.data.benchmarks import ClassIncremental, DATASETS, load_dataset, scenario_class_order, source_order
-from promptcl.data.preprocessing import (CIFAR100_MEAN, CIFAR100_STD, CODA, HIDE, HIDE_CARRYOVER, OVOR, common,
-                                       resolve_preprocessing)
+from promptcl.data.preprocessing import CIFAR100_MEAN, CIFAR100_STD, CODA, HIDE, HIDE_CARRYOVER, OVOR, common
 from promptcl.cli import main
 from promptcl.engine import RunSpec, resolve_run
 
@@ -148,9 +148,46 @@ def test_hide_carryover_gives_the_cifar_pipeline_to_every_source_learned_after_c
         [False, False, True, True, True]
     with pytest.raises(ValueError, match="needs the order the sources are learned in"):
         load_dataset("five_datasets", five_root, HIDE_CARRYOVER)
-    # a single-source benchmark: the same pipeline as reference-hide
-    assert resolve_preprocessing("reference-hide-carryover", code_base=None,
-                                 backbone_mean_std=((0.5,) * 3, (0.5,) * 3)).cifar == HIDE.cifar
+
+
+@pytest.mark.parametrize("class_order, normalised", [("seeded", [True, False, True, False, True]),
+                                                     ("natural", [False, False, True, True, True])])
+def test_a_run_hands_its_source_order_to_the_carryover_protocol(five_root, class_order, normalised):
+    """The engine loads 5-Datasets with the order its class order learns the sources in (seed 42:
+    notMNIST, MNIST, CIFAR-10, Fashion-MNIST, SVHN; natural: the list's own order)."""
+    from promptcl import engine
+
+    run = resolve_run(RunSpec(method="simplecil", dataset="five_datasets", data_dir=str(five_root), seed=42,
+                              class_order=class_order, backbone="vit_tiny_patch16_224", pretrained=False,
+                              protocol="reference-hide-carryover", loader_workers=0))
+    setup = engine._set_up(run)
+    assert _normalised_sources(setup.scenario.data) == normalised
+
+
+def test_carryover_changes_nothing_on_a_single_source_benchmark(cifar_root):
+    root, _ = cifar_root
+    carried, plain = (load_dataset("cifar100", root, p) for p in (HIDE_CARRYOVER, HIDE))
+    for part in ("train", "test", "train_augmented"):
+        assert repr(getattr(carried, part).transform) == repr(getattr(plain, part).transform)
+
+
+def test_checkpoints_and_summaries_written_before_a_configuration_field_existed_still_match(cifar_root):
+    """Fields added later (the class order, the carry-over switch) are read at the value that gives
+    what older versions ran; any other value is another configuration."""
+    from promptcl.engine import _config_key, same_configuration
+
+    root, _ = cifar_root
+    run = resolve_run(RunSpec(method="simplecil", dataset="cifar100", data_dir=str(root), increment=50,
+                              backbone="vit_tiny_patch16_224", pretrained=False, protocol="reference-hide"))
+    stored = json.loads(_config_key(run))
+    assert same_configuration(stored, run)
+    del stored["run"]["class_order"], stored["preprocessing"]["cifar_carryover"]  # as b644e03 wrote it
+    assert same_configuration(stored, run)
+    natural = resolve_run(dataclasses.replace(run.spec, class_order="natural"))
+    carried = resolve_run(dataclasses.replace(run.spec, protocol="reference-hide-carryover"))
+    assert not same_configuration(stored, natural) and not same_configuration(stored, carried)
+    stored["run"]["seed"] = 1
+    assert not same_configuration(stored, run)
 
 
 def test_a_run_learns_its_class_order_and_records_it(tmp_path):

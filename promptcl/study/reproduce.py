@@ -142,7 +142,7 @@ def plan_row(row: dict) -> list[tuple[int, list[str], Path]]:
     does (method, preset, the benchmark's files, the backbone and its checkpoint file), so a row
     fails in seconds, not after hours of another seed."""
     from promptcl.cli import run_spec
-    from promptcl.engine import resolve_run
+    from promptcl.engine import resolve_run, same_configuration
 
     plan = []
     for seed, command in zip(row["seeds"], seed_commands(row)):
@@ -159,13 +159,12 @@ def plan_row(row: dict) -> list[tuple[int, list[str], Path]]:
         if args.data_dir is not None and not Path(args.data_dir).is_dir():
             raise ValueError(f"row {row['id']!r}: data directory {args.data_dir!r} does not exist")
         try:
-            resolved = resolve_run(run_spec(args)).to_dict()
+            resolved = resolve_run(run_spec(args))
         except ValueError as err:
             raise ValueError(f"row {row['id']!r}, seed {seed}: {err}") from None
         summary = Path(args.out) / "summary.json"
         if summary.is_file():  # a seed already run is reused only if it ran this very configuration
-            expected = json.loads(json.dumps(resolved))
-            if json.loads(summary.read_text()).get("config") != expected:
+            if not same_configuration(json.loads(summary.read_text()).get("config") or {}, resolved):
                 raise ValueError(f"row {row['id']!r}: {summary} holds a run of another configuration than the "
                                  "row's command; remove its directory to rerun that seed")
         plan.append((seed, argv, Path(args.out)))
