@@ -97,7 +97,9 @@ def test_a_killed_worker_restarts_from_its_task_checkpoint_in_the_same_mlflow_ru
     restarted = json.loads(Path(client.download_artifacts(child, "accuracy_matrix.json", str(tmp_path))).read_text())
     uninterrupted = json.loads((two_workers / "summary.json").read_text())["accuracy_matrix"]
     assert restarted == uninterrupted
-    assert children[0].data.tags["restarted_from_task"] == "02"  # the fault did fire, once
+    # the fault fired, once; the restart resumes from the task-2 checkpoint, or from task 1's if the
+    # controller had not taken rank 0's last report when rank 1 died (the hook gives it two polls)
+    assert children[0].data.tags["restarted_from_task"] in ("02", "01")
 
 
 def test_an_inline_trial_killed_mid_run_restarts_from_its_tune_checkpoint(local_ray, one_worker, tmp_path,

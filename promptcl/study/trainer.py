@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -223,6 +224,10 @@ def run_reported(cfg: dict, session) -> None:
         if fault and fault["task"] == r.task and resume_from is None:
             session.barrier()  # every rank's report is in before one of them dies
             if session.rank == fault["rank"]:
+                # Train's controller takes reports when it polls the workers (every
+                # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s): two polls' time to take this task's
+                # checkpoint, else the restart resumes from the one before (as after any real crash)
+                time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)))
                 os._exit(1)
 
     out_dir = Path(tempfile.mkdtemp(prefix="promptcl-run-"))
