@@ -645,11 +645,12 @@ def test_a_study_passes_the_disk_benchmark_options_to_every_trial(cifar_root, tm
     root, _ = cifar_root
     parser = study_parser("test", name="t", num_samples=2)
     args = parser.parse_args(["--dataset", "cifar100", "--data-dir", str(root), "--protocol", "common",
-                              "--backbone", "vit_tiny_patch16_224", "--compile-backbone", "--runs-dir", str(tmp_path)])
+                              "--backbone", "vit_tiny_patch16_224", "--compile-backbone", "--class-order", "natural",
+                              "--runs-dir", str(tmp_path)])
     spec = spec_from_args(args, method="smope", search_space=lambda trial: None, smoke_overrides={})
     run = validate_study(spec)
-    assert (run.data_dir, run.protocol, run.backbone, run.compile_backbone) == (
-        str(root.resolve()), "common", "vit_tiny_patch16_224", True)
+    assert (run.data_dir, run.protocol, run.backbone, run.compile_backbone, run.class_order) == (
+        str(root.resolve()), "common", "vit_tiny_patch16_224", True, "natural")
     relative = parser.parse_args(["--dataset", "cifar100", "--runs-dir", str(tmp_path)])
     os.environ["PROMPTCL_DATA"] = os.path.relpath(root)  # trials run elsewhere: the driver pins an absolute root
     try:

@@ -29,6 +29,7 @@ from ray.tune.search.optuna import OptunaSearch
 from promptcl.core.backbone import LOCAL_BACKBONES
 from promptcl.core.feature_store import check_root
 from promptcl.core.pretrain import local_checkpoint
+from promptcl.data import CLASS_ORDERS
 from promptcl.data.preprocessing import PROTOCOLS
 from promptcl.engine import FINAL_METRICS, RunSpec, check_local_resources, resolve_run
 from promptcl.methods import get_method
@@ -59,7 +60,7 @@ class StudySpec:
     precision: str = "fp32"
     # what every trial's run takes besides method, seed and hyperparameters (RunSpec fields):
     # backbone, checkpoint_file, data_dir, protocol (a disk benchmark's root must be visible to workers),
-    # compile_backbone
+    # class_order, compile_backbone
     run_options: dict[str, Any] = field(default_factory=dict)
     search_seed: int = 0
     scheduler: Literal["fifo", "asha"] = "fifo"
@@ -636,6 +637,8 @@ def study_parser(description: str, *, name: str, num_samples: int, objectives: t
                    help="torch.compile each trial's frozen un-prompted pass (pays off on long GPU runs)")
     p.add_argument("--max-concurrent", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="CL run seed (class order, init)")
+    p.add_argument("--class-order", choices=CLASS_ORDERS, default=None,
+                   help="seeded (default): shuffled by the run seed; natural: the dataset's own order (as promptcl run)")
     p.add_argument("--search-seed", type=int, default=0)
     p.add_argument("--runs-dir", type=Path, default=Path(os.environ.get("PROMPTCL_RUNS_DIR", "runs")))
     p.add_argument("--mlflow-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite in --runs-dir")
@@ -689,7 +692,7 @@ def _run_options(args) -> dict[str, Any]:
     from promptcl.data.benchmarks import DATASETS, data_root
 
     options = {key: getattr(args, key) for key in ("backbone", "checkpoint_file", "data_dir", "split_file", "protocol",
-                                                    "compile_backbone") if getattr(args, key) is not None}
+                                                    "class_order", "compile_backbone") if getattr(args, key) is not None}
     dataset = DATASETS.get(study_dataset(args))  # an unknown one is reported by validate_study
     if dataset is not None and dataset.needs_data_dir and data_root(args.data_dir)[0] is not None:
         options["data_dir"] = data_root(args.data_dir)[0]
