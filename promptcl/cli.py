@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--class-order", choices=CLASS_ORDERS, default="seeded",
                      help="seeded: random.seed(seed); random.shuffle(range(C)), the rule of the reference code that "
                           "shuffles (default; every method sees the same task sequences); natural: the dataset's own "
-                          "class (or source) order at every seed, as HiDe-Prompt's scripts run")
+                          "class (or source) order at every seed, as HiDe-Prompt's scripts run; seeded-except-0: "
+                          "seeded, but natural at seed 0, as CODA-Prompt's, VQ-Prompt's and OVOR's trainers")
     run.add_argument("--out", required=True, type=Path, help="output directory (must not exist)")
     run.add_argument("--backbone", default=None,
                      help="timm ViT name (full tag), a seed alias or a local preset "

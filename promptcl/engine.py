@@ -104,9 +104,10 @@ class ResolvedRun:
     def protocol_tags(self) -> dict[str, str]:
         """Tags marking reference-compatibility switches that make a run's protocol unfair
         (e.g. prompts gathered across samples of a batch, a batch-wide vote on the prompts)."""
-        on = [k for k, v in dataclasses.asdict(self.config).items()
-              if (k.startswith("compat_") or k in BATCH_DEPENDENT_SWITCHES) and v is True]
-        tags = {f"compat/{k}": "true" for k in on}
+        on = {k: "true" if v is True else str(v) for k, v in dataclasses.asdict(self.config).items()
+              if ((k.startswith("compat_") or k in BATCH_DEPENDENT_SWITCHES) and v is True)
+              or (k.startswith("compat_") and type(v) is int and v != 0)}  # e.g. compat_schedule_iter_step
+        tags = {f"compat/{k}": v for k, v in on.items()}
         if on:
             tags["unfair_protocol"] = "true"
         return tags
@@ -341,17 +342,22 @@ def _config_key(run: ResolvedRun) -> str:
 
 
 # Configuration fields added after checkpoints and summaries were first written, with the value that
-# gives what the versions before them ran: a stored configuration without one is of the same run.
-_ADDED_FIELDS = {("run", "class_order"): "seeded", ("preprocessing", "cifar_carryover"): False}
+# gives what the versions before them ran: a stored configuration without one is of the same run (for a
+# method's field, where the run's method has it).
+_ADDED_FIELDS = {("run", "class_order"): "seeded", ("preprocessing", "cifar_carryover"): False,
+                 ("method_config", "compat_schedule_iter_step"): 0,
+                 ("method_config", "compat_first_step_at_base_lr"): False,
+                 ("method_config", "compat_population_variance"): False}
 
 
 def same_configuration(stored: dict[str, Any], run: ResolvedRun) -> bool:
     """Whether a configuration a checkpoint or summary holds is ``run``'s (older ones included)."""
+    current = json.loads(_config_key(run))
     stored = {section: dict(fields) if isinstance(fields, dict) else fields for section, fields in stored.items()}
     for (section, name), value in _ADDED_FIELDS.items():
-        if isinstance(stored.get(section), dict):
+        if isinstance(stored.get(section), dict) and name in current.get(section, {}):
             stored[section].setdefault(name, value)
-    return stored == json.loads(_config_key(run))
+    return stored == current
 
 
 def save_task_checkpoint(path: Path, *, task: int, method: PromptMethod, run: ResolvedRun,

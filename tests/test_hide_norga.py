@@ -1,6 +1,7 @@
 """HiDe-Prompt and NoRGa: prompt gather (correct and reference-compatible), gate, TII/TAP
 mechanics, batch invariance, presets, costs."""
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -465,6 +466,10 @@ def test_compat_switch_is_tagged_as_an_unfair_protocol():
     # a batch-wide vote on the prompts makes a prediction depend on its batch too
     vote = resolve_run(RunSpec(method="l2p", dataset="digits", overrides={"batchwise_prompt": "true"}))
     assert vote.protocol_tags() == {"compat/batchwise_prompt": "true", "unfair_protocol": "true"}
+    # a numeric switch is on when not 0, and tagged with its value
+    schedule = resolve_run(RunSpec(method="smope", dataset="digits", overrides={"compat_schedule_iter_step": "40"}))
+    assert schedule.protocol_tags() == {"compat/compat_schedule_iter_step": "40", "unfair_protocol": "true"}
+    assert resolve_run(RunSpec(method="smope", dataset="digits")).protocol_tags() == {}
     # sharded over workers, each would mix or vote (or cross CODA's pull) within its shard only:
     # refused before any work
     from promptcl.study.trainer import Scaling
@@ -619,6 +624,23 @@ def test_the_contrastive_term_compares_with_earlier_tasks_class_means_only():
     _, logs = m.training_loss(x, torch.tensor([2, 3, 2, 3]), task, m.phases(task)[0])
     assert logs["contrastive"] == pytest.approx(expected.item(), abs=1e-5)
     assert wrong.item() - expected.item() > 0.1
+
+
+def test_class_variances_are_unbiased_or_on_request_the_populations():
+    """Three features of one class: the unbiased variance divides the squared deviations by 2, the
+    population one (SMoPE's and VQ-Prompt's np.var) by 3; each + the 1e-4 the references add."""
+    feats = torch.tensor([[0.0, 1.0], [1.0, 1.0], [5.0, 1.0]])  # deviations from 2: -2, -1, 3 -> squares sum 14
+    labels = torch.zeros(3, dtype=torch.long)
+    for unbiased, expected in ((True, 14 / 2), (False, 14 / 3)):
+        stats = ClassGaussians(1, 2, covariance="diag", unbiased=unbiased)
+        stats.fit(feats, labels)
+        torch.testing.assert_close(stats.cov[0], torch.tensor([expected + 1e-4, 1e-4]))
+    vit = build_backbone("vit_digits", pretrained=True)
+    for name in ("smope", "vqprompt"):
+        cls = get_method(name)
+        for switch in (False, True):
+            config = dataclasses.replace(cls.PRESETS["small"], compat_population_variance=switch)
+            assert cls(config, backbone=vit, num_classes=10, num_tasks=5).class_stats.unbiased is not switch
 
 
 @pytest.mark.parametrize("covariance", ["diag", "full"])

@@ -730,6 +730,87 @@ def test_a_phase_clips_the_gradient_norm_and_follows_its_schedule():
     assert factor(100, 100) == pytest.approx(0.01)
 
 
+def reference_iter_schedule(base: float, final: float, *, iter_step: int, epochs: int, hold: int,
+                            updates: int, first: float | None = None) -> list[float]:
+    """The rate of each update under SMoPE's / VQ-Prompt's ``CosineSchedulerIter`` (utils/schedulers.py),
+    restated from its mechanics: the schedule is ``final`` for ``hold`` iterations, then a cosine from
+    ``base`` to ``final`` over the rest of ``iter_step * epochs``; the constructor sets the group's rate
+    (``first``: its optimizer group's own rate, ``base`` unless given) and leaves the iteration counter
+    at -1; after each update the counter advances and the rate becomes the schedule's entry there
+    (``final`` past its end)."""
+    total = iter_step * epochs
+    schedule = [final] * hold + [final + 0.5 * (base - final) * (1 + math.cos(math.pi * j / (total - hold)))
+                                 for j in range(total - hold)]
+    rates, rate, counter = [], base if first is None else first, -1
+    for _ in range(updates):
+        rates.append(rate)
+        counter += 1
+        rate = schedule[counter] if counter < total else final
+    return rates
+
+
+@pytest.mark.parametrize("iter_step", [4, 2])  # the schedule outlasts the phase's 6 updates / ends before them
+def test_the_reference_iteration_schedule_and_its_first_step_are_reproduced_on_request(iter_step):
+    """compat_schedule_iter_step lays the held cosine over iter_step x epochs updates, whatever the
+    phase's real count; compat_first_step_at_base_lr gives the first update the base rate. Read from
+    the optimizer's groups at each of train_phase's updates."""
+    m = begin(make("vqprompt", epochs=2, lr_hold_iters=2, min_lr=1e-4, compat_schedule_iter_step=iter_step,
+                   compat_first_step_at_base_lr=True), tasks=1)
+    task = TaskInfo(0, range(0, 2), T)
+    phase, = m.phases(task)
+    rates = []
+    m.training_loss = lambda images, labels, task, phase: (
+        rates.append([g["lr"] for g in phase.param_groups]) or m.head.weight.sum(), {})
+    batches = _ListLoader([(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))] * 3)
+    train_phase(m, phase, task, batches, torch.device("cpu"), progress=False)
+    c = m.config
+    for group, base in enumerate((c.lr * c.prompt_lr_multiplier, c.lr)):
+        expected = reference_iter_schedule(base, c.min_lr, iter_step=iter_step, epochs=2, hold=2, updates=6)
+        assert [r[group] for r in rates] == pytest.approx(expected, rel=1e-9, abs=0)
+    default = make("vqprompt", epochs=2, lr_hold_iters=2, min_lr=1e-4).phases(task)[0].lr_factor[1]
+    assert [default(it, 6) for it in range(3)] == pytest.approx([0.01, 0.01, 1.0])  # real steps, held first
+    with pytest.raises(ValueError, match="compat_schedule_iter_step applies to the hold-cosine schedule only"):
+        make("vqprompt", schedule="epoch-cosine", compat_schedule_iter_step=40)
+
+
+def test_the_reference_alignment_takes_its_first_step_at_ten_times_the_scheduled_rate(monkeypatch):
+    """SMoPE's / VQ-Prompt's alignment optimizer group has the rate ``ca_lr`` and its schedule starts at
+    ``ca_lr / 10``: with the switch, the first AdamW step (which moves each weight by its rate, for a
+    non-zero gradient and no weight decay) is ten times the scheduled one."""
+    from promptcl.core.alignment import ClassGaussians, align_head
+
+    stats = ClassGaussians(2, 4, covariance="diag")
+    stats.fit(torch.randn(20, 4, generator=torch.Generator().manual_seed(0)), torch.arange(20) % 2)
+    moves = []
+    for first_step_lr in (None, 1e-2):
+        torch.manual_seed(0)
+        head = torch.nn.Linear(4, 2)
+        before = head.weight.detach().clone()
+        align_head(head, stats, seen=range(0, 2), iterations=1, epochs=1, samples_per_class=8, lr=1e-3,
+                   min_lr=1e-6, weight_decay=0.0, generator=torch.Generator().manual_seed(1),
+                   first_step_lr=first_step_lr)
+        moves.append((head.weight.detach() - before).abs().max().item())
+    assert moves == pytest.approx([1e-3, 1e-2], rel=1e-4)
+    # every step's rate: the first at the group's rate, then the cosine from its start, one step late
+    rates = []
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (
+        rates.append(self.param_groups[0]["lr"]), step(self, *a, **k))[1])
+    align_head(torch.nn.Linear(4, 2), stats, seen=range(0, 2), iterations=2, epochs=3, samples_per_class=4,
+               lr=1e-3, min_lr=1e-6, weight_decay=0.0, generator=torch.Generator().manual_seed(1), first_step_lr=1e-2)
+    assert rates == pytest.approx(reference_iter_schedule(1e-3, 1e-6, iter_step=2, epochs=3, hold=0, updates=6,
+                                                          first=1e-2), rel=1e-9, abs=0)
+    with pytest.raises(ValueError, match="per-iteration cosine only"):
+        align_head(torch.nn.Linear(4, 2), stats, seen=range(0, 2), iterations=2, epochs=1, samples_per_class=4,
+                   lr=1e-3, min_lr=1e-6, weight_decay=0.0, generator=torch.Generator().manual_seed(1),
+                   first_step_lr=1e-2, cosine_per="epoch")
+    m = make("vqprompt", compat_first_step_at_base_lr=True)
+    calls = []
+    monkeypatch.setattr("promptcl.methods.recipes.align_head", lambda *a, **k: calls.append(k))
+    m.config.align(m.head, m.class_stats, TaskInfo(1, range(2, 4), T), lambda name: None)
+    assert calls[0]["first_step_lr"] == pytest.approx(10 * m.config.ca_lr) and calls[0]["lr"] == m.config.ca_lr
+
+
 class _ListLoader(list):
     """A list of batches with the sampler interface train_phase reads (steps per epoch)."""
 

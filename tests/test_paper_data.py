@@ -20,7 +20,8 @@ from PIL import Image
 
 from disk_formats import solid_images, write_cifar, write_idx, write_jpegs
 from promptcl.data import paper
-from promptcl.data.benchmarks import ClassIncremental, DATASETS, load_dataset, scenario_class_order, source_order
+from promptcl.data.benchmarks import (ClassIncremental, DATASETS, load_dataset, scenario_class_order,
+                                      seeded_class_order, source_order)
 from promptcl.data.preprocessing import CIFAR100_MEAN, CIFAR100_STD, CODA, HIDE, HIDE_CARRYOVER, OVOR, common
 from promptcl.cli import main
 from promptcl.engine import RunSpec, resolve_run
@@ -106,6 +107,17 @@ def test_five_datasets_source_order_follows_the_reference_shuffle():
     assert [order[10 * t] // 10 for t in range(5)] == [paper.FIVE_DATASETS_SOURCES.index(s) for s in sources]
 
 
+def test_seeded_except_0_keeps_the_datasets_order_at_seed_0_only():
+    """CODA-Prompt's trainer (and VQ-Prompt's, OVOR's loaders) shuffle only ``if seed > 0``."""
+    assert scenario_class_order("cifar100", 0, "seeded-except-0") == list(range(100))
+    assert scenario_class_order("cifar100", 0) != list(range(100))  # the plain rule shuffles seed 0 too
+    for seed in (1, 3, 12):
+        assert scenario_class_order("cifar100", seed, "seeded-except-0") == scenario_class_order("cifar100", seed)
+    assert scenario_class_order("imagenet_r", 2, "seeded-except-0") == seeded_class_order(200, 2)
+    run = resolve_run(RunSpec(method="simplecil", dataset="digits", seed=0, class_order="seeded-except-0"))
+    assert run.spec.class_order == "seeded-except-0"
+
+
 def test_natural_class_order_is_the_datasets_own_at_every_seed():
     """HiDe-Prompt's scripts never pass --shuffle: every seed learns the classes, or 5-Datasets' sources
     (its unshuffled list: SVHN, MNIST, CIFAR-10, notMNIST, Fashion-MNIST), in the dataset's order."""
@@ -114,7 +126,7 @@ def test_natural_class_order_is_the_datasets_own_at_every_seed():
     assert scenario_class_order("cifar100", 42)[:3] == [42, 41, 91]  # seeded stays the default
     assert scenario_class_order("five_datasets", 40, "natural") == list(range(50))
     assert paper.FIVE_DATASETS_SOURCES == ("svhn", "mnist", "cifar10", "notmnist", "fashion_mnist")
-    with pytest.raises(ValueError, match="unknown class order 'sorted'; choose one of seeded, natural"):
+    with pytest.raises(ValueError, match="unknown class order 'sorted'; choose one of seeded, natural, seeded-except-0"):
         scenario_class_order("cifar100", 0, "sorted")
     with pytest.raises(ValueError, match="unknown class order 'sorted'"):
         resolve_run(RunSpec(method="simplecil", dataset="digits", class_order="sorted"))
@@ -172,8 +184,9 @@ def test_carryover_changes_nothing_on_a_single_source_benchmark(cifar_root):
 
 
 def test_checkpoints_and_summaries_written_before_a_configuration_field_existed_still_match(cifar_root):
-    """Fields added later (the class order, the carry-over switch) are read at the value that gives
-    what older versions ran; any other value is another configuration."""
+    """Fields added later (the class order, the carry-over switch, SMoPE's / VQ-Prompt's scheduler
+    switches) are read at the value that gives what older versions ran; any other value is another
+    configuration."""
     from promptcl.engine import _config_key, same_configuration
 
     root, _ = cifar_root
@@ -188,14 +201,30 @@ def test_checkpoints_and_summaries_written_before_a_configuration_field_existed_
     assert not same_configuration(stored, natural) and not same_configuration(stored, carried)
     stored["run"]["seed"] = 1
     assert not same_configuration(stored, run)
+    # a method's added fields: read at their defaults where the run's method has them, and only there
+    vq = resolve_run(RunSpec(method="vqprompt", dataset="digits"))
+    stored = json.loads(_config_key(vq))
+    for added in ("compat_schedule_iter_step", "compat_first_step_at_base_lr", "compat_population_variance"):
+        del stored["method_config"][added]
+    assert same_configuration(stored, vq)
+    assert not same_configuration(stored, resolve_run(RunSpec(method="vqprompt", dataset="digits",
+                                                             overrides={"compat_first_step_at_base_lr": True})))
+    simple = resolve_run(RunSpec(method="simplecil", dataset="digits"))
+    stored = json.loads(_config_key(simple))
+    assert "compat_schedule_iter_step" not in stored["method_config"] and same_configuration(stored, simple)
+    stored["method_config"]["compat_schedule_iter_step"] = 0
+    assert not same_configuration(stored, simple)
 
 
-def test_a_run_learns_its_class_order_and_records_it(tmp_path):
+@pytest.mark.parametrize("rule, seed, expected", [("natural", 3, list(range(10))),
+                                                 ("seeded-except-0", 0, list(range(10))),
+                                                 ("seeded-except-0", 3, seeded_class_order(10, 3))])
+def test_a_run_learns_its_class_order_and_records_it(tmp_path, rule, seed, expected):
     out = tmp_path / "run"
-    assert main(["run", "--method", "simplecil", "--dataset", "digits", "--seed", "3", "--class-order", "natural",
+    assert main(["run", "--method", "simplecil", "--dataset", "digits", "--seed", str(seed), "--class-order", rule,
                  "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["class_order"] == list(range(10)) and summary["config"]["run"]["class_order"] == "natural"
+    assert summary["class_order"] == expected and summary["config"]["run"]["class_order"] == rule
 
 
 def test_cub200_follows_the_official_split_file(tmp_path):

@@ -103,6 +103,11 @@ def test_smope_rows_are_in_the_manifest(benchmark, published):
     assert row["seeds"] == [0, 1, 2, 3, 4]
 
 
+def test_vqprompt_cub_row_runs_the_seeds_of_vqprompts_cub_script():
+    (row,) = [r for r in ROWS if r["method"] == "vqprompt" and r["benchmark"] == "cub200"]
+    assert row["seeds"] == [0, 12, 24, 36, 48]  # experiments/cub-200.sh: --seeds 0 12 24 36 48
+
+
 def test_tolerance_follows_the_documented_rule():
     for row in ROWS:
         assert row["tolerance"] == pytest.approx(max(1.0, 2 * (row["published_std"] or 0.0))), row["id"]
@@ -125,13 +130,24 @@ def test_dry_run_prints_commands_that_promptcl_run_parses(capsys, monkeypatch, r
         args = _parser().parse_args(shlex.split(command)[1:])
         assert (args.command, args.method, args.dataset, args.backbone, args.preset, args.seed) == (
             "run", row["method"], row["benchmark"], row["backbone"], row["preset"], seed)
-        # each table's numbers come from one code base's pipeline: NoRGa's (HiDe's) or SMoPE's (CODA's)
-        # (on 5-Datasets with that code's CIFAR pipeline carried over to the sources after CIFAR-10)
+        # each table's numbers come from one code base's pipeline: NoRGa's (HiDe's) or SMoPE's (CODA's; OVOR's
+        # own, which keeps the last partial batch, for OVOR) (on 5-Datasets with NoRGa's code's CIFAR
+        # pipeline carried over to the sources after CIFAR-10)
+        smope_table = row["source"].startswith("SMoPE")
         hide_protocol = "reference-hide-carryover" if row["benchmark"] == "five_datasets" else "reference-hide"
-        assert args.protocol == ("reference-coda" if row["source"].startswith("SMoPE") else hide_protocol)
-        # SMoPE's code base fits its statistics on augmented images
-        assert ("compat_augmented_statistics=true" in args.overrides) == (
-            row["source"].startswith("SMoPE") and row["method"] in ("smope", "vqprompt"))
+        coda_protocol = "reference-ovor" if row["method"] == "ovor" else "reference-coda"
+        assert args.protocol == (coda_protocol if smope_table else hide_protocol)
+        # SMoPE's code base fits its statistics on augmented images with np.var; its scheduler takes the
+        # first step at the base rate and, held-then-cosine (not on CUB-200), spans iter_step x epochs updates
+        vq_code_base = smope_table and row["method"] in ("smope", "vqprompt")
+        assert ("compat_augmented_statistics=true" in args.overrides) == vq_code_base
+        assert ("compat_first_step_at_base_lr=true" in args.overrides) == vq_code_base
+        assert ("compat_population_variance=true" in args.overrides) == vq_code_base
+        assert ("compat_schedule_iter_step=40" in args.overrides) == (vq_code_base and row["benchmark"] != "cub200")
+        # the CODA lineage's baselines run only in code that pins timm 0.4.12 (AugReg in21k -> in1k)
+        coda_lineage = smope_table and row["method"] in ("l2p", "dualprompt", "coda", "ovor")
+        if coda_lineage and row["benchmark"] != "cub200":
+            assert row["backbone"] == "sup1k_augreg"
         # NoRGa's code base ran its methods and baselines (not CODA) with the reference's quirks
         norga_code_base = row["source"].startswith("NoRGa") and row["method"] != "coda"
         prefix_gather = row["method"] in ("hide", "norga", "dualprompt", "sprompt++")
@@ -152,8 +168,10 @@ def test_dry_run_prints_commands_that_promptcl_run_parses(capsys, monkeypatch, r
         per_gpu = get_method("hide").PRESETS[row["preset"]].contrastive_group if hide_upstream else None
         assert args.eval_batch_size == (per_gpu if hide_upstream else 128 if norga_code_base else 256)
         assert hide_upstream == (row["method"] == "hide" and row["source"].startswith("NoRGa"))
-        # HiDe-Prompt's scripts never shuffle the classes; NoRGa's and SMoPE's shuffle every seed
-        assert args.class_order == ("natural" if hide_upstream else "seeded")
+        # HiDe-Prompt's scripts never shuffle the classes; NoRGa's and SMoPE's shuffle every seed; CODA-Prompt's,
+        # VQ-Prompt's and OVOR's every seed but 0
+        assert args.class_order == ("natural" if hide_upstream else "seeded-except-0"
+                                    if coda_lineage or (smope_table and row["method"] == "vqprompt") else "seeded")
         if norga_code_base and row["method"] in ("l2p", "dualprompt"):
             assert row["preset"] == NORGA_BASELINE_PRESETS[row["method"], row["benchmark"]]
         # SMoPE's ImageNet-R numbers come from CODA-Prompt's split and class numbering

@@ -7,7 +7,7 @@ on frozen/prompted features; later retrain a head on samples drawn from those of
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal, Optional, get_args
 
 import numpy as np
 import torch
@@ -25,13 +25,15 @@ COV_EPS = 1e-4
 
 
 class ClassGaussians(nn.Module):
-    """Mean and covariance of the features of each class, kept as buffers (checkpointed)."""
+    """Mean and covariance of the features of each class, kept as buffers (checkpointed); the unbiased
+    estimate, or with ``unbiased=False`` the population one (``np.var``, as SMoPE's code base)."""
 
-    def __init__(self, num_classes: int, dim: int, covariance: Covariance = "diag") -> None:
+    def __init__(self, num_classes: int, dim: int, covariance: Covariance = "diag", *, unbiased: bool = True) -> None:
         super().__init__()
         if covariance not in ("diag", "full"):
             raise ValueError(f"covariance must be 'diag' or 'full', got {covariance!r}")
         self.covariance = covariance
+        self.unbiased = unbiased
         self.register_buffer("mean", torch.zeros(num_classes, dim))
         cov_shape = (num_classes, dim) if covariance == "diag" else (num_classes, dim, dim)
         self.register_buffer("cov", torch.zeros(cov_shape))
@@ -56,7 +58,7 @@ class ClassGaussians(nn.Module):
         sums = all_reduce_sum(f.new_zeros(len(classes), f.shape[1]).index_add_(0, slot, f))
         means = sums / n[:, None]
         centred = f - means[slot]
-        denominator = (n - 1).clamp(min=1)  # unbiased; a single sample gives zero spread
+        denominator = (n - 1).clamp(min=1) if self.unbiased else n  # a single sample gives zero spread
         if self.covariance == "diag":
             squares = all_reduce_sum(f.new_zeros(len(classes), f.shape[1]).index_add_(0, slot, centred ** 2))
             spread = squares / denominator[:, None] + COV_EPS
@@ -193,6 +195,7 @@ def align_head(
     generator: torch.Generator,
     optimizer: Literal["adamw", "sgd"] = "adamw",
     cosine_per: Literal["iteration", "epoch"] = "iteration",
+    first_step_lr: Optional[float] = None,
 ) -> None:
     """Retrain ``head`` on Gaussian replays of the ``seen`` classes.
 
@@ -200,18 +203,24 @@ def align_head(
     ``iterations`` mini-batches of ``samples_per_class`` features (the references use the number
     of classes before the current task), with cross-entropy over the seen classes. The learning
     rate follows a cosine from ``lr`` to ``min_lr``, stepped per iteration (SMoPE) or per epoch
-    (HiDe/NoRGa).
+    (HiDe/NoRGa); ``first_step_lr``, if given, is the first step's rate, the cosine following one step
+    late (SMoPE's and VQ-Prompt's scheduler, which sets the group's rate first; per iteration only).
     """
+    if first_step_lr is not None and cosine_per != "iteration":
+        raise ValueError("first_step_lr applies to the per-iteration cosine only")
     params = [p for p in head.parameters() if p.requires_grad]
     if optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    factor = hold_then_cosine(0, min_lr / lr)
-    if cosine_per == "iteration":
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: factor(it, epochs * iterations))
-    else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: factor(it // iterations, epochs))
+    cosine = hold_then_cosine(0, min_lr / lr)
+
+    def factor(it: int) -> float:
+        if first_step_lr is not None:
+            return first_step_lr / lr if it == 0 else cosine(it - 1, epochs * iterations)
+        return cosine(it, epochs * iterations) if cosine_per == "iteration" else cosine(it // iterations, epochs)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     head.train()
     for _ in range(epochs):
         feats, labels = gaussians.sample(seen, samples_per_class, generator)

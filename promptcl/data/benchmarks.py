@@ -78,7 +78,8 @@ def scenario_class_order(name: str, seed: int, rule: str = "seeded") -> list[int
         raise ValueError(f"unknown class order {rule!r}; choose one of {', '.join(CLASS_ORDERS)}")
     spec = dataset_spec(name)
     units = spec.num_classes if spec.domain_size is None else spec.num_classes // spec.domain_size
-    order = seeded_class_order(units, seed) if rule == "seeded" else list(range(units))
+    shuffled = rule == "seeded" or (rule == "seeded-except-0" and seed > 0)
+    order = seeded_class_order(units, seed) if shuffled else list(range(units))
     if spec.domain_size is None:
         return order
     return [s * spec.domain_size + c for s in order for c in range(spec.domain_size)]

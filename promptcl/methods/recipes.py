@@ -70,6 +70,18 @@ class AlignedRecipe:
     # The reference fits the class Gaussians (and SMoPE counts expert usage) on augmented training
     # images; by default every statistics pass reads the test-time pipeline (no augmentation).
     compat_augmented_statistics: bool = False
+    # The reference's held-then-cosine scheduler (``CosineSchedulerIter``) is laid over a configured
+    # ``iter_step`` x epochs steps, not the phase's real ones: a shorter phase stops mid-cosine, a longer
+    # one ends at min_lr. 0: over the real steps; N: over N x epochs, as the config's ``iter_step: N``.
+    compat_schedule_iter_step: int = 0
+    # That scheduler's constructor also sets each group to its base rate and then steps the schedule from
+    # its start after each update: every phase's first update runs at the full rate, not the held min_lr,
+    # and the schedule follows one update late. Likewise the head's alignment: its first step at the
+    # group's rate, the reference's ``ca_lr``, which is ten times its schedule's base (``ca_lr`` here).
+    compat_first_step_at_base_lr: bool = False
+    # The reference's class Gaussians are K-means with one cluster and ``np.var``: the population
+    # variance (n in the denominator); promptcl's statistics take the unbiased one (n - 1).
+    compat_population_variance: bool = False
 
     def __post_init__(self) -> None:
         require(self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1")
@@ -80,6 +92,14 @@ class AlignedRecipe:
                 "lr_hold_iters, ca_epochs must be >= 0 and ca_samples_per_class >= 1")
         require(self.schedule in ("hold-cosine", "epoch-cosine"), f"unknown schedule {self.schedule!r}")
         require(self.ca_weight_decay >= 0, f"ca_weight_decay must be >= 0, got {self.ca_weight_decay}")
+        require(self.compat_schedule_iter_step >= 0,
+                f"compat_schedule_iter_step must be >= 0, got {self.compat_schedule_iter_step}")
+        require(self.compat_schedule_iter_step == 0 or self.schedule == "hold-cosine",
+                "compat_schedule_iter_step applies to the hold-cosine schedule only")
+
+    def class_statistics(self, num_classes: int, dim: int) -> ClassGaussians:
+        """The per-class diagonal Gaussians the head is realigned on."""
+        return ClassGaussians(num_classes, dim, covariance="diag", unbiased=not self.compat_population_variance)
 
     def param_groups(self, prompt_params: list[nn.Parameter], head: nn.Module,
                      epochs: int) -> tuple[list[dict], list[Callable]]:
@@ -90,7 +110,13 @@ class AlignedRecipe:
                   {"params": list(head.parameters()), "lr": self.lr}]
         if self.schedule == "epoch-cosine":
             return groups, [coda_cosine(epochs)] * len(groups)
-        return groups, [hold_then_cosine(self.lr_hold_iters, self.min_lr / g["lr"]) for g in groups]
+        factors = [hold_then_cosine(self.lr_hold_iters, self.min_lr / g["lr"]) for g in groups]
+        if self.compat_schedule_iter_step:
+            steps = self.compat_schedule_iter_step * epochs
+            factors = [lambda it, _total, f=f: f(it, steps) for f in factors]
+        if self.compat_first_step_at_base_lr:  # a base-rate update in front, the schedule one update later
+            factors = [lambda it, total, f=f: 1.0 if it == 0 else f(it - 1, total) for f in factors]
+        return groups, factors
 
     def align(self, head: nn.Module, class_stats: ClassGaussians, task: TaskInfo,
               snapshot: Callable[[str], None]) -> None:
@@ -102,4 +128,6 @@ class AlignedRecipe:
         with torch.enable_grad():
             align_head(head, class_stats, seen=range(0, task.num_seen), iterations=task.classes.start,
                        epochs=self.ca_epochs, samples_per_class=self.ca_samples_per_class, lr=self.ca_lr,
-                       min_lr=self.ca_min_lr, weight_decay=self.ca_weight_decay, generator=generator)
+                       min_lr=self.ca_min_lr, weight_decay=self.ca_weight_decay, generator=generator,
+                       # the reference's ratio of its group's rate to its schedule's start, whatever the preset
+                       first_step_lr=10 * self.ca_lr if self.compat_first_step_at_base_lr else None)

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptcl.core.alignment import ClassGaussians
 from promptcl.core.backbone import encode
 from promptcl.config import require, require_layers
 from promptcl.core.experts import Routing, SparsePromptExperts
@@ -87,7 +86,7 @@ class SMoPE(PromptMethod):
             exclude_unused_when_clean=config.compat_exclude_unused_experts,
         )
         self.head = self.classifier(num_classes)
-        self.class_stats = ClassGaussians(num_classes, self.embed_dim, covariance="diag")
+        self.class_stats = config.class_statistics(num_classes, self.embed_dim)
 
     def validate_for_backbone(self) -> None:
         self.require_layers_fit("prompt_layers", self.config.prompt_layers)

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptcl.config import require, require_layers
-from promptcl.core.alignment import ClassGaussians
 from promptcl.core.backbone import encode
 from promptcl.core.prompts import prefix_prompt
 from promptcl.methods import register_method
@@ -84,7 +83,7 @@ class VQPrompt(PromptMethod):
         self.pool = nn.Parameter(torch.rand(L, c.pool_size, 2, c.prompt_length, self.embed_dim))
         self.keys = nn.Parameter(torch.rand(L, c.pool_size, self.embed_dim))
         self.head = self.classifier(num_classes)
-        self.class_stats = ClassGaussians(num_classes, self.embed_dim, covariance="diag")
+        self.class_stats = config.class_statistics(num_classes, self.embed_dim)
 
     def validate_for_backbone(self) -> None:
         self.require_layers_fit("prompt_layers", self.config.prompt_layers)

@@ -638,7 +638,8 @@ def study_parser(description: str, *, name: str, num_samples: int, objectives: t
     p.add_argument("--max-concurrent", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="CL run seed (class order, init)")
     p.add_argument("--class-order", choices=CLASS_ORDERS, default=None,
-                   help="seeded (default): shuffled by the run seed; natural: the dataset's own order (as promptcl run)")
+                   help="seeded (default): shuffled by the run seed; natural: the dataset's own order; "
+                        "seeded-except-0: natural at seed 0 (as promptcl run)")
     p.add_argument("--search-seed", type=int, default=0)
     p.add_argument("--runs-dir", type=Path, default=Path(os.environ.get("PROMPTCL_RUNS_DIR", "runs")))
     p.add_argument("--mlflow-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite in --runs-dir")
