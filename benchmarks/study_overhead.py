@@ -1,9 +1,10 @@
 """A study's wall time against its ideal, per trial runner: how much of a study is Ray's fixed cost.
 
-    python benchmarks/study_overhead.py [--num-samples 12] [--max-concurrent 2] [--smoke]
+    python benchmarks/study_overhead.py [--num-samples 12] [--max-concurrent 2] [--smoke] [--dataset digits]
                                         [--runners train inline] [--json runs/benchmarks/study_overhead.json]
 
-Runs the default study (``studies/smope_topk.py``'s search, search seed 0) once per trial runner, in
+Runs the default study's search (``studies/smope_topk.py``, search seed 0; on ``digits`` unless told
+otherwise, whose short trials show a trial's fixed cost at its largest) once per trial runner, in
 this one process on one local Ray instance started beforehand (so neither pays Ray's start-up),
 and prints for each: the study's wall time, the CL compute of its trials (each run's own
 ``wall_seconds``: data, backbone, training, evaluation), the ideal wall time (that compute ÷ the
@@ -30,7 +31,7 @@ def measure(runner: str, args) -> dict:
     from promptcl.study.tuner import run_study, spec_from_args, study_parser
 
     with tempfile.TemporaryDirectory() as runs:
-        flags = ["--runs-dir", runs, "--num-samples", str(args.num_samples), "--max-concurrent",
+        flags = ["--runs-dir", runs, "--dataset", args.dataset, "--num-samples", str(args.num_samples), "--max-concurrent",
                  str(args.max_concurrent), "--trial-runner", runner, "--no-report",
                  "--name", f"overhead_{runner}", *(["--smoke"] if args.smoke else [])]
         parsed = study_parser("", name="overhead", num_samples=args.num_samples).parse_args(flags)
@@ -51,6 +52,7 @@ def main(argv=None) -> dict:
     p.add_argument("--num-samples", type=int, default=12)
     p.add_argument("--max-concurrent", type=int, default=2)
     p.add_argument("--smoke", action="store_true", help="the studies' short trials")
+    p.add_argument("--dataset", default="digits", help="the study's benchmark (default: digits, the shortest trials)")
     p.add_argument("--runners", nargs="+", choices=("train", "inline"), default=["train", "inline"])
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -64,9 +66,10 @@ def main(argv=None) -> dict:
     ensure_ray()
     ray_start = time.perf_counter() - start
     rows = [measure(runner, args) for runner in args.runners]
-    report = {"num_samples": args.num_samples, "max_concurrent": args.max_concurrent, "smoke": args.smoke,
+    report = {"dataset": args.dataset, "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
+              "smoke": args.smoke,
               "ray_start_s": ray_start, "rows": rows}
-    print(f"{args.num_samples} trials, {args.max_concurrent} at a time{', smoke' if args.smoke else ''}; "
+    print(f"{args.num_samples} trials on {args.dataset}, {args.max_concurrent} at a time{', smoke' if args.smoke else ''}; "
           f"Ray start-up {ray_start:.1f} s (not counted)")
     print_table(["runner", "trials", "wall s", "trial compute s", "ideal s", "wall ÷ ideal", "fixed cost per trial s"],
                 [[r["runner"], str(r["trials"]), f"{r['wall_s']:.1f}", f"{r['trial_compute_s']:.1f}",
