@@ -31,8 +31,8 @@ def measure(runner: str, args) -> dict:
     from promptcl.study.tuner import run_study, spec_from_args, study_parser
 
     with tempfile.TemporaryDirectory() as runs:
-        flags = ["--runs-dir", runs, "--dataset", args.dataset, "--num-samples", str(args.num_samples), "--max-concurrent",
-                 str(args.max_concurrent), "--trial-runner", runner, "--no-report",
+        flags = ["--runs-dir", runs, "--dataset", args.dataset, "--num-samples", str(args.num_samples),
+                 "--max-concurrent", str(args.max_concurrent), "--trial-runner", runner, "--no-report",
                  "--name", f"overhead_{runner}", *(["--smoke"] if args.smoke else [])]
         parsed = study_parser("", name="overhead", num_samples=args.num_samples).parse_args(flags)
         spec = spec_from_args(parsed, method="smope", search_space=smope_topk.search_space,
@@ -69,7 +69,8 @@ def main(argv=None) -> dict:
     report = {"dataset": args.dataset, "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
               "smoke": args.smoke,
               "ray_start_s": ray_start, "rows": rows}
-    print(f"{args.num_samples} trials on {args.dataset}, {args.max_concurrent} at a time{', smoke' if args.smoke else ''}; "
+    print(f"{args.num_samples} trials on {args.dataset}, {args.max_concurrent} at a time"
+          f"{', smoke' if args.smoke else ''}; "
           f"Ray start-up {ray_start:.1f} s (not counted)")
     print_table(["runner", "trials", "wall s", "trial compute s", "ideal s", "wall ÷ ideal", "fixed cost per trial s"],
                 [[r["runner"], str(r["trials"]), f"{r['wall_s']:.1f}", f"{r['trial_compute_s']:.1f}",

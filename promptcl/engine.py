@@ -104,9 +104,9 @@ class ResolvedRun:
     def protocol_tags(self) -> dict[str, str]:
         """Tags marking reference-compatibility switches that make a run's protocol unfair
         (e.g. prompts gathered across samples of a batch, a batch-wide vote on the prompts)."""
+        # a switch is on when true or, numeric (compat_schedule_iter_step), not 0
         on = {k: "true" if v is True else str(v) for k, v in dataclasses.asdict(self.config).items()
-              if ((k.startswith("compat_") or k in BATCH_DEPENDENT_SWITCHES) and v is True)
-              or (k.startswith("compat_") and type(v) is int and v != 0)}  # e.g. compat_schedule_iter_step
+              if (k.startswith("compat_") or k in BATCH_DEPENDENT_SWITCHES) and type(v) in (bool, int) and v}
         tags = {f"compat/{k}": v for k, v in on.items()}
         if on:
             tags["unfair_protocol"] = "true"

@@ -126,7 +126,8 @@ def test_natural_class_order_is_the_datasets_own_at_every_seed():
     assert scenario_class_order("cifar100", 42)[:3] == [42, 41, 91]  # seeded stays the default
     assert scenario_class_order("five_datasets", 40, "natural") == list(range(50))
     assert paper.FIVE_DATASETS_SOURCES == ("svhn", "mnist", "cifar10", "notmnist", "fashion_mnist")
-    with pytest.raises(ValueError, match="unknown class order 'sorted'; choose one of seeded, natural, seeded-except-0"):
+    with pytest.raises(ValueError,
+                       match="unknown class order 'sorted'; choose one of seeded, natural, seeded-except-0"):
         scenario_class_order("cifar100", 0, "sorted")
     with pytest.raises(ValueError, match="unknown class order 'sorted'"):
         resolve_run(RunSpec(method="simplecil", dataset="digits", class_order="sorted"))
