@@ -59,6 +59,30 @@ def sqlite_file(url: str) -> Optional[Path]:
     return Path(database) if database and database != ":memory:" else None
 
 
+def check_database_url(what: str, url: str) -> None:
+    """A SQLAlchemy database URL (an Optuna or MLflow store) whose dialect and Python driver this
+    process can load; the database itself is not opened (an ``sqlite:`` file is checked as below)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ValueError(f"{what} {url!r} is not a database URL (e.g. sqlite:///path/to/file.db, "
+                         "postgresql://host/db)") from None
+    try:
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        raise ValueError(f"{what} {url!r} names a database SQLAlchemy does not know ({parsed.drivername!r}; "
+                         "e.g. sqlite, postgresql, mysql)") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as err:  # the dialect's driver package is not installed here
+        raise ValueError(f"{what} {url!r} needs the Python module {err.name or str(err)!r} (SQLAlchemy's "
+                         f"{parsed.get_backend_name()}+{dialect.driver} driver), which is not installed") from None
+    check_sqlite_url(what, url)
+
+
 def check_sqlite_url(what: str, url: str) -> None:
     """An ``sqlite:`` store must be an SQLite file (or empty, or absent in a directory this process can
     make and write): not a text file, a directory, or a path under a file."""

@@ -42,6 +42,17 @@ def test_bad_study_input_fails_before_ray_starts(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "r").exists()
 
 
+def driverless_database_url() -> str:
+    """A database URL whose SQLAlchemy driver is not installed here (a known server, no Python module)."""
+    import importlib.util
+
+    for url, module in (("mssql+pyodbc://host/db", "pyodbc"), ("mysql+mysqldb://host/db", "MySQLdb"),
+                        ("postgresql+pg8000://host/db", "pg8000")):
+        if importlib.util.find_spec(module) is None:
+            return url
+    pytest.skip("every candidate database driver is installed here")
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--trial-runner", "inline", "--workers-per-trial", "2"],
      "inline trials run one CPU process; use --trial-runner train for 2 workers"),
@@ -51,6 +62,10 @@ def test_bad_study_input_fails_before_ray_starts(tmp_path, capsys, monkeypatch):
      "--storage-path 'FILE/sub' lies under 'FILE', which exists and is not a directory"),
     (["--runs-dir", "FILE/runs"], "--runs-dir 'FILE/runs' lies under 'FILE'"),
     (["--optuna-storage", "notaurl"], "--optuna-storage 'notaurl' is not a database URL"),
+    (["--optuna-storage", "bogus://host/db"],
+     "--optuna-storage 'bogus://host/db' names a database SQLAlchemy does not know ('bogus'"),
+    (["--optuna-storage", "DRIVERLESS"], "--optuna-storage 'DRIVERLESS' needs the Python module"),
+    (["--mlflow-uri", "DRIVERLESS"], "MLflow tracking URI 'DRIVERLESS' needs the Python module"),
     (["--optuna-storage", "sqlite:///FILE"], "--optuna-storage 'sqlite:///FILE': 'FILE' is not an SQLite database"),
     (["--optuna-storage", "sqlite:///FILE/o.db"], "its directory 'FILE' exists and is not a directory"),
     (["--mlflow-uri", "sqlite:///FILE"], "MLflow tracking URI 'sqlite:///FILE': 'FILE' is not an SQLite database"),
@@ -83,9 +98,10 @@ def test_bad_study_options_fail_before_ray_or_mlflow_start(tmp_path, capsys, mon
     (storage / "feature_cache").write_text("a file where the store's directory goes")
     (storage / "optuna.db").mkdir()  # a directory where the Optuna store of --runs-dir STORAGE goes
     (tmp_path / "file").write_text("a file")
-    names = {"STORAGE": str(storage), "FILE": str(tmp_path / "file")}
+    names = {"STORAGE": str(storage), "FILE": str(tmp_path / "file"), "DRIVERLESS": driverless_database_url()}
     flags = [names.get(f, f.replace("FILE", names["FILE"])) for f in flags]
-    message = message.replace("FILE", names["FILE"]).replace("STORAGE", names["STORAGE"])
+    for name, value in names.items():
+        message = message.replace(name, value)
     runs = ["--runs-dir", str(tmp_path / "r")] if "--runs-dir" not in flags else []
     before = sorted(p.name for p in tmp_path.iterdir())
     assert smope_topk.main(["--smoke", *runs, *flags]) == 2

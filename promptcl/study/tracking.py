@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from promptcl.storage import check_sqlite_url, make_sqlite_parent, sqlite_file
+from promptcl.storage import check_database_url, make_sqlite_parent, sqlite_file
 
 PARENT_TAG = "mlflow.parentRunId"
 # A run's identity across restarts (a trial id): a restarted worker or a resumed study attaches
@@ -40,20 +40,21 @@ def check_tracking_uri(uri: str) -> None:
     is not opened (a sqlite file would be created). A plain path or file: URI is MLflow's file store,
     which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE is set."""
     from mlflow.exceptions import MlflowException
+    from mlflow.store.db.db_types import DATABASE_ENGINES
     from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+    from mlflow.utils.uri import is_databricks_uri
 
     try:
         _tracking_store_registry.get_store_builder(uri)
     except MlflowException:
         raise ValueError(f"MLflow tracking URI {uri!r} names no tracking store (use sqlite:///…, "
                          "http(s)://… or a database URL)") from None
-    from mlflow.utils.uri import is_databricks_uri
-
     allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true", "yes")
     if _scheme(uri) in ("", "file") and not is_databricks_uri(uri) and not allowed:
         raise ValueError(f"MLflow tracking URI {uri!r} is a file store, which MLflow refuses unless "
                          "MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///…/mlflow.db")
-    check_sqlite_url("MLflow tracking URI", uri)
+    if _scheme(uri) in DATABASE_ENGINES:  # MLflow's SQLAlchemy store
+        check_database_url("MLflow tracking URI", uri)
 
 
 def client(tracking_uri: str):

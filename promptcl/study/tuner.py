@@ -33,7 +33,7 @@ from promptcl.data import CLASS_ORDERS
 from promptcl.data.preprocessing import PROTOCOLS
 from promptcl.engine import FINAL_METRICS, RunSpec, check_local_resources, resolve_run
 from promptcl.methods import get_method
-from promptcl.storage import check_sqlite_url, check_writable_location, make_sqlite_parent
+from promptcl.storage import check_database_url, check_writable_location, make_sqlite_parent
 from promptcl.study import tracking
 from promptcl.study.console import TrialEvents, study_console
 from promptcl.study.objectives import ACCURACY, Objective, parse_objectives, pareto_mask
@@ -245,8 +245,8 @@ def validate_study(spec: StudySpec) -> RunSpec:
     check_writable_location("--storage-path", spec.resolved_storage_path())
     tracking.check_tracking_uri(spec.resolved_tracking_uri())
     if spec.grid is None:  # a search keeps its Optuna study (the default one in runs_dir, unless given)
-        check_optuna_storage(spec.resolved_optuna_storage(),
-                             "--optuna-storage" if spec.optuna_storage else "the Optuna store under --runs-dir")
+        check_database_url("--optuna-storage" if spec.optuna_storage else "the Optuna store under --runs-dir",
+                           spec.resolved_optuna_storage())
     if spec.grid is not None and (not spec.grid or any(len(v) == 0 for v in spec.grid.values())):
         raise ValueError(f"a study grid needs at least one value per key, got {spec.grid}")
     if (spec.grid is None) == (spec.search_space is None):
@@ -280,20 +280,6 @@ def validate_study(spec: StudySpec) -> RunSpec:
         check_fits_local_ray(spec.trial_resources(), "a trial")
     return RunSpec(method=spec.method, dataset=spec.dataset, seed=spec.seed, precision=spec.precision,
                    **spec.run_options, overrides=dict(spec.fixed_overrides))
-
-
-def check_optuna_storage(url: str, what: str = "--optuna-storage") -> None:
-    """An Optuna storage is a SQLAlchemy database URL; the database is not opened (an SQLite file's
-    header is read)."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        make_url(url)
-    except ArgumentError:
-        raise ValueError(f"{what} {url!r} is not a database URL (e.g. sqlite:///optuna.db, "
-                         "postgresql://host/db)") from None
-    check_sqlite_url(what, url)
 
 
 class TrialRunStatus(Callback):
