@@ -285,7 +285,8 @@ def _run(args) -> int:
         if args.out.exists():
             raise ValueError(f"output directory {str(args.out)!r} already exists")
         if not args.out.parent.is_dir():
-            raise ValueError(f"parent of output directory {str(args.out)!r} does not exist")
+            state = "is not a directory" if args.out.parent.exists() else "does not exist"
+            raise ValueError(f"parent of output directory {str(args.out)!r} {state}")
         check_writable_location("--out", args.out)
     except (ValueError, ImportError) as err:
         return _fail(str(err))

@@ -160,6 +160,15 @@ def test_existing_output_directory_is_refused(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("parent,state", [("missing", "does not exist"), ("file", "is not a directory")])
+def test_an_output_directory_without_a_directory_above_it_is_refused(tmp_path, capsys, parent, state):
+    (tmp_path / "file").write_text("a file")
+    assert run_cli(tmp_path / parent / "out") == 2
+    out = str(tmp_path / parent / "out")
+    assert capsys.readouterr().err.strip().endswith(f"parent of output directory {out!r} {state}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def test_failed_run_leaves_nothing_behind(tmp_path, monkeypatch):
     import promptcl.engine as engine
 
