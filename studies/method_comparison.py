@@ -52,7 +52,9 @@ def main(argv=None) -> int:
             raise ValueError(f"{', '.join(ignored)} do not apply to a method x seed grid (use --seeds N "
                              "for seeds 0..N-1)")
         args.seed = args.search_seed = 0
-        methods = args.methods.split(",") if args.methods else method_names()
+        methods = [m.strip() for m in args.methods.split(",")] if args.methods is not None else method_names()
+        if not all(methods):
+            raise ValueError(f"--methods {args.methods!r} has an empty name (a comma-separated list of methods)")
         for method in methods:
             get_method(method)
         repeated = sorted({m for m in methods if methods.count(m) > 1})

@@ -248,6 +248,12 @@ def test_method_comparison_rejects_unknown_methods_before_ray_starts(tmp_path, c
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert method_comparison.main(["--methods", "smope,l2p,smope", "--runs-dir", str(tmp_path)]) == 2
     assert "--methods names smope more than once" in capsys.readouterr().err
+    for listed in ("", "smope,", "smope,,l2p"):  # not every method, nor smope alone (--seeds 0: never a study)
+        assert method_comparison.main(["--methods", listed, "--seeds", "0", "--runs-dir", str(tmp_path)]) == 2
+        assert f"--methods {listed!r} has an empty name" in capsys.readouterr().err
+    # names with spaces around them are methods: the next check (the seeds) is the one that refuses
+    assert method_comparison.main(["--methods", " smope , l2p", "--seeds", "0", "--runs-dir", str(tmp_path)]) == 2
+    assert "--seeds must be >= 1, got 0" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 
