@@ -648,7 +648,7 @@ def study_parser(description: str, *, name: str, num_samples: int, objectives: t
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: autocast on the worker's device")
     p.add_argument("--max-failures", type=int, default=0,
-                   help="restarts of a trial's Train run after a worker dies (from the last task checkpoint)")
+                   help="restarts of a trial's run after its worker dies (from the last task checkpoint; -1: no limit)")
     p.add_argument("--resume", action="store_true",
                    help="continue the study stored under --storage-path/--name if there is one (driver loss)")
     p.add_argument("--driver-resource", default=None, metavar="NAME",
