@@ -12,7 +12,9 @@
 #    if so, `auto` should pick it on CUDA (promptcl/core/attention.py, prefix_attention). Its log also
 #    holds the 12 costliest kernels of the plain and of each prompted bf16 forward (--profile), so a
 #    path that still misses the target shows where its excess goes without another device call;
-# 3. every method at batch 128, bf16, kernel time: the README's "On a GPU" table, re-measured.
+# 3. every method at batch 128, bf16, kernel time: the README's "On a GPU" table, re-measured;
+# then one verdict line per gated method (its bf16 per-pass ratio on each path, the fastest, and
+# whether that meets 1.10x), also in $out/verdict.txt.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${OUT:-runs/gpu_check}"
@@ -39,5 +41,19 @@ step gated_paths 120 "$python" benchmarks/prompted_step.py --device cuda --bf16 
     --methods smope norga --profile --json "$out/gated_paths.json"
 step all_methods 200 "$python" benchmarks/prompted_step.py --device cuda --bf16 --batch 128 --repeats 3 --clock kernels \
     --json "$out/all_methods.json"
+# The open question answered in one line per method, from step 2's figures.
+"$python" - "$out/gated_paths.json" <<'PY' | tee "$out/verdict.txt"
+import json, sys
+try:
+    rows = json.load(open(sys.argv[1]))["rows"]
+except (OSError, ValueError, KeyError) as err:
+    sys.exit(f"verdict: no gated-path figures ({err})")
+per_pass = {(r["method"], r["path"]): r.get("bf16_per_pass_ratio") for r in rows}
+for method in sorted({m for m, _ in per_pass}):
+    figures = {p: f for (m, p), f in per_pass.items() if m == method and f is not None}
+    best = min(figures, key=figures.get)
+    print(f"verdict: {method} bf16 forward per pass: " + ", ".join(f"{p} {f:.2f}x" for p, f in figures.items())
+          + f"; fastest {best} ({'meets' if figures[best] <= 1.10 else 'misses'} <= 1.10x)")
+PY
 cat "$out/steps.txt"
 exit $status
