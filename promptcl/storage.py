@@ -61,7 +61,7 @@ def sqlite_file(url: str) -> Optional[Path]:
 
 def check_database_url(what: str, url: str) -> None:
     """A SQLAlchemy database URL (an Optuna or MLflow store) whose dialect and Python driver this
-    process can load; the database itself is not opened (an ``sqlite:`` file is checked as below)."""
+    process can load; the database itself is not opened (an ``sqlite:`` file's header is read)."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
@@ -80,18 +80,14 @@ def check_database_url(what: str, url: str) -> None:
     except ImportError as err:  # the dialect's driver package is not installed here
         raise ValueError(f"{what} {url!r} needs the Python module {err.name or str(err)!r} (SQLAlchemy's "
                          f"{parsed.get_backend_name()}+{dialect.driver} driver), which is not installed") from None
-    check_sqlite_url(what, url)
+    path = sqlite_file(url)
+    if path is not None:
+        _check_sqlite_file(what, url, path)
 
 
-def check_sqlite_url(what: str, url: str) -> None:
+def _check_sqlite_file(what: str, url: str, path: Path) -> None:
     """An ``sqlite:`` store must be an SQLite file (or empty, or absent in a directory this process can
     make and write): not a text file, a directory, or a path under a file."""
-    try:
-        path = sqlite_file(url)
-    except ValueError as err:
-        raise ValueError(f"{what} {err}") from None
-    if path is None:
-        return
     if not path.exists():
         check_writable_location(f"{what} {url!r}: its directory", path.parent)
         return
