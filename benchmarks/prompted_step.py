@@ -26,7 +26,8 @@ on them). Ratios:
   (not ``eager``), and ``bf16 speed-up`` = the fp32 eager step ÷ that bf16 step (the GPU target is at
   least 2×);
   the bf16 forward and step are also divided by a plain forward and fine-tuning step under the same
-  autocast (the GPU target for the forward: at most 1.10× per pass).
+  autocast (the GPU target for the forward: at most 1.10× per pass); for NoRGa and SMoPE a
+  ``verdict:`` line says which path is fastest there and whether it meets that target.
 """
 
 from __future__ import annotations
@@ -252,8 +253,30 @@ def main(argv=None) -> dict:
             figures = [r.get(k) for k in ("bf16_forward_ratio", "bf16_per_pass_ratio", "bf16_step_ratio",
                                           "bf16_forward_speedup", "bf16_step_speedup")]
             cells += [f"{f:.2f}x" if f is not None else "–" for f in figures]
+        for line in bf16_verdicts(rows):
+            print(line)
     print_table(header, table)
     return write_json(report, args.json)
+
+
+GPU_FORWARD_TARGET = 1.10  # the issue's bound on a bf16 prompted pass ÷ a bf16 plain pass, on a GPU
+
+
+def bf16_verdicts(rows: list[dict]) -> list[str]:
+    """One line per method timed on several prefix paths in bf16: each path's bf16 forward per pass,
+    the fastest, and whether it meets the GPU target (which path ``auto`` should take there)."""
+    lines = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        figures = {r["path"]: r["bf16_per_pass_ratio"] for r in rows
+                   if r["method"] == method and r.get("bf16_per_pass_ratio") is not None}
+        if len(figures) < 2:
+            continue
+        fastest = min(figures, key=figures.get)
+        meets = "meets" if figures[fastest] <= GPU_FORWARD_TARGET else "misses"
+        lines.append(f"verdict: {method} bf16 forward per pass: "
+                     + ", ".join(f"{path} {ratio:.2f}x" for path, ratio in figures.items())
+                     + f"; fastest {fastest} ({meets} <= {GPU_FORWARD_TARGET:.2f}x)")
+    return lines
 
 
 def _with_impl(impl: str, fn: Callable[[], None], device: torch.device = torch.device("cpu"),

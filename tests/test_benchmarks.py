@@ -46,7 +46,23 @@ def test_prompted_step_bf16_columns_compare_fp32_eager_with_each_path_in_bf16(tm
     assert "bf16_step_speedup" not in report["rows"][0]  # the eager row is the fp32 reference
     assert report["rows"][3]["bf16_step_speedup"] is None  # SimpleCIL does not train
     assert report["rows"][3]["bf16_step_ratio"] is None and report["plain_bf16_step_ms"] > 0
-    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("| –")
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1].endswith("| –")
+    assert "\nverdict: smope bf16 forward per pass: fused " in out and "verdict: simplecil" not in out
+
+
+def test_bf16_verdict_names_the_fastest_gated_path_and_whether_it_meets_the_gpu_target():
+    from prompted_step import bf16_verdicts
+
+    rows = [{"method": "norga", "path": "eager"},  # the fp32 reference row has no bf16 figures
+            {"method": "norga", "path": "fused", "bf16_per_pass_ratio": 1.14},
+            {"method": "norga", "path": "merged", "bf16_per_pass_ratio": 1.1},
+            {"method": "smope", "path": "fused", "bf16_per_pass_ratio": 1.28},
+            {"method": "smope", "path": "merged", "bf16_per_pass_ratio": 1.11},
+            {"method": "hide", "path": "sdpa", "bf16_per_pass_ratio": 1.05}]  # one path: nothing to choose
+    assert bf16_verdicts(rows) == [
+        "verdict: norga bf16 forward per pass: fused 1.14x, merged 1.10x; fastest merged (meets <= 1.10x)",
+        "verdict: smope bf16 forward per pass: fused 1.28x, merged 1.11x; fastest merged (misses <= 1.10x)"]
 
 
 def test_profile_prints_the_costliest_operators_of_each_forward(capsys):
