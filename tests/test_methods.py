@@ -428,6 +428,17 @@ def test_five_datasets_presets_follow_the_reference_configs_and_scripts():
     assert get_method("dualprompt").preset_for("five_datasets", "sup21k", "small") == small and small.epochs != 40
 
 
+def test_l2p_imagenet_r_default_is_norgas_published_config():
+    """Neither l2p-pytorch nor google-research/l2p ships an ImageNet-R L2P config; NoRGa's (MoE_PromptCL
+    configs/imr_l2p.py, run by its scripts at batch 128) is the one a run without --preset gets."""
+    l2p = get_method("l2p")
+    config = l2p.preset_for("imagenet_r", "sup21k", None, 10)
+    assert config == l2p.PRESETS["norga-imagenet-r"]
+    assert (config.token_layout, config.pool_size, config.prompt_length, config.top_k, config.pull_weight) == (
+        "dualprompt-pytorch", 30, 5, 5, 0.1)
+    assert (config.epochs, config.batch_size, config.lr, config.schedule) == (50, 128, 0.0025, "constant")
+
+
 @pytest.mark.parametrize("name", ["l2p", "dualprompt", "sprompt++"])
 def test_norga_cub_presets_step_the_rate_on_the_first_task_only(name):
     """NoRGa's baseline trainer on CUB: timm's StepLR (x0.1 every 30 epochs) stepped after each epoch
@@ -475,22 +486,76 @@ def test_coda_gram_schmidt_makes_new_rows_orthonormal_to_old_ones_and_keeps_the_
     torch.testing.assert_close(gram[:2], torch.zeros(2, 2, dtype=torch.float64), atol=1e-6, rtol=0)
 
 
-def test_coda_old_components_do_not_change_after_their_task(tmp_path):
+def reference_gram_schmidt(rows, start, stop, draws):
+    """CODA-Prompt's ``gram_schmidt`` (models/zoo.py) restated: new row k is its draw minus the sum of
+    the draw's projections onto every row j < k, each taken on its own, kept unnormalised until all
+    new rows are made; the rows after ``stop`` are zero."""
+    u = torch.zeros_like(rows)
+    u[:start] = rows[:start]
+    for k in range(start, stop):
+        v = draws[k - start]
+        u[k] = v - sum((((v * u[j]).sum() / (u[j] * u[j]).sum()) * u[j] for j in range(k)), torch.zeros_like(v))
+    for k in range(start, stop):
+        u[k] = u[k] / u[k].norm()
+    return u
+
+
+def test_coda_compat_gram_schmidt_is_the_references_per_row_projection():
+    """On drifted earlier rows (orthonormal plus training-like noise) the compat procedure is the
+    reference's, whose new rows are then only roughly orthogonal to the old; the default's are
+    orthonormal to them. On still-orthonormal rows the two agree."""
+    q = torch.linalg.qr(torch.randn(48, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))).Q.T
+    drift = 0.2 * torch.randn(8, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    drifted = (q + drift).reshape(8, 2, 3, 8)  # [M, 2, length, D], as a layer's components
+    seeded = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    g = seeded()
+    draws = [torch.randn(48, generator=g, dtype=torch.float64) for _ in range(3)]  # one per new row, in order
+    compat = gram_schmidt_rows(drifted, 3, 6, seeded(), reference=True).flatten(1)
+    torch.testing.assert_close(compat, reference_gram_schmidt(drifted.flatten(1), 3, 6, draws), atol=1e-12, rtol=0)
+    default = gram_schmidt_rows(drifted, 3, 6, seeded()).flatten(1)
+    old = drifted.flatten(1)[:3]
+    assert (default[3:6] @ old.T).abs().max() < 1e-12
+    torch.testing.assert_close(default[3:6] @ default[3:6].T, torch.eye(3, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert (compat[3:6] @ old.T).abs().max() > 1e-3  # the reference's rows lean on the drifted ones
+    orthonormal = q.reshape(8, 2, 3, 8)
+    torch.testing.assert_close(gram_schmidt_rows(orthonormal, 3, 6, seeded(), reference=True),
+                               gram_schmidt_rows(orthonormal, 3, 6, seeded()), atol=1e-12, rtol=0)
+    # the switch reaches a task's initialisation: task 1's rows lean on task 0's drifted ones only with it
+    for switch in (False, True):
+        m = begin(make("coda", compat_reference_gram_schmidt=switch), tasks=1)
+        with torch.no_grad():
+            m.components[:, :4] += 0.2 * torch.randn(m.components[:, :4].shape)
+        m.begin_task(TaskInfo(1, range(2, 4), T))
+        flat = m.components[0].flatten(1).double()
+        assert ((flat[4:8] @ flat[:4].T).abs().max() > 1e-3) == switch
+
+
+def test_coda_old_components_do_not_change_after_their_task(tmp_path, monkeypatch):
+    """Training moves each task's own rows away from their Gram-Schmidt start and leaves earlier tasks'."""
     run = resolve_run(RunSpec(method="coda", dataset="digits", pretrained=False,
                               overrides={"epochs": 1, "ortho_weight": 0.1}))
-    snapshots = []
+    names = ("components", "keys", "attention")
+    started, ended = [], []
+    begin_task = get_method("coda").begin_task
+
+    def begin_and_keep(self, task):
+        begin_task(self, task)
+        started.append({k: getattr(self, k).detach().clone() for k in names})
 
     def keep(report):
         state = torch.load(report.checkpoint, weights_only=True)["state"]
-        snapshots.append({k: state[k].clone() for k in ("components", "keys", "attention")})
+        ended.append({k: state[k].clone() for k in names})
 
+    monkeypatch.setattr(get_method("coda"), "begin_task", begin_and_keep)
     run_sequence(run, tmp_path, on_task_end=keep)
     per_task = 20 // 5
-    for t in range(1, 5):
-        for name, before in snapshots[t - 1].items():
-            after = snapshots[t][name]
-            assert torch.equal(after[:, :t * per_task], before[:, :t * per_task]), (name, t)
-            assert not torch.equal(after[:, t * per_task:(t + 1) * per_task], before[:, t * per_task:(t + 1) * per_task])
+    for t in range(5):
+        own = slice(t * per_task, (t + 1) * per_task)
+        for name in names:
+            assert not torch.equal(ended[t][name][:, own], started[t][name][:, own]), (name, t)
+            if t:
+                earlier = ended[t - 1][name][:, :t * per_task]
+                assert torch.equal(ended[t][name][:, :t * per_task], earlier), (name, t)
 
 
 def test_coda_weights_are_cosine_of_query_times_attention_with_key():
@@ -590,12 +655,19 @@ def test_kth_neighbour_distance_by_hand():
 
 
 def test_virtual_outliers_lie_outside_the_data_and_the_reference_mode_collapses():
-    g = torch.Generator().manual_seed(0)
-    feats = torch.randn(200, 16, generator=g)
+    # a task's features densely on a 2-D sheet in 16 dimensions (0.17 at most between neighbours);
+    # the candidates' noise (norm about 0.1 x 4 = 0.4) points mostly off it
+    feats = torch.zeros(400, 16)
+    feats[:, 0] = 4.0
+    feats[:, 1:3] = 2 * torch.rand(400, 2, generator=torch.Generator().manual_seed(0)) - 1
     normed = F.normalize(feats, dim=1)
     args = dict(count=40, neighbours=10, boundary_points=20, candidates_per_point=50, noise_scale=0.1)
     outliers = virtual_outliers(feats, generator=torch.Generator().manual_seed(1), **args)
     assert outliers.shape == (40, 16)
+    # every outlier farther from the data than any data point from its nearest neighbour: off the
+    # data, not on its boundary points (which a tiny noise_scale would return)
+    spacing = torch.cdist(feats, feats).fill_diagonal_(float("inf")).min(dim=1).values
+    assert torch.cdist(outliers, feats).min(dim=1).values.min() > spacing.max()
     # in directions farther from the data's (k-th neighbour distance) than the typical data point's
     ranks = kth_neighbour_distance(F.normalize(outliers, dim=1), normed, 10)
     assert ranks.min() > kth_neighbour_distance(normed, normed, 10).median()

@@ -158,6 +158,8 @@ def test_dry_run_prints_commands_that_promptcl_run_parses(capsys, monkeypatch, r
         # CODA's code base pulls every picked key toward every query (its Deep L2P++ rows)
         assert ("compat_batch_crossed_pull=true" in args.overrides) == (
             row["source"].startswith("SMoPE") and row["method"] == "l2p")
+        # and projects new CODA components against each earlier one separately (the SMoPE table's CODA rows)
+        assert ("compat_reference_gram_schmidt=true" in args.overrides) == (smope_table and row["method"] == "coda")
         if row["source"].startswith("SMoPE") and row["method"] in ("l2p", "dualprompt"):
             assert args.preset.startswith("deep-l2p++" if row["method"] == "l2p" else "coda-")
             assert args.preset.endswith("imagenet-r") == (row["benchmark"] == "imagenet_r")

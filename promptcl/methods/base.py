@@ -235,7 +235,8 @@ class PromptMethod(nn.Module):
     def seen_class_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Test-time logits restricted to the classes seen so far. A config with
         ``compat_unmasked_test_logits`` set keeps every class, untrained rows included, as the
-        HiDe/NoRGa code base (and its baselines) evaluates."""
+        HiDe/NoRGa code base and the L2P/DualPrompt code it builds on (google-research/l2p and its
+        PyTorch ports) evaluate."""
         if getattr(self.config, "compat_unmasked_test_logits", False):
             return logits
         return mask_logits(logits, range(0, self.seen_classes))

@@ -6,6 +6,11 @@ prompt is ``sum_m alpha_m P_m`` with ``alpha_m = cos(q * A_m, K_m)`` for its fro
 initialised by Gram-Schmidt orthogonal to all earlier ones, trained during their task, and used
 detached (frozen) afterwards. An orthogonality penalty on K, A and P is available; every shipped
 script sets its weight to 0 (the Gram-Schmidt initialisation does the work). Two passes per image.
+
+The code subtracts a new component's projection onto each earlier one separately, which is exact
+only while the earlier ones are orthogonal; training makes them drift, so its new components are
+only roughly orthogonal to the old. Here they are orthogonal to the span of the earlier ones;
+``compat_reference_gram_schmidt`` reproduces the code's procedure.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class CODAConfig:
     epochs: int = 20
     batch_size: int = 128
     lr: float = 1e-3
+    compat_reference_gram_schmidt: bool = False  # the code's per-row projection (module docstring)
 
     def __post_init__(self) -> None:
         require(self.pool_size >= 1 and self.prompt_length >= 1, "pool_size and prompt_length must be >= 1")
@@ -55,23 +61,33 @@ def orthogonality_penalty(rows: torch.Tensor) -> torch.Tensor:
     return ((flat @ flat.T - eye) ** 2).mean()
 
 
-def gram_schmidt_rows(matrix: torch.Tensor, start: int, stop: int, generator: torch.Generator) -> torch.Tensor:
+def gram_schmidt_rows(matrix: torch.Tensor, start: int, stop: int, generator: torch.Generator,
+                      reference: bool = False) -> torch.Tensor:
     """A copy of ``matrix`` (rows flattened) with rows ``start:stop`` replaced by random unit vectors
     orthogonal to the span of every earlier row and to each other, and the rows after ``stop``
-    zeroed. (The reference projects out each earlier row separately, which is exact only while the
-    earlier rows are still orthogonal; here they are orthonormalised first.) Computed on the CPU, where
-    ``generator`` draws, so a seed gives the same rows on every device."""
+    zeroed. ``reference``: CODA's procedure instead, each draw minus its projection onto every
+    earlier row taken separately (earlier new rows included), normalised at the end. Computed on the
+    CPU in float64, where ``generator`` draws, so a seed gives the same rows on every device."""
     flat = matrix.detach().flatten(1).double().cpu()
     out = flat.clone()
     out[stop:] = 0
-    basis = torch.linalg.qr(flat[:start].T).Q if start else flat.new_zeros(flat.shape[1], 0)
-    for i in range(start, stop):
-        v = torch.randn(flat.shape[1], generator=generator, dtype=torch.float64)
-        for _ in range(2):  # twice is enough for orthogonality to rounding
-            v = v - basis @ (basis.T @ v)
-        v = F.normalize(v, dim=0)
-        basis = torch.cat([basis, v[:, None]], dim=1)
-        out[i] = v
+    if reference:
+        require(bool((flat[:start].square().sum(1) >= 1e-8).all()),
+                "an earlier component has (near) zero norm: the reference would redraw forever")
+        for i in range(start, stop):
+            v = torch.randn(flat.shape[1], generator=generator, dtype=torch.float64)
+            earlier = out[:i]
+            out[i] = v - (earlier @ v / earlier.square().sum(1)) @ earlier
+        out[start:stop] = F.normalize(out[start:stop], dim=1)
+    else:
+        basis = torch.linalg.qr(flat[:start].T).Q if start else flat.new_zeros(flat.shape[1], 0)
+        for i in range(start, stop):
+            v = torch.randn(flat.shape[1], generator=generator, dtype=torch.float64)
+            for _ in range(2):  # twice is enough for orthogonality to rounding
+                v = v - basis @ (basis.T @ v)
+            v = F.normalize(v, dim=0)
+            basis = torch.cat([basis, v[:, None]], dim=1)
+            out[i] = v
     return out.to(matrix.device, matrix.dtype).reshape(matrix.shape)
 
 
@@ -111,7 +127,8 @@ class CODAPrompt(PromptMethod):
         with torch.no_grad():
             for param in (self.components, self.keys, self.attention):
                 for layer in range(len(param)):
-                    param[layer] = gram_schmidt_rows(param[layer], start, stop, generator)
+                    param[layer] = gram_schmidt_rows(param[layer], start, stop, generator,
+                                                      self.config.compat_reference_gram_schmidt)
         self.active.fill_(stop)
 
     def pool(self, param: torch.Tensor, trainable_from: int) -> torch.Tensor:

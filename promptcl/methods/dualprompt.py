@@ -10,9 +10,11 @@ run reports task-identity accuracy. Two backbone passes per image (query, then p
 
 Reference behaviours, each off by default: ``batchwise_prompt`` (the whole test batch takes its
 most voted E-prompt), ``compat_reference_gather`` (the E-prompt gather's reshape-without-permute,
-which hands each sample other samples' key/value halves, in training and at test time) and
-``compat_unmasked_test_logits`` (test-time argmax over every class, untrained rows included) and
-``compat_match_all_keys`` (the test-time key match also scores untrained future tasks' keys).
+which hands each sample other samples' key/value halves, in training and at test time),
+``compat_unmasked_test_logits`` (test-time argmax over every class, untrained rows included, as
+dualprompt-pytorch, google-research/l2p and NoRGa's code take it: they mask the test logits only in
+task-incremental runs) and ``compat_match_all_keys`` (the test-time key match also scores
+untrained future tasks' keys).
 The ``norga-*`` presets are the configs NoRGa's code base (Minhchuyentoancbn/MoE_PromptCL) runs
 for the baselines of its table: batch 128 and lr 0.005 x 128 / 256.
 

@@ -20,6 +20,9 @@ dualprompt-pytorch lineage that HiDe-Prompt and NoRGa run as their baseline: tok
 position embedding, the head reads [CLS]). The ``norga-*`` presets are that baseline's configs in
 NoRGa's code base (MoE_PromptCL); its batch-wise selection and test-time argmax over every class are
 the switches ``batchwise_prompt`` and ``compat_unmasked_test_logits`` (the manifest rows set both).
+That argmax is not NoRGa's alone: google-research/l2p, l2p-pytorch and dualprompt-pytorch also mask
+the test logits only in task-incremental runs, where CODA's code (and promptcl by default) keeps the
+seen classes. ``imagenet-r`` is NoRGa's ImageNet-R config, the only one a published script runs.
 Two backbone passes per image, at training and at test time (query, then prompted).
 
 CODA-Prompt's code (whose L2P++ and Deep L2P++ the ``l2p++`` presets follow) computes the pull as
@@ -50,9 +53,12 @@ from promptcl.methods.recipes import NORGA_BASELINE_SCRIPTS, BaselineSchedule, b
 
 @dataclass(frozen=True, kw_only=True)
 class L2PConfig:
-    """Defaults: the paper's Split CIFAR-100 settings as l2p-pytorch publishes its results: one GPU,
-    batch 16, lr 0.03 x 16 / 256 (its ``unscale_lr`` scales by the per-device batch, so its README's
-    multi-GPU command would keep that lr at a larger global batch, a run nobody reports)."""
+    """Defaults: google-research/l2p's first (CVPR-era) Split CIFAR-100 config (pool 10, length 5,
+    top-5, pull 0.1; its later code base update changed it to length 10, top-4, pull 1.0) as
+    l2p-pytorch's single-GPU run publishes it: batch 16, lr 0.03 x 16 / 256. The official runs had a
+    global batch of 128 (16 per device on 8 GPUs or 4 TPUs) at 0.03 x 128 / 256; the port's
+    ``unscale_lr`` scales by the per-device batch, so its multi-GPU command would keep 0.001875 at
+    a larger global batch, a run nobody reports."""
 
     form: Literal["prompt", "prefix"] = "prompt"
     pool_size: int = 10
@@ -108,6 +114,10 @@ SMALL = dataclasses.replace(PAPER, pool_size=10, prompt_length=2, top_k=3, epoch
 # MoE_PromptCL configs/{cifar100,imr}_l2p.py as its scripts run them (--batch-size 128, lr 0.005 x 128 / 256).
 NORGA_CIFAR100 = dataclasses.replace(PAPER, token_layout="dualprompt-pytorch", pool_size=30, top_k=5, epochs=10,
                                      batch_size=128, lr=0.0025)
+# configs/imr_l2p.py (50 epochs) is also the `imagenet-r` default: neither l2p-pytorch nor google-research/l2p
+# ships an ImageNet-R L2P config (the latter's imr_dualprompt.py is DualPrompt's), and HiDe-Prompt's
+# configs/imr_l2p.py (pool 10, top-4, batch 24) is run by no script of it.
+NORGA_IMAGENET_R = dataclasses.replace(NORGA_CIFAR100, epochs=50)
 # l2p-pytorch's configs/five_datasets_l2p.py: a pool of 20 prompts of 10 tokens, top-4, pull 0.5, the
 # pool partitioned by task in training, each task's block starting from the previous one
 FIVE_DATASETS = dataclasses.replace(PAPER, pool_size=20, prompt_length=10, top_k=4, pull_weight=0.5,
@@ -126,8 +136,8 @@ class L2P(PromptMethod):
     PRESETS = {"paper": PAPER, "l2p++": L2P_PLUS, "deep-l2p++": DEEP_L2P_PLUS,
                "l2p++-imagenet-r": dataclasses.replace(L2P_PLUS, epochs=50),
                "deep-l2p++-imagenet-r": dataclasses.replace(DEEP_L2P_PLUS, epochs=50),
-               "imagenet-r": dataclasses.replace(PAPER, epochs=50), "small": SMALL,
-               "norga-cifar100": NORGA_CIFAR100, "norga-imagenet-r": dataclasses.replace(NORGA_CIFAR100, epochs=50),
+               "imagenet-r": NORGA_IMAGENET_R, "small": SMALL,
+               "norga-cifar100": NORGA_CIFAR100, "norga-imagenet-r": NORGA_IMAGENET_R,
                "5datasets": FIVE_DATASETS, "norga-5datasets": NORGA_FIVE_DATASETS, "cub200": CUB200}
     SCRIPTS = NORGA_BASELINE_SCRIPTS  # on NoRGa's 5-datasets config only (l2p-pytorch's has no script)
     SCRIPTED_PRESETS = ("norga-5datasets",)

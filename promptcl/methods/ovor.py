@@ -104,7 +104,9 @@ class OVOR(OnePromptMethod):
     Config = OVORConfig
     _train_optimizer: Optional[torch.optim.Optimizer] = None  # the task's training optimizer, until end_task
     REFERENCE_CODE_BASE = "ovor"  # CODA's transforms; its own loaders keep the last partial batch
-    # The code pins timm 0.4.12, whose vit_base_patch16_224 is AugReg in21k -> in1k, on every benchmark.
+    # The code pins timm 0.4.12, whose vit_base_patch16_224 is AugReg in21k -> in1k, on every benchmark
+    # (its unscripted CUB-200 config too). The manifest's ovor-cub200 row passes sup21k_augreg instead:
+    # a SMoPE-table row, it takes the backbone inferred for that table's whole CUB-200 column.
     DEFAULT_BACKBONES = {"cifar100": "sup1k_augreg", "imagenet_r": "sup1k_augreg", "cub200": "sup1k_augreg"}
     PRESETS = {
         "paper": OVORConfig(),

@@ -2,8 +2,8 @@
 (iamwangyabin/S-Prompts, domain-incremental).
 
 Each task trains its own prompt (tokens inserted after [CLS] at the input, without a position
-embedding) and its own classifier (the task's rows of the head), with SGD. After the task,
-K-means on the task's L2-normalised frozen [CLS] features gives K centroids. A test image goes
+embedding) and its own classifier (a separate head over the task's classes), with SGD. After the
+task, K-means on the task's L2-normalised frozen [CLS] features gives K centroids. A test image goes
 to the task of its nearest centroid over all seen tasks (L1 distance, as the code computes it)
 and is classified among that task's classes. Two passes per test image, one per training image.
 """
