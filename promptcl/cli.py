@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--compile-backbone", action="store_true",
                      help="torch.compile the frozen backbone's un-prompted pass (task identity, queries); off by "
                           "default: compiling costs seconds to minutes and pays off on long GPU runs")
+    run.add_argument("--validation-fraction", type=float, default=0.0,
+                     help="hold out this seeded, stratified fraction of each class's training images (at most "
+                          "0.5) and evaluate it after every task like the test sets (validation_* metrics)")
     run.add_argument("--increment", type=int, default=None, help="classes per task")
     run.add_argument("--preset", default=None, help="a named hyperparameter preset of the method")
     run.add_argument("--eval-batch-size", type=int, default=256)
@@ -251,7 +254,8 @@ def run_spec(args):
                    device=args.device,
                    precision=args.precision, increment=args.increment, preset=args.preset,
                    protocol=args.protocol, loader_workers=args.loader_workers,
-                   compile_backbone=args.compile_backbone, overrides=parse_overrides(args.overrides))
+                   compile_backbone=args.compile_backbone, validation_fraction=args.validation_fraction,
+                   overrides=parse_overrides(args.overrides))
 
 
 def _run(args) -> int:

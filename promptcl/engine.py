@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
+import inspect
 import json
 import random
 import re
@@ -16,6 +18,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import timm
 import torch
 from tqdm.auto import tqdm
 
@@ -36,7 +39,8 @@ from promptcl.methods.base import Phase, PromptMethod, TaskInfo
 
 
 # The scalar results of a run that trackers and studies report (summary.json has them all).
-FINAL_METRICS = ("final_average_accuracy", "cumulative_average_accuracy", "forgetting", "backward_transfer",
+FINAL_METRICS = ("final_average_accuracy", "cumulative_average_accuracy", "forgetting", "forgetting_canonical",
+                 "backward_transfer", "validation_final_average_accuracy", "validation_cumulative_average_accuracy",
                  "trainable_params", "total_params", "train_flops_per_image", "test_flops_per_image",
                  "backbone_flops_per_image", "train_flops_per_run", "wall_seconds", "num_workers",
                  "frozen_images_computed", "frozen_images_reused")
@@ -69,6 +73,9 @@ class RunSpec:
     protocol: Optional[str] = None
     loader_workers: Optional[int] = None  # DataLoader worker processes; None: 4 for disk benchmarks, else 0
     compile_backbone: bool = False  # torch.compile the frozen backbone's un-prompted pass (queries, TII)
+    # a seeded, stratified fraction of each class's training images held out and evaluated after every
+    # task like the test sets (validation_* metrics): what a study can select on without the test set
+    validation_fraction: float = 0.0
     overrides: dict[str, Any] = field(default_factory=dict)  # method hyperparameters
 
 
@@ -99,14 +106,19 @@ class ResolvedRun:
     def batch_dependent_switches(self) -> list[str]:
         """The switches on in this run that make a sample's prompts (or training loss) depend on the rest
         of its batch."""
-        return [k for k in BATCH_DEPENDENT_SWITCHES if getattr(self.config, k, False) is True]
+        return [k for k in BATCH_DEPENDENT_SWITCHES if getattr(self.config, k, False) is True and k not in self._inert()]
+
+    def _inert(self) -> tuple[str, ...]:
+        """Switches this config sets that change nothing (a config declares them: ``inert_switches``)."""
+        return self.config.inert_switches() if hasattr(self.config, "inert_switches") else ()
 
     def protocol_tags(self) -> dict[str, str]:
         """Tags marking reference-compatibility switches that make a run's protocol unfair
         (e.g. prompts gathered across samples of a batch, a batch-wide vote on the prompts)."""
         # a switch is on when true or, numeric (compat_schedule_iter_step), not 0
         on = {k: "true" if v is True else str(v) for k, v in dataclasses.asdict(self.config).items()
-              if (k.startswith("compat_") or k in BATCH_DEPENDENT_SWITCHES) and type(v) in (bool, int) and v}
+              if (k.startswith("compat_") or k in BATCH_DEPENDENT_SWITCHES) and type(v) in (bool, int) and v
+              and k not in self._inert()}
         tags = {f"compat/{k}": v for k, v in on.items()}
         if on:
             tags["unfair_protocol"] = "true"
@@ -121,6 +133,8 @@ def resolve_run(spec: RunSpec) -> ResolvedRun:
         raise ValueError(f"seed must be in [0, 2**32 - 1], got {spec.seed}")
     if spec.class_order not in CLASS_ORDERS:
         raise ValueError(f"unknown class order {spec.class_order!r}; choose one of {', '.join(CLASS_ORDERS)}")
+    if not 0 <= spec.validation_fraction <= 0.5:
+        raise ValueError(f"validation_fraction must be in [0, 0.5], got {spec.validation_fraction}")
     backbone = spec.backbone or method_cls.DEFAULT_BACKBONES.get(spec.dataset, ds.default_backbone)
     check_backbone_name(backbone)  # names first: a typo is reported before anything is read
     # disk benchmarks are shown at 224 px; an offline benchmark's tensors have its default backbone's shape
@@ -238,6 +252,7 @@ class TaskReport:
     accuracy: np.ndarray  # accuracy matrix so far, [task + 1, task + 1]
     checkpoint: Optional[Path]  # None on ranks other than 0
     cost: dict[str, int]  # parameters and FLOPs per image (known before training)
+    validation: Optional[np.ndarray] = None  # the same on the held-out training images, when the run has them
 
 
 def train_phase(method: PromptMethod, phase: Phase, task: TaskInfo, loader, device, *,
@@ -315,8 +330,9 @@ def evaluate(method: PromptMethod, loader, device, task_index: int, precision: s
             task_hits += int((details["task"].cpu() == task_index).sum())
     counts = all_reduce_sum(torch.tensor([correct, total, task_hits], dtype=torch.int64, device=device))
     correct, total, task_hits = counts.tolist()
-    n = max(total, 1)
-    return Evaluation(100.0 * correct / n, total, 100.0 * task_hits / n if has_task else None)
+    if not total:
+        raise ValueError(f"task {task_index} has no test images to evaluate")
+    return Evaluation(100.0 * correct / total, total, 100.0 * task_hits / total if has_task else None)
 
 
 # Task checkpoints hold tensors, numbers, strings, lists and dicts only, so they load with
@@ -344,10 +360,12 @@ def _config_key(run: ResolvedRun) -> str:
 # Configuration fields added after checkpoints and summaries were first written, with the value that
 # gives what the versions before them ran: a stored configuration without one is of the same run (for a
 # method's field, where the run's method has it).
-_ADDED_FIELDS = {("run", "class_order"): "seeded", ("preprocessing", "cifar_carryover"): False,
+_ADDED_FIELDS = {("run", "class_order"): "seeded", ("run", "validation_fraction"): 0.0,
+                 ("preprocessing", "cifar_carryover"): False,
                  ("method_config", "compat_schedule_iter_step"): 0,
                  ("method_config", "compat_first_step_at_base_lr"): False,
-                 ("method_config", "compat_population_variance"): False}
+                 ("method_config", "compat_population_variance"): False,
+                 ("method_config", "compat_reference_gram_schmidt"): False}
 
 
 def same_configuration(stored: dict[str, Any], run: ResolvedRun) -> bool:
@@ -409,7 +427,8 @@ def _set_up(run: ResolvedRun) -> _Setup:
     scenario = ClassIncremental(data, increments=ds.num_classes // run.num_tasks,
                                 class_order=class_order, num_workers=workers,
                                 pin_memory=device.type == "cuda",
-                                drop_last=run.preprocessing is not None and run.preprocessing.drop_last)
+                                drop_last=run.preprocessing is not None and run.preprocessing.drop_last,
+                                validation_fraction=spec.validation_fraction, validation_seed=spec.seed)
     seed_everything(spec.seed)
     method = build_method(run, data.num_classes, scenario.num_tasks, device)
     return _Setup(device, scenario, method, data.num_classes, data.image_shape)
@@ -492,9 +511,9 @@ def run_sequence(
         first_task = resumed["task"] + 1
 
     def evaluate_seen(t: int, name: str) -> None:
+        loader = scenario.validation_loader if name == "validation" else scenario.test_loader
         for i in range(t + 1):
-            result = evaluate(method, scenario.test_loader(i, batch_size=spec.eval_batch_size), device, i,
-                              spec.precision)
+            result = evaluate(method, loader(i, batch_size=spec.eval_batch_size), device, i, spec.precision)
             matrices.setdefault(name, np.zeros((T, T)))[t, i] = result.accuracy
             if name == "accuracy" and result.task_identity is not None:
                 matrices.setdefault("task_identity", np.zeros((T, T)))[t, i] = result.task_identity
@@ -524,13 +543,16 @@ def run_sequence(
             _add_work(work, phase_images, passes, device)
         broadcast_from_main(method.checkpoint_state().values())
         evaluate_seen(t, "accuracy")
+        if spec.validation_fraction:
+            evaluate_seen(t, "validation")
         if store is not None:
             store.flush()
         ckpt = out_dir / "checkpoints" / f"task_{t:02d}.pt" if main_rank else None
         if ckpt is not None:
             save_task_checkpoint(ckpt, task=t, method=method, run=run, matrices=matrices, work=work)
         if on_task_end:
-            on_task_end(TaskReport(t, T, matrices["accuracy"][: t + 1, : t + 1].copy(), ckpt, cost))
+            validation = matrices["validation"][: t + 1, : t + 1].copy() if "validation" in matrices else None
+            on_task_end(TaskReport(t, T, matrices["accuracy"][: t + 1, : t + 1].copy(), ckpt, cost, validation))
 
     acc = matrices["accuracy"]
     summary = {
@@ -551,6 +573,8 @@ def run_sequence(
         summary["training_work"] = work
     if "task_identity" in matrices:
         summary["task_identity_accuracy"] = float(matrices["task_identity"][-1].mean())
+    if "validation" in matrices:
+        summary.update({f"validation_{k}": v for k, v in metrics.summarize(matrices["validation"]).items()})
     for name, m in matrices.items():
         if name != "accuracy":
             summary[f"{name}_matrix"] = m.tolist()
@@ -580,9 +604,25 @@ def _feature_store(root: str, run: ResolvedRun, method: PromptMethod, device: to
     from promptcl.core.feature_store import FeatureStore, weights_digest
 
     compiled = {"compiled": True} if run.spec.compile_backbone else {}  # compiled features differ in the last bits
+    # another GPU model or TF32 setting gives other last bits; so can another matmul precision anywhere
+    gpu = ({"gpu": torch.cuda.get_device_name(device),
+            "tf32": [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]}
+           if device.type == "cuda" else {})
     return FeatureStore(root, {"backbone": run.backbone, "weights": weights_digest(method.backbone),
                                "precision": run.spec.precision, "device": device.type,
-                               "torch": torch.__version__.split("+")[0], **compiled})
+                               "matmul_precision": torch.get_float32_matmul_precision(),
+                               "torch": torch.__version__.split("+")[0], "timm": timm.__version__,
+                               "code": _frozen_pass_code_digest(), **gpu, **compiled})
+
+
+@functools.cache
+def _frozen_pass_code_digest() -> str:
+    """A digest of the source that computes a frozen feature (``encode`` and the blocks it runs): an
+    edit to it opens a new store rather than serving features the old code computed."""
+    from promptcl.core import attention, backbone
+
+    return hashlib.blake2b("".join(inspect.getsource(m) for m in (backbone, attention)).encode(),
+                           digest_size=8).hexdigest()
 
 
 def write_results(path: Path, rows: list[dict]) -> None:

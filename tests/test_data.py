@@ -79,6 +79,38 @@ def test_ambiguous_or_bad_arguments_are_rejected(digits, kwargs, match):
         ClassIncremental(digits, **kwargs)
 
 
+@pytest.mark.parametrize("split", ["training", "test"])
+def test_a_task_without_images_is_refused(split):
+    from torch.utils.data import TensorDataset
+
+    from promptcl.data.benchmarks import ClassificationData
+
+    full, partial = torch.arange(8) % 4, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])  # no image of class 3
+    train, test = (partial, full) if split == "training" else (full, partial)
+    data = ClassificationData(train=TensorDataset(torch.zeros(8, 1, 2, 2), train), train_labels=train.numpy(),
+                              test=TensorDataset(torch.zeros(8, 1, 2, 2), test), test_labels=test.numpy(),
+                              num_classes=4, image_shape=(1, 2, 2))
+    ClassIncremental(data, increments=2, class_order=[0, 1, 2, 3])  # task 1 still has class 2's images
+    with pytest.raises(ValueError, match=rf"task 1 \(classes \[3\]\) has no {split} images"):
+        ClassIncremental(data, increments=[3, 1], class_order=[0, 1, 2, 3])
+
+
+def test_the_validation_split_is_stratified_seeded_and_apart_from_training(digits):
+    s = ClassIncremental(digits, increments=2, seed=0, validation_fraction=0.1, validation_seed=5)
+    again = ClassIncremental(digits, increments=2, seed=0, validation_fraction=0.1, validation_seed=5)
+    other = ClassIncremental(digits, increments=2, seed=0, validation_fraction=0.1, validation_seed=6)
+    assert np.array_equal(s.validation_indices, again.validation_indices)
+    assert not np.array_equal(s.validation_indices, other.validation_indices)
+    for c in range(10):  # about a tenth of every class
+        assert abs((digits.train_labels[s.validation_indices] == c).sum() - 0.1 * (digits.train_labels == c).sum()) <= 0.5
+    for t in range(s.num_tasks):
+        train = set(s.train_dataset(t).subset.indices)
+        held = set(s.validation_dataset(t).subset.indices)
+        assert held and not train & held
+        assert train | held == set(ClassIncremental(digits, increments=2, seed=0).train_dataset(t).subset.indices)
+        assert {y for _, y in s.validation_dataset(t)} == set(s.task_classes(t))
+
+
 def test_training_loader_is_reproducible(digits):
     s = ClassIncremental(digits, increments=2, seed=0)
     a = [y.tolist() for _, y in s.train_loader(1, batch_size=16, seed=7)]
@@ -138,4 +170,6 @@ def test_only_training_passes_read_the_augmented_view():
     assert values(s.train_loader(0, batch_size=2, seed=0, shuffle=False, augmented=True)) == {1.0}
     assert {float(x.unique()) for x, _ in s.train_dataset(1)} == {0.0}
     assert {float(x.unique()) for x, _ in s.train_dataset(1, augmented=True)} == {1.0}
+    held = ClassIncremental(data, increments=2, seed=0, validation_fraction=0.5)  # validation: the test-time view
+    assert values(held.validation_loader(0, batch_size=2)) == {0.0}
     assert values(s.test_loader(1, batch_size=2)) == {2.0}

@@ -38,7 +38,8 @@ def test_run_writes_results_summary_and_checkpoints(reference_run):
     assert sum(r["n_samples"] for r in rows if r["train_task"] == 4) == len(load_digits().test)
     summary = json.loads((reference_run / "summary.json").read_text())
     acc = np.asarray(summary["accuracy_matrix"])
-    # every metric is the pure function of the accuracy matrix, and the cost that of the run's config
+    # the matrix is the evaluated rows, every metric the pure function of it, the cost that of the run's config
+    assert all(acc[r["train_task"], r["eval_task"]] == r["accuracy"] for r in rows)
     assert {k: summary[k] for k in metrics.summarize(acc)} == pytest.approx(metrics.summarize(acc))
     run = resolve_run(RunSpec(method="smope", dataset="digits", overrides={"epochs": 2, "ca_epochs": 3}))
     cost = measure_cost(run.method_cls, run.config, run.backbone, 10, (1, 8, 8), num_tasks=5)
@@ -55,6 +56,35 @@ def test_run_writes_results_summary_and_checkpoints(reference_run):
     state = torch.load(checkpoints[-1], weights_only=False)
     assert "experts.usage" in state["state"] and state["state"]["experts.usage"].sum() > 0
     assert not any(k.startswith("backbone.") for k in state["state"])
+
+
+def test_a_validation_split_is_held_out_of_training_and_evaluated_like_the_test_sets(tmp_path):
+    """SimpleCIL's class means come from the training images only: with 20 % held out they change,
+    the held-out images give the validation matrix, and the test figures stay the test sets'."""
+    from promptcl.data.benchmarks import held_out
+
+    plain = run_sequence(resolve_run(RunSpec(method="simplecil", dataset="digits")), tmp_path / "plain")
+    held = run_sequence(resolve_run(RunSpec(method="simplecil", dataset="digits", validation_fraction=0.2)),
+                        tmp_path / "held")
+    labels = load_digits().train_labels
+    n_held = len(held_out(labels, 0.2, 0))
+    assert n_held == sum(round(0.2 * (labels == c).sum()) for c in range(10))
+    assert held["training_work"]["frozen_pass_images"] == plain["training_work"]["frozen_pass_images"] - n_held
+    validation = np.asarray(held["validation_matrix"])
+    assert validation.shape == (5, 5) and not np.array_equal(validation, held["accuracy_matrix"])
+    assert held["validation_final_average_accuracy"] == pytest.approx(metrics.final_average_accuracy(validation))
+    assert held["final_average_accuracy"] == pytest.approx(metrics.final_average_accuracy(held["accuracy_matrix"]))
+    assert "validation_matrix" not in plain and "validation_final_average_accuracy" not in plain
+    with pytest.raises(ValueError, match=r"validation_fraction must be in \[0, 0.5\]"):
+        resolve_run(RunSpec(method="simplecil", dataset="digits", validation_fraction=0.7))
+
+
+def test_an_empty_test_set_is_an_error_not_zero_accuracy():
+    from promptcl.engine import build_method, evaluate
+
+    method = build_method(resolve_run(RunSpec(method="simplecil", dataset="digits")), 10, 5, torch.device("cpu"))
+    with pytest.raises(ValueError, match="task 3 has no test images"):
+        evaluate(method, [], torch.device("cpu"), 3)
 
 
 def test_same_seed_gives_identical_results(reference_run, tmp_path):

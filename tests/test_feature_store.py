@@ -197,3 +197,11 @@ def test_a_runs_store_fingerprint_holds_what_changes_the_features(tmp_path):
         method.backbone.blocks[0].mlp.fc1.bias[0] += 1.0
     assert _feature_store(str(tmp_path), resolve_run(RunSpec(method="simplecil", dataset="digits")), method,
                           torch.device("cpu")).dir != fp32.dir
+    # what else computes the feature: the library versions, the frozen pass's own code, the matmul precision
+    assert {"torch", "timm", "code", "matmul_precision"} <= set(fp32.fingerprint)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert store()[1].dir != fp32.dir
+    finally:
+        torch.set_float32_matmul_precision(previous)

@@ -466,6 +466,13 @@ def test_compat_switch_is_tagged_as_an_unfair_protocol():
     # a batch-wide vote on the prompts makes a prediction depend on its batch too
     vote = resolve_run(RunSpec(method="l2p", dataset="digits", overrides={"batchwise_prompt": "true"}))
     assert vote.protocol_tags() == {"compat/batchwise_prompt": "true", "unfair_protocol": "true"}
+    # HiDe's vote acts through the compat gather only (its 5-datasets presets set it): alone, no tag
+    inert = resolve_run(RunSpec(method="hide", dataset="digits", overrides={"batchwise_prompt": "true"}))
+    assert inert.protocol_tags() == {} and inert.batch_dependent_switches() == []
+    both = resolve_run(RunSpec(method="hide", dataset="digits",
+                               overrides={"batchwise_prompt": "true", "compat_reference_gather": "true"}))
+    assert both.batch_dependent_switches() == ["compat_reference_gather", "batchwise_prompt"]
+    assert both.protocol_tags()["compat/batchwise_prompt"] == "true"
     # a numeric switch is on when not 0, and tagged with its value
     schedule = resolve_run(RunSpec(method="smope", dataset="digits", overrides={"compat_schedule_iter_step": "40"}))
     assert schedule.protocol_tags() == {"compat/compat_schedule_iter_step": "40", "unfair_protocol": "true"}

@@ -36,6 +36,17 @@ def test_forgetting_is_never_negative_when_accuracy_rises():
     assert metrics.backward_transfer(rising) == pytest.approx(20.0)
 
 
+def test_canonical_forgetting_takes_the_max_before_the_last_task():
+    # Chaudhry et al.: a task that improved counts negatively, max(50) - 70 = -20
+    assert metrics.forgetting_canonical(np.array([[50.0, 0.0], [70.0, 80.0]])) == pytest.approx(-20.0)
+    # task 0: max(90, 80) - 85 = 5; task 1: max(70) - 60 = 10, as FM (the last row never peaks here)
+    assert metrics.forgetting_canonical(ACC) == pytest.approx(7.5)
+    # a last-row peak: FM floors task 0 at 0, the canonical figure keeps max(90, 80) - 95 = -5
+    late_rise = np.array([[90.0, 0.0, 0.0], [80.0, 70.0, 0.0], [95.0, 60.0, 50.0]])
+    assert metrics.forgetting(late_rise) == pytest.approx((0 + 10) / 2)
+    assert metrics.forgetting_canonical(late_rise) == pytest.approx((-5 + 10) / 2)
+
+
 def test_backward_transfer():
     # (85 - 90) + (60 - 70) over 2
     assert metrics.backward_transfer(ACC) == pytest.approx(-7.5)
@@ -44,7 +55,7 @@ def test_backward_transfer():
 def test_single_task():
     one = np.array([[42.0]])
     assert metrics.summarize(one) == {"final_average_accuracy": 42.0, "cumulative_average_accuracy": 42.0,
-                                      "forgetting": 0.0, "backward_transfer": 0.0}
+                                      "forgetting": 0.0, "forgetting_canonical": 0.0, "backward_transfer": 0.0}
 
 
 def test_upper_triangle_is_ignored():

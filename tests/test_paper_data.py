@@ -639,6 +639,37 @@ def test_seeded_workers_give_the_same_augmented_batches_and_statistics_see_none(
     assert passes[0].shape == plain.shape and not torch.equal(passes[0], passes[1])
 
 
+def test_augmentations_do_not_depend_on_the_rank_or_loader_worker_that_reads_an_image(cifar_root, monkeypatch):
+    """Two ranks together see exactly the augmented batches of one process (0 or 2 loader workers),
+    each image with its own crop, flip and jitter: the rank that reads it changes nothing."""
+    import promptcl.data.benchmarks as benchmarks
+
+    root, _ = cifar_root
+    data = load_dataset("cifar100", root, HIDE)
+
+    def epochs(workers, rank=0, world_size=1):
+        monkeypatch.setattr(benchmarks, "world", lambda: (rank, world_size))
+        loader = ClassIncremental(data, increments=10, seed=0, num_workers=workers).train_loader(0, batch_size=8, seed=3)
+        return [[x for x, _ in loader] for _ in range(2)]
+
+    single = epochs(0)
+    for a, b in zip(single, epochs(2)):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    ranks = [epochs(0, rank, 2) for rank in range(2)]
+    for epoch, batches in enumerate(single):
+        for step, batch in enumerate(batches):
+            merged = torch.empty_like(batch)
+            merged[0::2], merged[1::2] = ranks[0][epoch][step], ranks[1][epoch][step]
+            torch.testing.assert_close(merged, batch, rtol=0, atol=0)
+    # and every image its own draw: two copies of one image differ (a solid colour, not black, shows the jitter)
+    k = int(np.argmax(data.train_labels))
+    twice = torch.utils.data.ConcatDataset([data.train_augmented, data.train_augmented])
+    seeds = benchmarks.AugmentationSeeds(torch.utils.data.SequentialSampler(range(2)), 0)
+    first, second = (benchmarks._Relabelled(twice, np.array([k, len(data.train_augmented) + k]),
+                                            np.arange(100))[pair][0] for pair in seeds)
+    assert not torch.equal(first, second)
+
+
 def test_a_run_on_a_disk_benchmark_records_its_protocol(cifar_root, tmp_path):
     """End to end through the CLI on the small CIFAR-100 files: a tiny random-init 224-px ViT,
     two loader workers; summary.json holds the resolved protocol and pipeline."""

@@ -296,8 +296,24 @@ def seeded_class_order(num_classes: int, seed: int) -> list[int]:
     return order
 
 
+def held_out(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded, stratified ``fraction`` of each class's images (at least one and
+    at most all but one of a class, when ``fraction`` > 0): a validation set a study can select on
+    without looking at the test set."""
+    if not fraction:
+        return np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng([seed, 7])
+    picked = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        n = min(max(1, round(fraction * len(members))), len(members) - 1)
+        picked.append(rng.permutation(members)[:n])
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
 class _Relabelled(Dataset):
-    """A subset whose labels are mapped to class-order positions."""
+    """A subset whose labels are mapped to class-order positions. An item may be asked for as
+    ``(index, seed)`` (see :class:`AugmentationSeeds`): its random transforms then draw from that seed."""
 
     def __init__(self, base: Dataset, indices: np.ndarray, position: np.ndarray) -> None:
         self.subset = Subset(base, indices.tolist())
@@ -307,18 +323,43 @@ class _Relabelled(Dataset):
         return len(self.subset)
 
     def __getitem__(self, i):
-        image, label = self.subset[i]
+        if isinstance(i, tuple):
+            i, seed = i
+            with torch.random.fork_rng(devices=[]):  # the process's own stream is left as it was
+                torch.manual_seed(seed)
+                image, label = self.subset[i]
+        else:
+            image, label = self.subset[i]
         return image, int(self.position[int(label)])
+
+
+class AugmentationSeeds(Sampler[tuple[int, int]]):
+    """Each index of ``sampler`` paired with a seed of its own for its augmentation, drawn in the
+    global order from a generator seeded by ``seed``, new on every pass. A sample's augmentation then
+    depends on the run's seed, the pass and its place in the order only: not on which rank of a
+    process group or which loader worker reads it, nor on what else drew random numbers (without it,
+    every rank drew from the same seeded stream, so the j-th sample of each rank's share of a batch
+    got the same crop and flip)."""
+
+    def __init__(self, sampler: Sampler[int], seed: int) -> None:
+        self.sampler = sampler
+        self.generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
+
+    def __iter__(self):
+        order = list(self.sampler)
+        return iter(zip(order, torch.randint(2**62, (len(order),), generator=self.generator).tolist()))
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 class ClassIncremental:
     """Class-incremental tasks over a dataset: ``class_order`` (or ``seed``) and ``increments``.
 
     Loader settings: ``num_workers`` worker processes (persistent across the training loader's
-    epochs, each seeded from the loader's generator, so the same seed and worker count give the same
-    batches; the worker count is part of a run's configuration, as it decides which generator draws
-    the workers' seeds), ``pin_memory`` (for CUDA) and ``drop_last`` (leave out each epoch's last
-    partial training batch)."""
+    epochs; every augmented image draws from a seed of its own, so any worker count, and any number
+    of ranks, gives the same batches), ``pin_memory`` (for CUDA) and ``drop_last`` (leave out each
+    epoch's last partial training batch)."""
 
     def __init__(
         self,
@@ -330,6 +371,8 @@ class ClassIncremental:
         num_workers: int = 0,
         pin_memory: bool = False,
         drop_last: bool = False,
+        validation_fraction: float = 0.0,
+        validation_seed: int = 0,
     ) -> None:
         C = data.num_classes
         if (class_order is None) == (seed is None):
@@ -346,6 +389,8 @@ class ClassIncremental:
             raise ValueError(f"increments {increments} must be positive and sum to {C}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if not 0 <= validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
         self.data = data
         self.class_order = order
         self.increments = increments
@@ -353,6 +398,18 @@ class ClassIncremental:
         self.position = np.empty(C, dtype=np.int64)
         self.position[order] = np.arange(C)
         self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last
+        train_labels = np.asarray(data.train_labels, dtype=np.int64)
+        self.validation_indices = held_out(train_labels, validation_fraction, validation_seed)
+        self.training_indices = np.setdiff1d(np.arange(len(train_labels)), self.validation_indices)
+        splits = [("training", train_labels[self.training_indices]), ("test", data.test_labels)]
+        if validation_fraction:
+            splits.append(("validation", train_labels[self.validation_indices]))
+        for split, labels in splits:
+            counts = np.bincount(self.position[np.asarray(labels, dtype=np.int64)], minlength=C)
+            for task in range(self.num_tasks):
+                if not counts[self.task_classes(task)].sum():  # an empty test set would score 0 %, silently
+                    raise ValueError(f"task {task} (classes {sorted(order[p] for p in self.task_classes(task))}) "
+                                     f"has no {split} images")
 
     @property
     def num_tasks(self) -> int:
@@ -369,15 +426,17 @@ class ClassIncremental:
         return np.repeat(np.arange(self.num_tasks), self.increments)
 
     def _subset(self, split: str, task: int, cumulative: bool = False, augmented: bool = False) -> _Relabelled:
-        if split == "train":
-            base = self.data.train_augmented if augmented and self.data.train_augmented is not None else self.data.train
+        if split == "test":
+            base, labels, candidates = self.data.test, self.data.test_labels, np.arange(len(self.data.test_labels))
+        else:  # training or validation: images of the training set (validation through the test-time pipeline)
+            augment = split == "train" and augmented and self.data.train_augmented is not None
+            base = self.data.train_augmented if augment else self.data.train
             labels = self.data.train_labels
-        else:
-            base, labels = self.data.test, self.data.test_labels
+            candidates = self.training_indices if split == "train" else self.validation_indices
         classes = self.task_classes(task)
         positions = range(0, classes.stop) if cumulative else classes
         wanted = np.asarray(self.class_order)[list(positions)]
-        indices = np.flatnonzero(np.isin(labels, wanted))
+        indices = candidates[np.isin(np.asarray(labels)[candidates], wanted)]
         return _Relabelled(base, indices, self.position)
 
     def train_dataset(self, task: int, *, cumulative: bool = False, augmented: bool = False) -> Dataset:
@@ -398,12 +457,23 @@ class ClassIncremental:
         dataset = self.train_dataset(task, cumulative=cumulative, augmented=augmented)
         seed = seed * 1000 + task
         order = SeededOrder(dataset, seed) if shuffle else SequentialSampler(dataset)
+        if augmented and self.data.train_augmented is not None:
+            order = AugmentationSeeds(order, seed)
         sampler = ShardedBatchSampler(order, batch_size, *world(), drop_last=shuffle and self.drop_last)
-        # the loader's own generator seeds its workers (their augmentations), apart from the order
+        # the loader's own generator seeds its workers, apart from the order and the augmentations, so
+        # that starting an epoch never draws from the process's stream
         return self._loader(dataset, sampler, torch.Generator().manual_seed(seed), persistent=shuffle)
 
     def test_loader(self, task: int, *, batch_size: int) -> DataLoader:
         dataset = self.test_dataset(task)
+        return self._loader(dataset, ShardedBatchSampler(SequentialSampler(dataset), batch_size, *world()))
+
+    def validation_dataset(self, task: int) -> Dataset:
+        """The task's held-out training images (``validation_fraction``), through the test-time pipeline."""
+        return self._subset("validation", task)
+
+    def validation_loader(self, task: int, *, batch_size: int) -> DataLoader:
+        dataset = self.validation_dataset(task)
         return self._loader(dataset, ShardedBatchSampler(SequentialSampler(dataset), batch_size, *world()))
 
     def _loader(self, dataset: Dataset, sampler: ShardedBatchSampler, generator: Optional[torch.Generator] = None,

@@ -76,6 +76,12 @@ class HiDeConfig:
     # The reference takes the argmax over all classes at test time, untrained rows included.
     compat_unmasked_test_logits: bool = False
 
+    def inert_switches(self) -> tuple[str, ...]:
+        """The reference's 5-datasets configs set ``batchwise_prompt`` (so do the presets that copy
+        them), but the vote acts through the compat gather only: alone it is not a batch-dependent
+        protocol (no ``unfair_protocol`` tag, no refusal on several workers)."""
+        return () if self.compat_reference_gather else ("batchwise_prompt",)
+
     def __post_init__(self) -> None:
         require_layers("prompt_layers", self.prompt_layers)
         require(self.prompt_length >= 1, f"prompt_length must be >= 1, got {self.prompt_length}")
