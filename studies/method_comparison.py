@@ -20,8 +20,8 @@ from promptcl.methods import get_method, method_names
 from promptcl.study import tracking
 from promptcl.study.objectives import ACCURACY_AND_COST
 from promptcl.study.comparison import format_method_table, method_table, write_method_table
-from promptcl.study.tuner import (print_study_paths, run_study, spec_from_args, stored_parent_run, study_parser,
-                                  validate_study)
+from promptcl.study.tuner import (StudyInterrupted, print_study_paths, run_study, spec_from_args, stored_parent_run,
+                                  study_parser, validate_study)
 from promptcl.study.trainer import fault_from_env
 
 # --smoke: the short version of every schedule, applied to each method that has the setting.
@@ -74,7 +74,11 @@ def main(argv=None) -> int:
     except (ValueError, ImportError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    rows = run_study(spec, validated=validated)
+    try:
+        rows = run_study(spec, validated=validated)
+    except StudyInterrupted as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 130
     table = method_table(rows)
     paths = write_method_table(table, args.runs_dir / spec.name)
     parent = stored_parent_run(spec)

@@ -312,6 +312,7 @@ def test_entrypoint_parses_and_fits_its_cluster(where, command, config_file):
     gpu_capacity = sum(t["max_workers"] * t["resources"]["GPU"] for t in gpus.values())
     assert args.max_concurrent * args.workers_per_trial * args.gpus_per_worker <= gpu_capacity, where
     assert_shared_storage(where, args.storage_path, config_file)
+    assert_optuna_study_survives(where, args, config_file)
 
 
 def assert_shared_storage(where: str, storage_path: str | None, config_file: str) -> None:
@@ -320,7 +321,27 @@ def assert_shared_storage(where: str, storage_path: str | None, config_file: str
     if storage_path.startswith(SHARED_URI_SCHEMES):
         return
     assert config_file != LAUNCHER, f"{where}: launcher nodes share no disk; use S3/GCS"
-    path = PurePosixPath(storage_path)
+    assert_on_the_shared_volume(where, storage_path, config_file)
+
+
+def assert_optuna_study_survives(where: str, args, config_file: str) -> None:
+    """--resume continues the Optuna study too: its SQLite file (under --runs-dir unless
+    --optuna-storage) must outlive the driver. A RayJob retry is a new cluster: the shared volume;
+    the launcher's jobs share its head: an absolute path there (a relative one is in the job's
+    uploaded working directory)."""
+    from promptcl.storage import sqlite_file
+
+    database = sqlite_file(args.optuna_storage or f"sqlite:///{args.runs_dir}/optuna.db")
+    if database is None:  # a database server
+        return
+    if config_file == LAUNCHER:
+        assert database.is_absolute(), f"{where}: the Optuna study {database} is not on the head's disk"
+    else:
+        assert_on_the_shared_volume(where, str(database), config_file)
+
+
+def assert_on_the_shared_volume(where: str, location: str, config_file: str) -> None:
+    path = PurePosixPath(location)
     assert path.is_absolute(), where
     spec = kuberay_crs()[config_file]["spec"]
     for pod in pod_specs(spec):
@@ -328,7 +349,7 @@ def assert_shared_storage(where: str, storage_path: str | None, config_file: str
                   for v in pod.get("volumes", []) if "persistentVolumeClaim" in v}
         mounts = [m for m in pod["containers"][0].get("volumeMounts", [])
                   if m["name"] in claims and path.is_relative_to(m["mountPath"])]
-        assert mounts, f"{where}: {storage_path} is not on a PVC mounted in every pod"
+        assert mounts, f"{where}: {location} is not on a PVC mounted in every pod"
     claim_names = {v["persistentVolumeClaim"]["claimName"]
                    for pod in pod_specs(spec) for v in pod.get("volumes", []) if "persistentVolumeClaim" in v}
     assert len(claim_names) == 1, f"{where}: pods mount different claims {claim_names}"
@@ -344,6 +365,13 @@ def test_entrypoint_check_bites():
         assert_shared_storage("local", args.storage_path, LAUNCHER)
     with pytest.raises(AssertionError):
         assert_shared_storage("elsewhere", "/tmp/ray_results", RAYCLUSTER)
+    _, args = parse_study_command("python studies/smope_topk.py --runs-dir runs")
+    for config_file in (RAYJOB, LAUNCHER):  # the Optuna study would die with the driver's pod or job
+        with pytest.raises(AssertionError):
+            assert_optuna_study_survives("relative runs dir", args, config_file)
+    _, args = parse_study_command("python studies/smope_topk.py --optuna-storage sqlite:////tmp/optuna.db")
+    with pytest.raises(AssertionError):
+        assert_optuna_study_survives("pod-local", args, RAYJOB)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,9 +21,11 @@ def test_gate_study_compares_hide_and_norga(local_ray, tmp_path, capsys, monkeyp
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.chdir(tmp_path)  # a relative --storage-path (made absolute: Ray takes no other)
     assert norga_gate.main(["--smoke", "--no-report", "--runs-dir", str(tmp_path), "--mlflow-uri", uri,
-                            "--storage-path", "ray_rel"]) == 0
+                            "--storage-path", "ray_rel", "--validation-fraction", "0.2"]) == 0
     assert (tmp_path / "ray_rel" / "norga_gate_smoke").is_dir()
-    assert "Best trial per method" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Best trial per method (accuracy vs parameters and test FLOPs) (selected on the validation images" in out
+    assert " | val FA | FA | " in out
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("norga_gate_smoke").experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
@@ -32,6 +34,52 @@ def test_gate_study_compares_hide_and_norga(local_ray, tmp_path, capsys, monkeyp
     assert norga.data.params["method_config/gate_activation"] == "sigmoid"
     assert all(0 < r.data.metrics["task_identity_accuracy"] <= 100 for r in children)
     assert all("unfair_protocol" not in r.data.tags for r in children)
+    # held-out training images: evaluated, and what the searcher saw instead of the test sets
+    from ray.tune import ExperimentAnalysis
+
+    assert all(r.data.params["run/validation_fraction"] == "0.2" for r in children)
+    finals = {r.data.tags["trial_id"]: r.data.metrics for r in children}
+    for trial_id, df in ExperimentAnalysis(str(tmp_path / "ray_rel" / "norga_gate_smoke")).trial_dataframes.items():
+        last = df.iloc[-1]
+        assert last["search_score"] == pytest.approx(4 + last["validation_final_average_accuracy"] / 100)
+        assert last["validation_final_average_accuracy"] != last["final_average_accuracy"]
+    assert all(0 < m["validation_final_average_accuracy"] <= 100 for m in finals.values())
+
+
+def test_a_validation_split_moves_the_studys_selection_off_the_test_sets():
+    """With --validation-fraction the default objectives, the best trials and the searcher's score read
+    FA on the held-out training images; the single accuracy objective goes through search_score."""
+    import numpy as np
+
+    from promptcl.study.objectives import ACCURACY, ACCURACY_AND_COST, on_validation
+    from promptcl.study.trainer import task_metrics
+    from promptcl.study.tuner import best_per, format_table, spec_from_args, study_parser
+
+    assert on_validation(ACCURACY) == ACCURACY
+    assert [str(o) for o in on_validation(ACCURACY_AND_COST)] == [
+        "validation_final_average_accuracy:max", "trainable_params:min", "test_flops_per_image:min"]
+
+    def spec(*argv):
+        parser = study_parser("a study", name="s", num_samples=1, objectives=ACCURACY_AND_COST)
+        return spec_from_args(parser.parse_args(list(argv)), method="smope", search_space=None, smoke_overrides={})
+
+    held = spec("--validation-fraction", "0.1")
+    assert held.run_options["validation_fraction"] == 0.1 and held.objectives == on_validation(ACCURACY_AND_COST)
+    assert held.selection_metric() == "validation_final_average_accuracy"
+    plain = spec()
+    assert plain.objectives == ACCURACY_AND_COST and plain.selection_metric() == "final_average_accuracy"
+    assert "validation_fraction" not in plain.run_options
+    assert spec("--validation-fraction", "0.1", "--objectives", "final_average_accuracy:max").objectives == ACCURACY
+    acc, validation = np.array([[80.0, 0.0], [60.0, 70.0]]), np.array([[90.0, 0.0], [50.0, 60.0]])
+    assert task_metrics(acc, validation)["search_score"] == pytest.approx(1 + 55 / 100)
+    assert task_metrics(acc)["search_score"] == pytest.approx(1 + 65 / 100)
+    rows = [{"k": 1, "final_average_accuracy": 80.0, "validation_final_average_accuracy": 60.0},
+            {"k": 1, "final_average_accuracy": 70.0, "validation_final_average_accuracy": 65.0}]
+    assert best_per(rows, "k")[0]["final_average_accuracy"] == 80.0
+    assert best_per(rows, "k", "validation_final_average_accuracy")[0]["final_average_accuracy"] == 70.0
+    rows = [{**r, "cumulative_average_accuracy": 1.0, "forgetting": 0.0, "trainable_params": 1,
+             "test_flops_per_image": 1e6} for r in rows]
+    assert format_table(rows, ["k"]).splitlines()[2] == "1 | 60.00 | 80.00 | 1.00 | 0.00 | 1 | 1.00"
 
 
 def test_bad_study_input_fails_before_ray_starts(tmp_path, capsys, monkeypatch):
@@ -426,3 +474,188 @@ def test_a_multi_objective_study_refuses_asha(tmp_path, capsys):
     assert smope_topk.main(["--smoke", "--asha", "--objectives", "final_average_accuracy:max,trainable_params:min",
                             "--runs-dir", str(tmp_path)]) == 2
     assert "--asha needs the objective final_average_accuracy:max" in capsys.readouterr().err
+
+
+def _toy_space(trial) -> None:
+    trial.suggest_float("x", 0.0, 1.0)
+
+
+def _searcher(tmp_path, metric="search_score", mode="max"):
+    """The study's searcher over a persistent Optuna study in tmp_path, as ``_make_tuner`` builds it."""
+    import optuna
+
+    from promptcl.study.tuner import StoredOptunaSearch
+
+    return StoredOptunaSearch(space=_toy_space, metric=metric, mode=mode, study_name="s",
+                              storage=optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/optuna.db"))
+
+
+def _optuna_states(tmp_path) -> list[str]:
+    import optuna
+
+    return [t.state.name for t in optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db").trials]
+
+
+def test_a_restored_searcher_fails_only_the_optuna_trials_tune_lost(tmp_path):
+    """Tune saves its searcher with its trials; after a lost driver, the trials that state holds
+    run on (Optuna must still take their results), one asked for after the save never runs."""
+    first = _searcher(tmp_path)
+    first.suggest("done")
+    first.suggest("running")
+    first.on_trial_complete("done", {"search_score": 1.0})
+    first.save(str(tmp_path / "searcher.pkl"))  # Tune's last state save
+    first.suggest("lost")
+
+    resumed = _searcher(tmp_path)
+    resumed.restore(str(tmp_path / "searcher.pkl"))  # what Tuner.restore does on --resume
+    assert _optuna_states(tmp_path) == ["COMPLETE", "RUNNING", "FAIL"]
+    resumed.on_trial_complete("running", {"search_score": 2.0})  # the resumed trial finishes
+    assert _optuna_states(tmp_path) == ["COMPLETE", "COMPLETE", "FAIL"]
+
+
+@pytest.mark.parametrize("metric, mode", [("trainable_params", "min"),
+                                          (["final_average_accuracy", "trainable_params"], ["max", "min"])],
+                         ids=["cost", "accuracy-and-cost"])
+def test_an_errored_trial_is_a_failed_optuna_trial(tmp_path, metric, mode):
+    """Cost metrics are in every result: a crashed trial's last one must not make it COMPLETE (a
+    cheap crash would win ``trainable_params:min``) nor, beside a missing accuracy, leave it RUNNING."""
+    searcher = _searcher(tmp_path, metric, mode)
+    searcher.suggest("crashed")
+    searcher.on_trial_complete("crashed", {"task": 2, "trainable_params": 10.0}, error=True)
+    assert _optuna_states(tmp_path) == ["FAIL"]
+
+
+def test_an_interrupted_study_exits_130_with_a_line_on_resuming(tmp_path, monkeypatch, capsys):
+    """The console end of an interrupted study (tests/test_study_cluster.py interrupts one)."""
+    from promptcl.study import tuner
+
+    def interrupted(spec, validated):
+        raise tuner.StudyInterrupted("study 's' was interrupted; ...: rerun the same command with --resume ...")
+
+    monkeypatch.setattr(tuner, "run_study", interrupted)
+    spec = tuner.StudySpec(name="s", method="smope", dataset="digits", search_space=_toy_space, runs_dir=tmp_path)
+    assert tuner.run_study_script(spec, table_params=[], best_by="x", prog="s") == 130
+    captured = capsys.readouterr()
+    assert captured.err.startswith("s: study 's' was interrupted") and captured.out == ""
+
+
+def test_the_study_state_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A driver lost while writing the state file leaves the previous one intact, not a stub."""
+    from promptcl.study import tracking, tuner
+
+    spec = tuner.StudySpec(name="s", method="smope", dataset="digits", search_space=_toy_space, runs_dir=tmp_path)
+    uri = spec.resolved_tracking_uri()
+    experiment_id = tracking.ensure_experiment(uri, spec.name, artifact_dir=tmp_path / "mlartifacts")
+    first = tuner._parent_run(spec, uri, experiment_id, resuming=False)
+    state_fs = tuner._state_fs
+
+    class HalfWritten:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.stream.close()
+
+        def write(self, data):
+            self.stream.write(data[: len(data) // 2])
+            raise OSError("driver lost")
+
+    class DyingFs:  # the real file system, but the driver dies halfway through a write
+        def __init__(self, fs):
+            self.fs = fs
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+        def open_output_stream(self, path):
+            return HalfWritten(self.fs.open_output_stream(path))
+
+    with monkeypatch.context() as m:
+        m.setattr(tuner, "_state_fs", lambda spec: (DyingFs(state_fs(spec)[0]), state_fs(spec)[1]))
+        with pytest.raises(OSError, match="driver lost"):
+            tuner._parent_run(spec, uri, experiment_id, resuming=False)
+    assert tuner.stored_parent_run(spec) == first
+
+
+def _smope_spec(monkeypatch, argv):
+    """The StudySpec that ``smope_topk.main(argv)`` runs."""
+    import smope_topk
+
+    seen = {}
+    with monkeypatch.context() as m:
+        m.setattr(smope_topk, "run_study_script", lambda spec, **kwargs: seen.update(spec=spec) or 0)
+        smope_topk.main(argv)
+    return seen["spec"]
+
+
+@pytest.mark.parametrize("case, flags, message", [
+    ("changed", ["--num-samples", "5", "--objectives", "final_average_accuracy:max,trainable_params:min"],
+     "--resume: study 'smope_topk_smoke' at STUDY began with num_samples=3, objectives=['final_average_accuracy:max']; "
+     "this command gives num_samples=5, objectives=['final_average_accuracy:max', 'trainable_params:min'] (a restored "
+     "study keeps its settings: rerun it with them, or give another --name)"),
+    ("no-optuna-study", [], "--resume: study 'smope_topk_smoke' at STUDY searches with the Optuna study "
+     "'smope_topk_smoke', which sqlite:///RUNS/optuna.db does not hold"),
+    ("corrupt", [], "the study state file STUDY/promptcl_study.json is corrupt ('{\"parent_run'): delete it"),
+])
+def test_resume_refuses_a_study_it_cannot_continue_before_any_work(tmp_path, capsys, monkeypatch, case, flags,
+                                                                    message):
+    """Tune restores a study as it began and its searcher opens the Optuna study it began with: a
+    changed spec, a lost Optuna study or a broken state file is one line, exit 2, before Ray, MLflow
+    or the parent run; a state file of an older version (no spec) is not checked."""
+    import optuna
+    import smope_topk
+
+    from promptcl.study import tuner
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("the study started Ray")
+
+    monkeypatch.setattr(tuner, "ensure_ray", no_ray)
+    runs = tmp_path / "r"
+    argv = ["--smoke", "--runs-dir", str(runs), "--num-samples", "3", "--resume"]
+    spec = _smope_spec(monkeypatch, argv)
+    Path(spec.experiment_path()).mkdir(parents=True)
+    (Path(spec.experiment_path()) / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
+    tuner._write_study_state(spec, {"parent_run_id": "p", "spec": tuner.spec_identity(spec)})
+    if case != "no-optuna-study":
+        optuna.create_study(study_name=spec.name, storage=spec.resolved_optuna_storage())
+    if case == "corrupt":  # what an older version's in-place write could leave
+        (Path(spec.experiment_path()) / "promptcl_study.json").write_text('{"parent_run')
+    before = sorted(p.name for p in runs.iterdir())
+    capsys.readouterr()
+    assert smope_topk.main([*argv, *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    expected = message.replace("STUDY", spec.experiment_path()).replace("RUNS", str(runs))
+    assert err.startswith(f"smope_topk: error: {expected}") and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in runs.iterdir()) == before  # no MLflow store, no Optuna database
+
+    if case == "changed":  # an older version's state file: resumed as it is
+        tuner._write_study_state(spec, {"parent_run_id": "p"})
+        changed = _smope_spec(monkeypatch, [*argv, *flags])
+        tuner.validate_study(changed)
+
+
+def test_a_search_over_methods_validates_every_method_it_searches(tmp_path):
+    import expert_scaling
+    import norga_gate
+
+    from promptcl.study.objectives import parse_objectives
+    from promptcl.study.tuner import StudySpec, validate_study
+
+    def spec(space, method):
+        objectives = parse_objectives("task_identity_accuracy:max,trainable_params:min")
+        return StudySpec(name="m", method=method, dataset="digits", search_space=space, runs_dir=tmp_path / "r",
+                         feature_cache=False, objectives=objectives)
+
+    assert spec(norga_gate.search_space, "norga").methods() == ("hide", "norga")
+    assert spec(expert_scaling.make_search_space("digits"), "smope").methods() == ("smope", "hide", "norga")
+
+    def hide_or_smope(trial):
+        trial.suggest_categorical("method", ["hide", "smope"])
+
+    with pytest.raises(ValueError, match="^smope infer"):  # its SMoPE trials report no task identity
+        validate_study(spec(hide_or_smope, "hide"))
+    assert not (tmp_path / "r").exists()

@@ -1,5 +1,6 @@
 """Studies that outlive their driver, and a cluster that grows while a study runs."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -146,3 +147,50 @@ def test_trials_wait_for_a_node_that_offers_the_driver_resource(tmp_path):
         if study is not None and study.poll() is None:
             study.kill()
         cluster.shutdown()
+
+
+def _x_space(optuna_trial) -> None:  # (Tune pickles the searcher, and its space, by reference)
+    optuna_trial.suggest_float("x", 0.0, 1.0)
+
+
+def test_a_ctrl_c_leaves_the_study_to_resume_with_each_trial_once_in_optuna(local_ray, tmp_path, monkeypatch):
+    """A first Ctrl-C: Ray saves the running trial and fit() returns (reporting it TERMINATED).
+    The study is not over: its parent run ends KILLED, the Optuna trial stays RUNNING (not FAIL),
+    and ``--resume`` runs it to completion, which Optuna takes. A stand-in trainable (no CL run)."""
+    import optuna
+
+    from promptcl.engine import RunSpec
+    from promptcl.study import tracking, tuner
+
+    driver = os.getpid()
+
+    def trial(config, *, context):  # 3 tasks; the second trial's first attempt presses Ctrl-C at task 1
+        from ray import tune
+
+        second = (tmp_path / "first_ran").exists()
+        (tmp_path / "first_ran").touch()
+        for task in range(1, 4):
+            final = {"final_average_accuracy": 50.0 + config["x"]} if task == 3 else {}
+            tune.report({"task": task, "average_accuracy": 50.0, "search_score": task - 1 + config["x"] / 100, **final})
+            if second and not (tmp_path / "interrupted").exists():
+                (tmp_path / "interrupted").touch()
+                os.kill(driver, signal.SIGINT)
+                time.sleep(3)  # (the driver stops the loop first: the trial finishes only on resume)
+
+    monkeypatch.setattr(tuner, "_trial_driver", trial)
+    spec = tuner.StudySpec(name="s", method="smope", dataset="digits", search_space=_x_space, num_samples=2,
+                           max_concurrent=1, runs_dir=tmp_path, feature_cache=False)
+    uri = spec.resolved_tracking_uri()
+    experiment_id = tracking.ensure_experiment(uri, spec.name, artifact_dir=tmp_path / "mlartifacts")
+    run = RunSpec(method="smope", dataset="digits")
+    with pytest.raises(tuner.StudyInterrupted, match="rerun the same command with --resume"):
+        tuner._run_tuner(spec, run, 3, uri, experiment_id)
+    client = tracking.client(uri)
+    study = optuna.load_study(study_name="s", storage=spec.resolved_optuna_storage())
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "RUNNING"]
+    assert client.get_run(tuner.stored_parent_run(spec)).info.status == "KILLED"
+
+    rows = tuner._run_tuner(dataclasses.replace(spec, resume=True), run, 3, uri, experiment_id)
+    assert len(rows) == 2
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "COMPLETE"]
+    assert client.get_run(tuner.stored_parent_run(spec)).info.status == "FINISHED"

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 # Final metrics a study can optimise (all in a trial's final result and its MLflow child run).
-ACCURACY_METRICS = ("final_average_accuracy", "cumulative_average_accuracy", "forgetting", "backward_transfer",
-                    "task_identity_accuracy")
+ACCURACY_METRICS = ("final_average_accuracy", "cumulative_average_accuracy", "forgetting", "forgetting_canonical",
+                    "backward_transfer", "task_identity_accuracy",
+                    # on the held-out training images of a run with a validation split
+                    "validation_final_average_accuracy", "validation_cumulative_average_accuracy")
 COST_METRICS = ("trainable_params", "train_flops_per_image", "test_flops_per_image")
 # costs a run knows only at its end (the training work the engine counted), like the accuracies
 RUN_COST_METRICS = ("train_flops_per_run",)
@@ -32,6 +34,15 @@ class Objective:
 ACCURACY = (Objective("final_average_accuracy", "max"),)
 ACCURACY_AND_COST = (Objective("final_average_accuracy", "max"), Objective("trainable_params", "min"),
                      Objective("test_flops_per_image", "min"))
+
+
+def on_validation(objectives: tuple[Objective, ...]) -> tuple[Objective, ...]:
+    """A study's default objectives for runs with a validation split: FA read on the held-out
+    images (the single accuracy objective already is, through ``search_score``)."""
+    if objectives == ACCURACY:
+        return objectives
+    return tuple(Objective(f"validation_{o.metric}", o.mode) if o.metric == "final_average_accuracy" else o
+                 for o in objectives)
 
 
 def parse_objectives(text: str) -> tuple[Objective, ...]:

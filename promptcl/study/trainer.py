@@ -155,13 +155,19 @@ def _restored_checkpoint(session) -> Optional[Path]:
     return sorted(local.glob("task_*.pt"))[-1]
 
 
-def task_metrics(acc: np.ndarray) -> dict[str, float]:
+def task_metrics(acc: np.ndarray, validation: Optional[np.ndarray] = None) -> dict[str, float]:
     """What every report carries: tasks done, average accuracy on the seen tasks, and a
-    searcher score comparable across milestones (surviving longer always ranks higher)."""
+    searcher score comparable across milestones (surviving longer always ranks higher). With a
+    validation split (``validation``: its matrix so far) the score reads the validation accuracy,
+    so neither the searcher nor a scheduler looks at the test sets."""
     t = acc.shape[0] - 1
     average = float(acc[t].mean())
-    return {"task": t + 1, "average_accuracy": average, "search_score": t + average / 100.0,
-            **{f"acc/task_{i}": float(a) for i, a in enumerate(acc[t])}}
+    metrics = {"task": t + 1, "average_accuracy": average, "search_score": t + average / 100.0,
+               **{f"acc/task_{i}": float(a) for i, a in enumerate(acc[t])}}
+    if validation is not None:
+        held_out = float(np.asarray(validation)[t].mean())
+        metrics.update(validation_average_accuracy=held_out, search_score=t + held_out / 100.0)
+    return metrics
 
 
 def cost_metrics(cost: dict[str, Any]) -> dict[str, Any]:
@@ -220,7 +226,7 @@ def run_reported(cfg: dict, session) -> None:
         if track:
             tracking.log_task(track["uri"], run_id, r.task, r.accuracy)
         if r.task < r.num_tasks - 1:  # the last task is reported with the final metrics below
-            report({**task_metrics(r.accuracy), **cost_metrics(r.cost)}, [r.checkpoint] if rank0 else [])
+            report({**task_metrics(r.accuracy, r.validation), **cost_metrics(r.cost)}, [r.checkpoint] if rank0 else [])
         if fault and fault["task"] == r.task and resume_from is None:
             session.barrier()  # every rank's report is in before one of them dies
             if session.rank == fault["rank"]:
@@ -248,7 +254,8 @@ def run_reported(cfg: dict, session) -> None:
             tracking.finish(track["uri"], run_id)
         files = ([out_dir / "results.parquet", out_dir / "summary.json",
                   sorted((out_dir / "checkpoints").glob("task_*.pt"))[-1]] if rank0 else [])
-        report({**task_metrics(np.asarray(summary["accuracy_matrix"])), **final}, files)
+        report({**task_metrics(np.asarray(summary["accuracy_matrix"]), summary.get("validation_matrix")), **final},
+               files)
     except BaseException:
         # A scheduler's stop can interrupt the worker after the driver marked the run KILLED.
         if track and run_id and tracking.client(track["uri"]).get_run(run_id).info.status == "RUNNING":

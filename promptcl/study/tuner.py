@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import re
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -33,10 +35,10 @@ from promptcl.data import CLASS_ORDERS
 from promptcl.data.preprocessing import PROTOCOLS
 from promptcl.engine import FINAL_METRICS, RunSpec, check_local_resources, resolve_run
 from promptcl.methods import get_method
-from promptcl.storage import check_database_url, check_writable_location, make_sqlite_parent
+from promptcl.storage import check_database_url, check_writable_location, make_sqlite_parent, sqlite_file
 from promptcl.study import tracking
 from promptcl.study.console import TrialEvents, study_console
-from promptcl.study.objectives import ACCURACY, Objective, parse_objectives, pareto_mask
+from promptcl.study.objectives import ACCURACY, Objective, on_validation, parse_objectives, pareto_mask
 from promptcl.study.trainer import Scaling, TuneSession, fault_from_env, make_trainer, run_reported
 
 SearchSpace = Callable[[Any], Optional[dict]]  # optuna.Trial -> constants (define-by-run)
@@ -84,6 +86,12 @@ class StudySpec:
     def resolved_optuna_storage(self) -> str:
         return self.optuna_storage or f"sqlite:///{(Path(self.runs_dir) / 'optuna.db').resolve()}"
 
+    def selection_metric(self) -> str:
+        """The accuracy best trials are picked by: FA on the held-out training images when the runs
+        have a validation split (``run_options["validation_fraction"]``), else FA on the test sets."""
+        return "validation_final_average_accuracy" if self.run_options.get("validation_fraction") else \
+            "final_average_accuracy"
+
     def searcher_metric(self) -> tuple[str | list[str], str | list[str]]:
         """(metric, mode) for OptunaSearch. The single accuracy objective goes through
         ``search_score``, which is comparable across task milestones (ASHA-safe)."""
@@ -94,7 +102,15 @@ class StudySpec:
         return [o.metric for o in self.objectives], [o.mode for o in self.objectives]
 
     def methods(self) -> tuple[str, ...]:
-        return tuple(self.grid["method"]) if self.grid and "method" in self.grid else (self.method,)
+        """Every method the study runs: the grid's, the search space's ``method`` choices, else ``method``."""
+        if self.grid is not None:
+            return tuple(self.grid.get("method", (self.method,)))
+        if self.search_space is not None:
+            found = [choice for suggested, _ in space_branches(self.search_space) for kind, name, *args in suggested
+                     if (kind, name) == ("categorical", "method") for choice in args[0]]
+            if found:
+                return tuple(dict.fromkeys(found))
+        return (self.method,)
 
     def overrides_for(self, method: str) -> dict[str, Any]:
         return {**self.fixed_overrides, **self.per_method_overrides.get(method, {})}
@@ -142,6 +158,71 @@ class StudySpec:
 
     def experiment_path(self) -> str:
         return f"{self.resolved_storage_path().rstrip('/')}/{self.name}"
+
+
+class _SpaceProbe:
+    """Stands in for the ``optuna.Trial`` of a define-by-run space, to list what it suggests: a
+    categorical takes the choice ``branch`` names for it (past its end, the first), a number its low end."""
+
+    def __init__(self, branch: list[int]) -> None:
+        self.branch, self.widths, self.suggested = branch, [], []
+
+    def suggest_categorical(self, name: str, choices):
+        self.suggested.append(("categorical", name, list(choices)))
+        pick = self.branch[len(self.widths)] if len(self.widths) < len(self.branch) else 0
+        self.widths.append(len(choices))
+        return choices[pick]
+
+    def suggest_int(self, name: str, low: int, high: int, step: int = 1, log: bool = False) -> int:
+        self.suggested.append(("int", name, low, high, step, log))
+        return low
+
+    def suggest_float(self, name: str, low: float, high: float, *, step: Optional[float] = None,
+                      log: bool = False) -> float:
+        self.suggested.append(("float", name, low, high, step, log))
+        return low
+
+
+def space_branches(space: SearchSpace) -> list[tuple[list, Any]]:
+    """Every path through a define-by-run space's categorical choices: what it suggests along the
+    path (names, choices, ranges) and the constants it returns there."""
+    paths, todo = [], [[]]
+    while todo:
+        branch = todo.pop()
+        probe = _SpaceProbe(branch)
+        constants = space(probe)
+        paths.append((probe.suggested, constants))
+        taken = branch + [0] * (len(probe.widths) - len(branch))
+        todo += [taken[:i] + [c] for i in range(len(branch), len(taken)) for c in range(1, probe.widths[i])]
+    return paths
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=repr))
+
+
+def spec_identity(spec: StudySpec) -> dict[str, Any]:
+    """What a resumed study cannot change, kept in its state file: ``Tuner.restore`` brings back the
+    trial count, search (space, objectives, seed, first points), grid, scheduler and concurrency the
+    study began with, and its finished trials ran with the dataset, methods and settings below."""
+    from sqlalchemy.engine import make_url
+
+    space = None
+    if spec.search_space is not None:
+        text = json.dumps(_jsonable(space_branches(spec.search_space)), sort_keys=True)
+        space = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return _jsonable({
+        "num_samples": spec.num_samples if spec.grid is None else None, "grid": spec.grid,
+        "search_space": space, "baseline_points": spec.baseline_points, "search_seed": spec.search_seed,
+        "objectives": [str(o) for o in spec.objectives], "scheduler": spec.scheduler,
+        "max_concurrent": spec.max_concurrent, "methods": spec.methods(), "dataset": spec.dataset,
+        "seed": spec.seed, "precision": spec.precision, "fixed_overrides": spec.fixed_overrides,
+        "per_method_overrides": spec.per_method_overrides, "workers_per_trial": spec.scaling.num_workers,
+        **{k: spec.run_options.get(k) for k in ("backbone", "protocol", "class_order", "validation_fraction")},
+        # the restored searcher opens the database it was pickled with (a password is not kept)
+        "optuna_storage": (None if spec.grid is not None
+                           else make_url(spec.resolved_optuna_storage()).render_as_string(hide_password=True)),
+    })
 
 
 def starts_local_ray() -> bool:
@@ -278,8 +359,51 @@ def validate_study(spec: StudySpec) -> RunSpec:
             check_local_resources(resolved, device=False)
     if starts_local_ray():  # (after the resources' own checks)
         check_fits_local_ray(spec.trial_resources(), "a trial")
+    if spec.resume:
+        check_resumable(spec)
     return RunSpec(method=spec.method, dataset=spec.dataset, seed=spec.seed, precision=spec.precision,
                    **spec.run_options, overrides=dict(spec.fixed_overrides))
+
+
+def check_resumable(spec: StudySpec) -> None:
+    """A study ``--resume`` would restore must be the one this command describes, and its Optuna
+    study must be in the storage the restored searcher opens (else ``Tuner.restore`` fails late)."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(spec.experiment_path()):
+        return  # nothing saved yet: a new study starts
+    stored = (read_study_state(spec) or {}).get("spec")
+    if stored is not None:  # (state files of older versions have no spec: not checked)
+        given = spec_identity(spec)
+        changed = [k for k in sorted(set(stored) | set(given)) if stored.get(k) != given.get(k)]
+        if changed:
+            raise ValueError(f"--resume: study {spec.name!r} at {spec.experiment_path()} began with "
+                             + ", ".join(f"{k}={stored.get(k)!r}" for k in changed) + "; this command gives "
+                             + ", ".join(f"{k}={given.get(k)!r}" for k in changed)
+                             + " (a restored study keeps its settings: rerun it with them, or give another --name)")
+    if spec.grid is None and not _optuna_study_exists(spec.resolved_optuna_storage(), spec.name):
+        raise ValueError(f"--resume: study {spec.name!r} at {spec.experiment_path()} searches with the Optuna study "
+                         f"{spec.name!r}, which {spec.resolved_optuna_storage()} does not hold (it must outlive the "
+                         "driver: --runs-dir or --optuna-storage on storage a later job reaches); drop --resume to "
+                         "start the study afresh")
+
+
+def _optuna_study_exists(url: str, name: str) -> bool:
+    """Whether the Optuna storage at ``url`` holds study ``name``; creates nothing (no SQLite file, no tables)."""
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    database = sqlite_file(url)
+    if database is not None and not database.is_file():
+        return False
+    try:
+        optuna.storages.RDBStorage(url, skip_table_creation=True).get_study_id_from_name(name)
+    except KeyError:
+        return False
+    except (optuna.exceptions.OptunaError, SQLAlchemyError) as err:  # not an Optuna store, or unreachable
+        detail = " ".join(str(err).split())[:200]
+        raise ValueError(f"--resume: the Optuna storage {url} cannot be read ({detail})") from None
+    return True
 
 
 class TrialRunStatus(Callback):
@@ -321,8 +445,10 @@ class StoredOptunaSearch(OptunaSearch):
     """OptunaSearch over a persistent Optuna study. The database can be ahead of the searcher
     state Tune saved (every few seconds): after a driver loss, a resumed trial that had already
     finished in the database re-delivers its results, which Optuna must not take again (it
-    refuses to update a finished trial). A single objective known only at the end (an accuracy,
-    ``train_flops_per_run``) is missing from the per-task reports: those are not Optuna's to take."""
+    refuses to update a finished trial), and trials asked for after that save are lost (Tune
+    never runs them): restoring marks those FAIL. A single objective known only at the end (an
+    accuracy, ``train_flops_per_run``) is missing from the per-task reports: those are not
+    Optuna's to take."""
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if isinstance(self.metric, str) and self.metric not in result:
@@ -332,14 +458,31 @@ class StoredOptunaSearch(OptunaSearch):
             return
         super().on_trial_result(trial_id, result)
 
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        # Ray's tells an errored trial FAIL only when its result lacks the metrics; the cost ones are
+        # in every result, so a crash would otherwise count as COMPLETE (or, beside a missing
+        # accuracy, be refused and stay RUNNING).
+        super().on_trial_complete(trial_id, None if error else result, error)
 
-STUDY_STATE_FILE = "promptcl_study.json"  # beside Tune's experiment state: the MLflow parent run
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        held = {t._trial_id for t in self._ot_trials.values()}
+        _fail_running_trials(self._ot_study, "trial lost by an interrupted study driver",
+                             lambda trial: trial._trial_id not in held)
+
+
+STUDY_STATE_FILE = "promptcl_study.json"  # beside Tune's experiment state: the MLflow parent run, the spec
+OBJECT_STORES = ("s3", "gcs", "abfs")  # pyarrow file systems whose single put is atomic (and rename is a copy)
+
+
+class StudyInterrupted(RuntimeError):
+    """The study stopped before every trial finished (Ctrl-C); Tune saved what ``--resume`` continues."""
 
 
 def _parent_run(spec: StudySpec, uri: str, experiment_id: str, resuming: bool) -> str:
     """The study's MLflow parent run: the one a resumed study started with, else a new one. Its
-    id is kept beside Tune's experiment state (any storage pyarrow reaches: a path, s3://, gs://)."""
-    fs, base = _state_fs(spec)
+    id is kept beside Tune's experiment state (any storage pyarrow reaches: a path, s3://, gs://),
+    with the spec's identity that a resume must match."""
     parent = stored_parent_run(spec) if resuming else None
     if parent is not None:
         tracking.client(uri).update_run(parent, status="RUNNING")
@@ -350,10 +493,21 @@ def _parent_run(spec: StudySpec, uri: str, experiment_id: str, resuming: bool) -
                                       "seed": spec.seed, "search_seed": spec.search_seed,
                                       "scheduler": spec.scheduler, "workers_per_trial": spec.scaling.num_workers,
                                       **{f"fixed/{k}": v for k, v in spec.fixed_overrides.items()}})
-    fs.create_dir(base, recursive=True)
-    with fs.open_output_stream(f"{base}/{STUDY_STATE_FILE}") as f:
-        f.write(json.dumps({"parent_run_id": parent}).encode())
+    _write_study_state(spec, {"parent_run_id": parent, "spec": spec_identity(spec)})
     return parent
+
+
+def _write_study_state(spec: StudySpec, state: dict[str, Any]) -> None:
+    """Atomically, so a driver lost mid-write leaves the old file or none, never a stub: a rename
+    on a file system, a single put on an object store."""
+    fs, base = _state_fs(spec)
+    fs.create_dir(base, recursive=True)
+    path = f"{base}/{STUDY_STATE_FILE}"
+    staged = path if fs.type_name in OBJECT_STORES else f"{base}/.{STUDY_STATE_FILE}.{os.getpid()}.tmp"
+    with fs.open_output_stream(staged) as f:
+        f.write(json.dumps(state).encode())
+    if staged != path:
+        fs.move(staged, path)
 
 
 def _state_fs(spec: StudySpec):
@@ -362,16 +516,30 @@ def _state_fs(spec: StudySpec):
     return pyarrow.fs.FileSystem.from_uri(_as_uri(spec.experiment_path()))
 
 
-def stored_parent_run(spec: StudySpec) -> Optional[str]:
-    """The MLflow parent run id kept beside the study's Tune state, if the study has started."""
+def read_study_state(spec: StudySpec) -> Optional[dict[str, Any]]:
+    """The state file kept beside the study's Tune state, None before the study started; a corrupt
+    one raises ValueError (one line)."""
     import pyarrow.fs
 
     fs, base = _state_fs(spec)
-    state = f"{base}/{STUDY_STATE_FILE}"
-    if fs.get_file_info(state).type != pyarrow.fs.FileType.File:
+    path = f"{base}/{STUDY_STATE_FILE}"
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
         return None
-    with fs.open_input_stream(state) as f:
-        return json.loads(f.read().decode())["parent_run_id"]
+    with fs.open_input_stream(path) as f:
+        text = f.read().decode(errors="replace")
+    try:
+        state = json.loads(text)
+    except json.JSONDecodeError:  # e.g. a stub left by an older version's in-place write
+        state = None
+    if not isinstance(state, dict) or not isinstance(state.get("parent_run_id"), str):
+        raise ValueError(f"the study state file {path} is corrupt ({text[:60]!r}): delete it to resume with a new "
+                         "MLflow parent run, or drop --resume to start the study afresh")
+    return state
+
+
+def stored_parent_run(spec: StudySpec) -> Optional[str]:
+    """The MLflow parent run id kept beside the study's Tune state, if the study has started."""
+    return (read_study_state(spec) or {}).get("parent_run_id")
 
 
 def _as_uri(path: str) -> str:
@@ -412,24 +580,42 @@ def _run_tuner(spec: StudySpec, run_spec: RunSpec, num_tasks: int, uri: str, exp
     except BaseException:  # the study run does not stay RUNNING for ever
         tracking.finish(uri, parent, status="FAILED")
         raise
+    interrupted = (f"study {spec.name!r} was interrupted; Tune saved it at {spec.experiment_path()}: "
+                   "rerun the same command with --resume to continue it")
     try:
         with _lenient_metric_check(spec.objectives != ACCURACY):
             grid = tuner.fit()
+    except (KeyboardInterrupt, SystemExit):  # a second Ctrl-C, SIGTERM (Ray's handler exits): resumable
+        tracking.finish(uri, parent, status="KILLED")
+        print(interrupted, file=sys.stderr)
+        raise
     except BaseException:
         tracking.finish(uri, parent, status="FAILED")
         raise
-    finally:
-        if spec.grid is None:
-            _fail_lost_optuna_trials(spec)
+    if _unfinished_trials(spec) > 0:  # the study goes on with --resume: nothing in it is final yet
+        tracking.finish(uri, parent, status="KILLED")
+        raise StudyInterrupted(interrupted)
+    if spec.grid is None:
+        _fail_lost_optuna_trials(spec)
     # Completed trials only: one stopped early by a scheduler has no final metrics.
     rows = [{**result.config, **{k: v for k, v in result.metrics.items() if k in TRIAL_METRICS}}
             for result in grid
             if result.error is None and "final_average_accuracy" in (result.metrics or {})]
-    errors = sum(result.error is not None for result in grid)
     _tag_pareto_front(uri, parent, rows, spec.objectives)
-    _log_study_summary(uri, parent, rows)
-    tracking.finish(uri, parent, status="FAILED" if errors else "FINISHED")
+    _log_study_summary(uri, parent, rows, spec.selection_metric())
+    tracking.finish(uri, parent, status="FAILED" if grid.num_errors else "FINISHED")
     return rows
+
+
+def _unfinished_trials(spec: StudySpec) -> int:
+    """Trials the study's saved Tune state has not finished (or not yet asked for): what --resume
+    would run. fit() returns after a first Ctrl-C too, having saved its running trials as RUNNING
+    and then stopped them, so its own result lists them TERMINATED."""
+    from ray.tune import ExperimentAnalysis
+    from ray.tune.experiment import Trial
+
+    saved = ExperimentAnalysis(spec.experiment_path()).trials
+    return spec.num_trials() - sum(t.status in (Trial.TERMINATED, Trial.ERROR) for t in saved)
 
 
 def _make_tuner(spec: StudySpec, run_spec: RunSpec, num_tasks: int, uri: str, experiment_id: str, parent: str,
@@ -507,17 +693,21 @@ def fresh_optuna_storage(spec: StudySpec):
 
 
 def _fail_lost_optuna_trials(spec: StudySpec) -> None:
-    """Optuna trials still RUNNING once the study is over were lost by an interrupted driver (Tune
-    never ran them): mark them FAIL, so the Optuna study holds each Tune trial once."""
+    """Once every Tune trial finished, an Optuna trial still RUNNING never ran: mark it FAIL, so
+    the Optuna study holds each Tune trial once."""
     import optuna
 
-    try:
-        study = optuna.load_study(study_name=spec.name, storage=spec.resolved_optuna_storage())
-    except KeyError:  # the study never started
-        return
+    study = optuna.load_study(study_name=spec.name, storage=spec.resolved_optuna_storage())
+    _fail_running_trials(study, "trial never run by Tune", lambda trial: True)
+
+
+def _fail_running_trials(study, why: str, lost: Callable[[Any], bool]) -> None:
+    import optuna
+
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(trial._trial_id, "lost", "trial lost by an interrupted study driver")
-        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        if lost(trial):
+            study._storage.set_trial_user_attr(trial._trial_id, "lost", why)
+            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
 
 
 @contextlib.contextmanager
@@ -559,13 +749,13 @@ def _tag_pareto_front(uri: str, parent: str, rows: list[dict[str, Any]], objecti
     c.log_dict(parent, {"objectives": [str(o) for o in objectives], "front": front}, "pareto.json")
 
 
-def _log_study_summary(uri: str, parent: str, rows: list[dict[str, Any]]) -> None:
+def _log_study_summary(uri: str, parent: str, rows: list[dict[str, Any]], selected_by: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if not rows:
         return
-    best = max(rows, key=lambda r: r["final_average_accuracy"])
+    best = max(rows, key=lambda r: r[selected_by])  # (its test FA either way)
     tracking.log_metrics(uri, parent, {"best_final_average_accuracy": best["final_average_accuracy"],
                                        "completed_trials": len(rows)})
     with tempfile.TemporaryDirectory() as tmp:
@@ -573,23 +763,25 @@ def _log_study_summary(uri: str, parent: str, rows: list[dict[str, Any]]) -> Non
         tracking.client(uri).log_artifacts(parent, tmp)
 
 
-def best_per(rows: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
-    """The trial with the highest FA for each value of ``key``, sorted by that value."""
+def best_per(rows: list[dict[str, Any]], key: str, selected_by: str = "final_average_accuracy") -> list[dict[str, Any]]:
+    """The trial with the highest ``selected_by`` (an FA) for each value of ``key``, sorted by that value."""
     best: dict[Any, dict[str, Any]] = {}
     for row in rows:
         value = row.get(key)
-        if value not in best or row["final_average_accuracy"] > best[value]["final_average_accuracy"]:
+        if value not in best or row[selected_by] > best[value][selected_by]:
             best[value] = row
     return [best[v] for v in sorted(best)]
 
 
 def format_table(rows: list[dict[str, Any]], params: list[str]) -> str:
     """Accuracy vs parameters/FLOPs, one line per trial."""
-    head = [*params, "FA", "CA", "FM", "trainable", "test MFLOPs/img"]
+    validated = any("validation_final_average_accuracy" in r for r in rows)  # runs with a validation split
+    head = [*params, *(["val FA"] if validated else []), "FA", "CA", "FM", "trainable", "test MFLOPs/img"]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         cells = ["-" if r.get(p) is None else f"{r[p]:.3g}" if isinstance(r[p], float) else str(r[p])
                  for p in params]
+        cells += [f"{r['validation_final_average_accuracy']:.2f}"] if validated else []
         cells += [f"{r['final_average_accuracy']:.2f}", f"{r['cumulative_average_accuracy']:.2f}",
                   f"{r['forgetting']:.2f}", f"{int(r['trainable_params']):,}",
                   f"{r['test_flops_per_image'] / 1e6:.2f}"]
@@ -654,9 +846,15 @@ def study_parser(description: str, *, name: str, num_samples: int, objectives: t
     p.add_argument("--driver-resource", default=None, metavar="NAME",
                    help="custom resource the trial drivers request instead of CPU (a cluster's head node)")
     p.add_argument("--asha", action="store_true", help="stop weak trials early at task boundaries")
-    p.add_argument("--objectives", type=objectives_arg, default=objectives, metavar="METRIC:max|min,...",
+    p.add_argument("--objectives", type=objectives_arg, default=None, metavar="METRIC:max|min,...",
                    help="what Optuna optimises; several give a Pareto front "
-                        f"(default {','.join(map(str, objectives))})")
+                        f"(default {','.join(map(str, objectives))}; with --validation-fraction, FA on the "
+                        "held-out images)")
+    p.add_argument("--validation-fraction", type=float, default=None, metavar="F",
+                   help="hold out this seeded, stratified fraction of each class's training images (at most 0.5) "
+                        "and select trials on them (search score, ASHA, best trials, default objectives) instead "
+                        "of on the test sets, whose figures are still reported")
+    p.set_defaults(default_objectives=objectives)
     p.add_argument("--optuna-storage", default=None, metavar="URL",
                    help="SQLAlchemy URL of the persistent Optuna study (default sqlite:///RUNS_DIR/optuna.db)")
     p.add_argument("--name", default=name)
@@ -679,7 +877,8 @@ def _run_options(args) -> dict[str, Any]:
     from promptcl.data.benchmarks import DATASETS, data_root
 
     options = {key: getattr(args, key) for key in ("backbone", "checkpoint_file", "data_dir", "split_file", "protocol",
-                                                    "class_order", "compile_backbone") if getattr(args, key) is not None}
+                                                    "class_order", "compile_backbone", "validation_fraction")
+               if getattr(args, key) is not None}
     dataset = DATASETS.get(study_dataset(args))  # an unknown one is reported by validate_study
     if dataset is not None and dataset.needs_data_dir and data_root(args.data_dir)[0] is not None:
         options["data_dir"] = data_root(args.data_dir)[0]
@@ -706,25 +905,32 @@ def spec_from_args(args, *, method: str, search_space: SearchSpace, smoke_overri
         progress=args.progress, verbose=args.verbose, report=not args.no_report, trial_runner=args.trial_runner,
         feature_cache=not args.no_feature_cache,
         scheduler="asha" if args.asha else "fifo",
-        objectives=args.objectives, optuna_storage=args.optuna_storage,
+        objectives=args.objectives or (on_validation(args.default_objectives) if args.validation_fraction
+                                       else args.default_objectives),
+        optuna_storage=args.optuna_storage,
     )
 
 
 def run_study_script(spec: StudySpec, *, table_params: list[str], best_by: str, prog: str) -> int:
     """Validate, run, and print the best trials and the accuracy-vs-cost table of a study."""
-    import sys
-
     try:
         validated = validate_study(spec)
         fault_from_env()
     except ValueError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    rows = run_study(spec, validated=validated)
-    ranked = sorted(rows, key=lambda r: -r["final_average_accuracy"])
-    print("\nBest trials:\n" + format_table(ranked[:5], table_params))
-    print(f"\nBest trial per {best_by} (accuracy vs parameters and test FLOPs):\n"
-          + format_table(best_per(rows, best_by), table_params))
+    try:
+        rows = run_study(spec, validated=validated)
+    except StudyInterrupted as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 130
+    selected_by = spec.selection_metric()
+    on = " (selected on the validation images; FA etc. on the test sets)" if selected_by != "final_average_accuracy" \
+        else ""
+    ranked = sorted(rows, key=lambda r: -r[selected_by])
+    print(f"\nBest trials{on}:\n" + format_table(ranked[:5], table_params))
+    print(f"\nBest trial per {best_by} (accuracy vs parameters and test FLOPs){on}:\n"
+          + format_table(best_per(rows, best_by, selected_by), table_params))
     if len(spec.objectives) > 1:
         front = [r for r, on in zip(rows, pareto_mask(rows, spec.objectives)) if on]
         print(f"\nPareto front of {', '.join(map(str, spec.objectives))} (MLflow tag pareto=true):\n"
