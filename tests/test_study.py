@@ -254,6 +254,14 @@ def test_asha_stops_trials_at_task_boundaries_and_ranks_them_below_finished_ones
     final_scores = [df["search_score"].iloc[-1] for df in trials.values() if df["task"].iloc[-1] == 5]
     stopped_scores = [df["search_score"].max() for df in trials.values() if df["task"].iloc[-1] < 5]
     assert len(stopped_scores) == len(killed) and max(stopped_scores) < min(final_scores)
+    # and what Optuna stored: one COMPLETE trial each, every stopped one below every finished one
+    import optuna
+
+    stored = optuna.load_study(study_name="smope_topk_smoke", storage=f"sqlite:///{tmp_path}/optuna.db").trials
+    assert [t.state.name for t in stored] == ["COMPLETE"] * 5
+    values = sorted(t.value for t in stored)
+    assert values[: len(killed)] == pytest.approx(sorted(stopped_scores))
+    assert values[len(killed):] == pytest.approx(sorted(final_scores))
 
 
 def test_method_comparison_grid_runs_every_method_and_seed_once(local_ray, tmp_path, capsys):
