@@ -38,7 +38,9 @@ def smoke_overrides(methods: list[str]) -> dict[str, dict]:
 
 
 def main(argv=None) -> int:
-    parser = study_parser(__doc__, name="method_comparison", num_samples=1, objectives=ACCURACY_AND_COST)
+    # a grid of fixed configurations selects nothing: every training image trains
+    parser = study_parser(__doc__, name="method_comparison", num_samples=1, objectives=ACCURACY_AND_COST,
+                          validation_fraction=0.0)
     parser.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 per method (default 3; 1 with --smoke)")
     parser.set_defaults(seed=None, search_seed=None)  # to tell a given flag from the default

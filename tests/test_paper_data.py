@@ -718,7 +718,7 @@ def test_a_study_passes_the_disk_benchmark_options_to_every_trial(cifar_root, tm
         spec = spec_from_args(relative, method="smope", search_space=lambda trial: None, smoke_overrides={})
     finally:
         del os.environ["PROMPTCL_DATA"]
-    assert spec.run_options == {"data_dir": str(root.resolve())}
+    assert spec.run_options == {"data_dir": str(root.resolve()), "validation_fraction": 0.1}
     bad = spec_from_args(parser.parse_args(["--dataset", "cifar100", "--data-dir", str(tmp_path / "none"),
                                             "--runs-dir", str(tmp_path)]),
                          method="smope", search_space=lambda trial: None, smoke_overrides={})

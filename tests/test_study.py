@@ -47,8 +47,9 @@ def test_gate_study_compares_hide_and_norga(local_ray, tmp_path, capsys, monkeyp
 
 
 def test_a_validation_split_moves_the_studys_selection_off_the_test_sets():
-    """With --validation-fraction the default objectives, the best trials and the searcher's score read
-    FA on the held-out training images; the single accuracy objective goes through search_score."""
+    """With a validation split (a search's default) the default objectives, the best trials and the
+    searcher's score read FA on the held-out training images; the single accuracy objective goes
+    through search_score. --validation-fraction 0 selects on the test sets."""
     import numpy as np
 
     from promptcl.study.objectives import ACCURACY, ACCURACY_AND_COST, on_validation
@@ -63,12 +64,12 @@ def test_a_validation_split_moves_the_studys_selection_off_the_test_sets():
         parser = study_parser("a study", name="s", num_samples=1, objectives=ACCURACY_AND_COST)
         return spec_from_args(parser.parse_args(list(argv)), method="smope", search_space=None, smoke_overrides={})
 
-    held = spec("--validation-fraction", "0.1")
+    held = spec()  # a search holds out a tenth by default
     assert held.run_options["validation_fraction"] == 0.1 and held.objectives == on_validation(ACCURACY_AND_COST)
     assert held.selection_metric() == "validation_final_average_accuracy"
-    plain = spec()
+    plain = spec("--validation-fraction", "0")
     assert plain.objectives == ACCURACY_AND_COST and plain.selection_metric() == "final_average_accuracy"
-    assert "validation_fraction" not in plain.run_options
+    assert plain.run_options["validation_fraction"] == 0
     assert spec("--validation-fraction", "0.1", "--objectives", "final_average_accuracy:max").objectives == ACCURACY
     acc, validation = np.array([[80.0, 0.0], [60.0, 70.0]]), np.array([[90.0, 0.0], [50.0, 60.0]])
     assert task_metrics(acc, validation)["search_score"] == pytest.approx(1 + 55 / 100)

@@ -789,8 +789,14 @@ def format_table(rows: list[dict[str, Any]], params: list[str]) -> str:
     return "\n".join(lines)
 
 
-def study_parser(description: str, *, name: str, num_samples: int, objectives: tuple[Objective, ...] = ACCURACY):
-    """The flags every study script shares; ``objectives`` is the study's default."""
+# What a search holds out of each class's training images to select on (a grid that only compares
+# fixed configurations passes 0): selection on the test sets would flatter the chosen trials.
+SEARCH_VALIDATION_FRACTION = 0.1
+
+
+def study_parser(description: str, *, name: str, num_samples: int, objectives: tuple[Objective, ...] = ACCURACY,
+                 validation_fraction: float = SEARCH_VALIDATION_FRACTION):
+    """The flags every study script shares; ``objectives`` and ``validation_fraction`` are the study's defaults."""
     import argparse
 
     def objectives_arg(text: str) -> tuple[Objective, ...]:
@@ -850,10 +856,11 @@ def study_parser(description: str, *, name: str, num_samples: int, objectives: t
                    help="what Optuna optimises; several give a Pareto front "
                         f"(default {','.join(map(str, objectives))}; with --validation-fraction, FA on the "
                         "held-out images)")
-    p.add_argument("--validation-fraction", type=float, default=None, metavar="F",
+    p.add_argument("--validation-fraction", type=float, default=validation_fraction, metavar="F",
                    help="hold out this seeded, stratified fraction of each class's training images (at most 0.5) "
                         "and select trials on them (search score, ASHA, best trials, default objectives) instead "
-                        "of on the test sets, whose figures are still reported")
+                        f"of on the test sets, whose figures are still reported; 0: select on the test sets "
+                        f"(default {validation_fraction:g})")
     p.set_defaults(default_objectives=objectives)
     p.add_argument("--optuna-storage", default=None, metavar="URL",
                    help="SQLAlchemy URL of the persistent Optuna study (default sqlite:///RUNS_DIR/optuna.db)")
