@@ -44,6 +44,10 @@ def test_gate_study_compares_hide_and_norga(local_ray, tmp_path, capsys, monkeyp
         assert last["search_score"] == pytest.approx(4 + last["validation_final_average_accuracy"] / 100)
         assert last["validation_final_average_accuracy"] != last["final_average_accuracy"]
     assert all(0 < m["validation_final_average_accuracy"] <= 100 for m in finals.values())
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.data.tags["objectives"] == "validation_final_average_accuracy:max"  # the front the report stars
+    best = max(children, key=lambda r: r.data.metrics["validation_final_average_accuracy"])
+    assert [r.data.tags["pareto"] for r in children if r is not best] == ["false"] and best.data.tags["pareto"] == "true"
 
 
 def test_a_validation_split_moves_the_studys_selection_off_the_test_sets():
@@ -71,6 +75,11 @@ def test_a_validation_split_moves_the_studys_selection_off_the_test_sets():
     assert plain.objectives == ACCURACY_AND_COST and plain.selection_metric() == "final_average_accuracy"
     assert plain.run_options["validation_fraction"] == 0
     assert spec("--validation-fraction", "0.1", "--objectives", "final_average_accuracy:max").objectives == ACCURACY
+    # the single accuracy objective goes through search_score (validation-based); its front is tagged on the same
+    single = spec("--objectives", "final_average_accuracy:max")
+    assert [str(o) for o in single.front_objectives()] == ["validation_final_average_accuracy:max"]
+    assert spec("--validation-fraction", "0", "--objectives", "final_average_accuracy:max").front_objectives() == ACCURACY
+    assert held.front_objectives() == held.objectives
     acc, validation = np.array([[80.0, 0.0], [60.0, 70.0]]), np.array([[90.0, 0.0], [50.0, 60.0]])
     assert task_metrics(acc, validation)["search_score"] == pytest.approx(1 + 55 / 100)
     assert task_metrics(acc)["search_score"] == pytest.approx(1 + 65 / 100)

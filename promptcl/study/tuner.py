@@ -92,6 +92,14 @@ class StudySpec:
         return "validation_final_average_accuracy" if self.run_options.get("validation_fraction") else \
             "final_average_accuracy"
 
+    def front_objectives(self) -> tuple[Objective, ...]:
+        """What the study's front is tagged on (MLflow ``pareto``, the report's stars): its objectives,
+        except that the single accuracy objective, which the searcher reads through ``search_score``,
+        reads the held-out images when the runs have them."""
+        if self.objectives == ACCURACY and self.selection_metric() != ACCURACY[0].metric:
+            return (Objective(self.selection_metric(), "max"),)
+        return self.objectives
+
     def searcher_metric(self) -> tuple[str | list[str], str | list[str]]:
         """(metric, mode) for OptunaSearch. The single accuracy objective goes through
         ``search_score``, which is comparable across task milestones (ASHA-safe)."""
@@ -601,7 +609,7 @@ def _run_tuner(spec: StudySpec, run_spec: RunSpec, num_tasks: int, uri: str, exp
     rows = [{**result.config, **{k: v for k, v in result.metrics.items() if k in TRIAL_METRICS}}
             for result in grid
             if result.error is None and "final_average_accuracy" in (result.metrics or {})]
-    _tag_pareto_front(uri, parent, rows, spec.objectives)
+    _tag_pareto_front(uri, parent, rows, spec.front_objectives())
     _log_study_summary(uri, parent, rows, spec.selection_metric())
     tracking.finish(uri, parent, status="FAILED" if grid.num_errors else "FINISHED")
     return rows
