@@ -31,6 +31,7 @@ def test_off_a_terminal_every_event_is_one_line_with_the_count_of_finished_trial
     console.trial_finished("a", COST)
     console.trial_stopped("b", 2)
     console.trial_failed("c", "RuntimeError: boom  (traceback: /x/error.txt)")
+    console.trial_finished("d", {**COST, "validation_final_average_accuracy": 79.5})
     console.close()
     assert out.getvalue().splitlines() == [
         "[0/3] trial a started   noise_scale=0.123 top_k=2",
@@ -38,6 +39,7 @@ def test_off_a_terminal_every_event_is_one_line_with_the_count_of_finished_trial
         "[1/3] trial a finished  FA 81.23  FM 4.50  params 12,345  test FLOPs 4.78M  (1m15s)",
         "[1/3] trial b stopped   by the scheduler after task 2/5 (1m15s)",
         "[1/3] trial c FAILED    RuntimeError: boom  (traceback: /x/error.txt)",
+        "[1/3] trial d finished  val FA 79.50  FA 81.23  FM 4.50  params 12,345  test FLOPs 4.78M  (1m15s)",
     ]
     assert "\x1b" not in out.getvalue() and "\r" not in out.getvalue()  # a log file stays readable
 

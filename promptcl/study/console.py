@@ -75,7 +75,9 @@ class StudyConsole:
 
     def trial_finished(self, trial_id: str, metrics: dict[str, Any]) -> None:
         self._forget(trial_id)
-        self._line(f"trial {trial_id} finished  FA {metrics['final_average_accuracy']:.2f}  "
+        held_out = metrics.get("validation_final_average_accuracy")  # what the study selects on, when it has it
+        self._line(f"trial {trial_id} finished  " + (f"val FA {held_out:.2f}  " if held_out is not None else "")
+                   + f"FA {metrics['final_average_accuracy']:.2f}  "
                    f"FM {metrics.get('forgetting', float('nan')):.2f}  "
                    f"params {int(metrics['trainable_params']):,}  "
                    f"test FLOPs {metrics['test_flops_per_image'] / 1e6:.2f}M  ({self._took(trial_id)})")
