@@ -106,7 +106,8 @@ class ResolvedRun:
     def batch_dependent_switches(self) -> list[str]:
         """The switches on in this run that make a sample's prompts (or training loss) depend on the rest
         of its batch."""
-        return [k for k in BATCH_DEPENDENT_SWITCHES if getattr(self.config, k, False) is True and k not in self._inert()]
+        inert = self._inert()
+        return [k for k in BATCH_DEPENDENT_SWITCHES if getattr(self.config, k, False) is True and k not in inert]
 
     def _inert(self) -> tuple[str, ...]:
         """Switches this config sets that change nothing (a config declares them: ``inert_switches``)."""
@@ -116,9 +117,10 @@ class ResolvedRun:
         """Tags marking reference-compatibility switches that make a run's protocol unfair
         (e.g. prompts gathered across samples of a batch, a batch-wide vote on the prompts)."""
         # a switch is on when true or, numeric (compat_schedule_iter_step), not 0
+        inert = self._inert()
         on = {k: "true" if v is True else str(v) for k, v in dataclasses.asdict(self.config).items()
               if (k.startswith("compat_") or k in BATCH_DEPENDENT_SWITCHES) and type(v) in (bool, int) and v
-              and k not in self._inert()}
+              and k not in inert}
         tags = {f"compat/{k}": v for k, v in on.items()}
         if on:
             tags["unfair_protocol"] = "true"

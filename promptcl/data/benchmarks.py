@@ -465,15 +465,17 @@ class ClassIncremental:
         return self._loader(dataset, sampler, torch.Generator().manual_seed(seed), persistent=shuffle)
 
     def test_loader(self, task: int, *, batch_size: int) -> DataLoader:
-        dataset = self.test_dataset(task)
-        return self._loader(dataset, ShardedBatchSampler(SequentialSampler(dataset), batch_size, *world()))
+        return self._evaluation_loader(self.test_dataset(task), batch_size)
 
     def validation_dataset(self, task: int) -> Dataset:
         """The task's held-out training images (``validation_fraction``), through the test-time pipeline."""
         return self._subset("validation", task)
 
     def validation_loader(self, task: int, *, batch_size: int) -> DataLoader:
-        dataset = self.validation_dataset(task)
+        return self._evaluation_loader(self.validation_dataset(task), batch_size)
+
+    def _evaluation_loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
+        """In dataset order, each rank its strided share (evaluation sums the ranks' counts)."""
         return self._loader(dataset, ShardedBatchSampler(SequentialSampler(dataset), batch_size, *world()))
 
     def _loader(self, dataset: Dataset, sampler: ShardedBatchSampler, generator: Optional[torch.Generator] = None,

@@ -36,13 +36,16 @@ ACCURACY_AND_COST = (Objective("final_average_accuracy", "max"), Objective("trai
                      Objective("test_flops_per_image", "min"))
 
 
+def read_on_held_out(objectives: tuple[Objective, ...]) -> tuple[Objective, ...]:
+    """``objectives`` with FA read on the held-out training images of a run's validation split."""
+    return tuple(Objective(f"validation_{o.metric}", o.mode) if o.metric == "final_average_accuracy" else o
+                 for o in objectives)
+
+
 def on_validation(objectives: tuple[Objective, ...]) -> tuple[Objective, ...]:
     """A study's default objectives for runs with a validation split: FA read on the held-out
     images (the single accuracy objective already is, through ``search_score``)."""
-    if objectives == ACCURACY:
-        return objectives
-    return tuple(Objective(f"validation_{o.metric}", o.mode) if o.metric == "final_average_accuracy" else o
-                 for o in objectives)
+    return objectives if objectives == ACCURACY else read_on_held_out(objectives)
 
 
 def parse_objectives(text: str) -> tuple[Objective, ...]:

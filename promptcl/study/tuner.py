@@ -38,7 +38,8 @@ from promptcl.methods import get_method
 from promptcl.storage import check_database_url, check_writable_location, make_sqlite_parent, sqlite_file
 from promptcl.study import tracking
 from promptcl.study.console import TrialEvents, study_console
-from promptcl.study.objectives import ACCURACY, Objective, on_validation, parse_objectives, pareto_mask
+from promptcl.study.objectives import (ACCURACY, Objective, on_validation, parse_objectives, pareto_mask,
+                                       read_on_held_out)
 from promptcl.study.trainer import Scaling, TuneSession, fault_from_env, make_trainer, run_reported
 
 SearchSpace = Callable[[Any], Optional[dict]]  # optuna.Trial -> constants (define-by-run)
@@ -89,15 +90,15 @@ class StudySpec:
     def selection_metric(self) -> str:
         """The accuracy best trials are picked by: FA on the held-out training images when the runs
         have a validation split (``run_options["validation_fraction"]``), else FA on the test sets."""
-        return "validation_final_average_accuracy" if self.run_options.get("validation_fraction") else \
-            "final_average_accuracy"
+        accuracy = read_on_held_out(ACCURACY) if self.run_options.get("validation_fraction") else ACCURACY
+        return accuracy[0].metric
 
     def front_objectives(self) -> tuple[Objective, ...]:
         """What the study's front is tagged on (MLflow ``pareto``, the report's stars): its objectives,
         except that the single accuracy objective, which the searcher reads through ``search_score``,
         reads the held-out images when the runs have them."""
-        if self.objectives == ACCURACY and self.selection_metric() != ACCURACY[0].metric:
-            return (Objective(self.selection_metric(), "max"),)
+        if self.objectives == ACCURACY and self.run_options.get("validation_fraction"):
+            return read_on_held_out(ACCURACY)
         return self.objectives
 
     def searcher_metric(self) -> tuple[str | list[str], str | list[str]]:
