@@ -70,7 +70,7 @@ def test_compat_gather_matches_a_hand_built_reference_gather():
 
 
 def test_predictions_do_not_depend_on_the_batch_but_compat_ones_do():
-    x = torch.randn(16, 1, 8, 8)
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(9))  # fixed: one the untrained TII splits
     m = see_all_tasks(make())
     batch, details = m.predict_with_details(x)
     assert len(set(details["task"].tolist())) > 1  # a mixed batch (untrained TII)
