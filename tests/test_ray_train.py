@@ -129,3 +129,32 @@ def test_an_inline_trial_killed_mid_run_restarts_from_its_tune_checkpoint(local_
                                                           str(tmp_path))).read_text())
     assert restarted == json.loads((one_worker / "summary.json").read_text())["accuracy_matrix"]
     assert "restarts  from its checkpoint after task 3/5" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("api", ["train", "tune"])
+def test_a_worker_that_does_not_see_the_run_locations_fails_at_its_start(tmp_path, api):
+    """Ray's own check comes when the first checkpoint is persisted, after a task's training, and
+    MLflow would make an empty SQLite store: the workers check at their start (Ray's StorageContext
+    of Train workers and of Tune trials)."""
+    import shutil
+
+    from promptcl.study import tracking
+    from promptcl.study.trainer import check_node_sees_locations
+
+    if api == "train":
+        from ray.train.v2._internal.execution.storage import StorageContext
+    else:
+        from ray.train._internal.storage import StorageContext
+    storage = StorageContext(storage_path=str(tmp_path / "ray_results"), experiment_dir_name="study")
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    tracking.ensure_experiment(uri, "study")  # the driver's store
+    check_node_sees_locations(storage, uri)  # what the driver made: visible
+    (tmp_path / "runs" / "mlflow.db").rename(tmp_path / "elsewhere.db")  # what a node without the driver's disk sees
+    with pytest.raises(RuntimeError, match=r"the MLflow store 'sqlite:///.*/runs/mlflow.db' is not on node .*, where "
+                                           r"this worker runs: give --mlflow-uri a tracking server every node reaches"):
+        check_node_sees_locations(storage, uri)
+    check_node_sees_locations(storage, "http://127.0.0.1:5000")  # a server is not a file here
+    shutil.rmtree(tmp_path / "ray_results")
+    with pytest.raises(RuntimeError, match=r"storage 'local:.*/ray_results/study' is not visible on node .*, where "
+                                           r"this worker runs: put --storage-path .* or --out .* every node mounts"):
+        check_node_sees_locations(storage)

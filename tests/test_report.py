@@ -314,6 +314,13 @@ def test_every_command_finds_the_store_the_same_way(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     assert tracking.tracking_uri(None, tmp_path / "r") == store
     assert tracking.tracking_uri("http://127.0.0.1:5000", tmp_path / "r") == "http://127.0.0.1:5000"
+    # a relative sqlite store is the one in this directory, also for trials and workers that run elsewhere
+    monkeypatch.chdir(tmp_path)
+    absolute = f"sqlite:///{tmp_path.resolve()}/rel.db"
+    assert tracking.tracking_uri("sqlite:///rel.db") == absolute
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///rel.db")
+    assert tracking.tracking_uri(None) == absolute
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
 
     experiment_id = tracking.ensure_experiment(store, "study", tmp_path / "artifacts")
     parent = tracking.start_run(store, experiment_id, "study-study")

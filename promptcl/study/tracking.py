@@ -31,8 +31,18 @@ def default_tracking_uri(runs_dir: Path) -> str:
 
 def tracking_uri(given: Optional[str], runs_dir: Path = Path("runs")) -> str:
     """The MLflow store a command uses: the one given, else $MLFLOW_TRACKING_URI, else the sqlite
-    store under ``runs_dir`` (every study, report and dashboard resolves it the same way)."""
-    return given or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(runs_dir)
+    store under ``runs_dir`` (every study, report and dashboard resolves it the same way); a
+    relative SQLite file is taken from the current directory and made absolute."""
+    uri = given or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(runs_dir)
+    try:
+        database = sqlite_file(uri)
+    except ValueError:  # a malformed URL: check_tracking_uri says so
+        return uri
+    if database is not None and not database.is_absolute():  # trials and workers run in other directories
+        from sqlalchemy.engine import make_url
+
+        uri = make_url(uri).set(database=str(database.resolve())).render_as_string(hide_password=False)
+    return uri
 
 
 def check_tracking_uri(uri: str) -> None:

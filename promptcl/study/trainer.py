@@ -121,6 +121,11 @@ class TrainSession:
 
         ray.train.collective.barrier()
 
+    def storage(self):
+        import ray.train
+
+        return ray.train.get_context().get_storage()
+
 
 class TuneSession:
     """The same for a single-process run inside the Tune trial itself: results and task
@@ -142,6 +147,34 @@ class TuneSession:
 
     def barrier(self) -> None:
         pass
+
+    def storage(self):
+        import ray.tune
+
+        return ray.tune.get_context().get_storage()
+
+
+def check_node_sees_locations(storage, tracking_uri: Optional[str] = None) -> None:
+    """Raise (one line) unless this node sees the run's Ray storage (``storage``: Ray's
+    StorageContext) and, given one, the MLflow store's SQLite file. Ray persists a reported
+    checkpoint from the worker that reports it and finds only then, after the first task's training,
+    that a local path on the head node is missing here; MLflow would make an empty database here.
+    This fails at the worker's start instead."""
+    import pyarrow.fs
+    import ray
+
+    from promptcl.storage import sqlite_file
+
+    where = f"node {ray.util.get_node_ip_address()}, where this worker runs"
+    if storage.storage_filesystem.get_file_info(storage.experiment_fs_path).type == pyarrow.fs.FileType.NotFound:
+        location = f"{storage.storage_filesystem.type_name}:{storage.experiment_fs_path}"
+        raise RuntimeError(f"Ray's storage {location!r} is not visible on {where}: put --storage-path (a study) "
+                           "or --out (promptcl run) on storage every node mounts (NFS, a shared volume) or on a "
+                           "URI (s3://, gs://)")
+    database = sqlite_file(tracking_uri) if tracking_uri else None
+    if database is not None and not database.is_file():
+        raise RuntimeError(f"the MLflow store {tracking_uri!r} is not on {where}: give --mlflow-uri a tracking "
+                           "server every node reaches (see ray_jobs/README.md)")
 
 
 def _restored_checkpoint(session) -> Optional[Path]:
@@ -191,6 +224,7 @@ def run_reported(cfg: dict, session) -> None:
 
     from promptcl.engine import run_sequence
 
+    check_node_sees_locations(session.storage(), (cfg.get("tracking") or {}).get("uri"))
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
     torch.set_num_threads(max(1, int(round(cpus))))  # a reused worker keeps its first thread count
     run = resolve_run(RunSpec(**cfg["spec"]))
