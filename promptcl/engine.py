@@ -367,7 +367,8 @@ _ADDED_FIELDS = {("run", "class_order"): "seeded", ("run", "validation_fraction"
                  ("method_config", "compat_schedule_iter_step"): 0,
                  ("method_config", "compat_first_step_at_base_lr"): False,
                  ("method_config", "compat_population_variance"): False,
-                 ("method_config", "compat_reference_gram_schmidt"): False}
+                 ("method_config", "compat_reference_gram_schmidt"): False,
+                 ("method_config", "vor_outliers"): True}
 
 
 def same_configuration(stored: dict[str, Any], run: ResolvedRun) -> bool:

@@ -744,13 +744,15 @@ class _RecordingOptimizer:
         self.steps.append((self.param_groups[0]["lr"], [p.grad.clone() for p in self.params]))
 
 
-def test_ovor_outlier_step_loss_is_ce_plus_huber_energy_hinges_on_the_task_logits_by_hand():
+@pytest.mark.parametrize("vor_outliers", [True, False])
+def test_ovor_outlier_step_loss_is_ce_plus_huber_energy_hinges_on_the_task_logits_by_hand(vor_outliers):
     """Each outlier step's gradient is that of CE over the task's classes + vor_weight x Huber of
     relu(E_id - id_threshold) + vor_weight x Huber of relu(ood_threshold - E_ood), with the free
     energy E = -logsumexp over the current task's logits only, each step taking its equal share of
-    the outliers (farthest first); the rate is lr x the cosine over training + outlier epochs."""
+    the outliers (farthest first); the rate is lr x the cosine over training + outlier epochs.
+    ``vor_outliers=False`` drops the outlier term and keeps the batches."""
     m = make("ovor", epochs=1, vor_epochs=1, batch_size=10, neighbours=5, boundary_points=5,
-             candidates_per_point=10, outliers_per_class=3)
+             candidates_per_point=10, outliers_per_class=3, vor_outliers=vor_outliers)
     c = m.config
     task = TaskInfo(1, range(2, 4), T)
     with torch.no_grad():  # every logit near 4: E_id ~ -4.7 (above -15), E_ood ~ -4.7 (below -3)
@@ -773,9 +775,11 @@ def test_ovor_outlier_step_loss_is_ce_plus_huber_energy_hinges_on_the_task_logit
     assert len(recorder.steps) == 2
     for s, (lr, grads) in enumerate(recorder.steps):
         idx, ood = order[10 * s:10 * (s + 1)], outliers[3 * s:3 * (s + 1)]
+        outlier_term = c.vor_weight * huber(F.relu(c.ood_threshold - free_energy(ood)))
+        assert outlier_term > 0.01  # active here: leaving it out changes the gradient
         loss = (F.cross_entropy(m.head(feats[idx])[:, 2:4], labels[idx] - 2)
                 + c.vor_weight * huber(F.relu(free_energy(feats[idx]) - c.id_threshold))
-                + c.vor_weight * huber(F.relu(c.ood_threshold - free_energy(ood))))
+                + (outlier_term if vor_outliers else 0))
         expected = torch.autograd.grad(loss, list(m.head.parameters()))
         for got, want in zip(grads, expected):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

@@ -52,6 +52,9 @@ class OVORConfig(OnePromptConfig):
     # The outlier epochs continue the training epochs' Adam, as the code's one optimizer per task;
     # True: a fresh Adam on the head (an ablation; on mnist5k FA 87.0 vs 84.6, within the seed spread).
     vor_fresh_optimizer: bool = False
+    # False: the outlier hinge dropped, the in-distribution energy hinge alone (an ablation; the
+    # outliers are still drawn, so the batches are those of the full loss)
+    vor_outliers: bool = True
     compat_reference_outliers: bool = False
 
     def __post_init__(self) -> None:
@@ -190,7 +193,7 @@ class OVOR(OnePromptMethod):
                 current = slice(task.classes.start, task.classes.stop)
                 id_excess = F.relu(energy(id_logits[:, current]) - c.id_threshold)
                 loss = ce + c.vor_weight * hinge(id_excess, torch.zeros_like(id_excess))
-                if len(ood):
+                if len(ood) and c.vor_outliers:
                     ood_deficit = F.relu(c.ood_threshold - energy(self.head(ood)[:, current]))
                     loss = loss + c.vor_weight * hinge(ood_deficit, torch.zeros_like(ood_deficit))
                 optimizer.zero_grad(set_to_none=True)
