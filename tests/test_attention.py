@@ -138,11 +138,25 @@ def _shared_logits(num_prompts, gated=False):
     return make
 
 
+def _masked_logits(fill):
+    """Token-shared logits whose last columns are masked out, as a method that drops experts by
+    masking (not gathering) would pass them."""
+
+    def make(g, dtype, device):
+        logits = (3 * torch.randn(B, H, 6, generator=g)).to(device, dtype)
+        logits[..., 3:] = fill if fill is not None else torch.finfo(dtype).min
+        pv = torch.randn(B, H, 6, D, generator=g).to(device, dtype).requires_grad_()
+        return Prefix(values=pv, logits=logits.requires_grad_()), [logits, pv]
+    return make
+
+
 PREFIXES = {
     **{f"norga_{p}": _gated_keys(p) for p in (1, 5, 8, 13)},  # below, at and above one block of 8
     "norga_gelu": _gated_keys(5, "gelu"),
     **{f"smope_{p}": _shared_logits(p) for p in (2, 8, 24)},
     "shared_logits_gated": _shared_logits(4, gated=True),
+    "masked_minus_inf": _masked_logits(float("-inf")),
+    "masked_dtype_min": _masked_logits(None),
 }
 
 

@@ -121,6 +121,9 @@ def _eager_prefix_attention(q, k, v, prefix_scores, prefix_values, dropout_p: fl
     return attn @ torch.cat([prefix_values, v], dim=2)
 
 
+_MASKED_LOGIT = -1000.0  # exp(-1000 - m) is 0 in every float type for any real token score m
+
+
 def _fused_prefix_attention(q, k, v, prefix_scores, prefix_values, dropout_p: float) -> torch.Tensor:
     """The same attention through one fused SDPA call, exactly.
 
@@ -130,10 +133,14 @@ def _fused_prefix_attention(q, k, v, prefix_scores, prefix_values, dropout_p: fl
     each token key is zero there. With the scale 1/sqrt(d) a prefix column scores ``z`` and a token
     column ``q . k / sqrt(d)``, as in the eager path. The extra width is rounded up to a multiple
     of 8 and the values zero-padded to it, as fused kernels need equal, aligned head sizes; only
-    the small [N, P] logits are ever materialised.
+    the small [N, P] logits are ever materialised. A masked column (``-inf``, or a logit so
+    negative that ``z * sqrt(d)`` overflows) would score ``-inf * 0 = nan`` on every token key, so
+    logits are floored at -1000 first: ``exp`` is exactly 0 there as below it, and so is the
+    gradient.
     """
     B, H, N, d = q.shape
     P = prefix_scores.shape[-1]
+    prefix_scores = prefix_scores.clamp(min=_MASKED_LOGIT)
     width = -(-P // 8) * 8
     zeros = q.new_zeros
     unit_keys = torch.eye(P, width, dtype=q.dtype, device=q.device).expand(B, H, P, width)
