@@ -668,6 +668,11 @@ def test_augmentations_do_not_depend_on_the_rank_or_loader_worker_that_reads_an_
     first, second = (benchmarks._Relabelled(twice, np.array([k, len(data.train_augmented) + k]),
                                             np.arange(100))[pair][0] for pair in seeds)
     assert not torch.equal(first, second)
+    # and reading one leaves the process's random streams as they were, a GPU's included
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: pytest.fail("an image read reseeded CUDA"))
+    before = torch.get_rng_state()
+    benchmarks._Relabelled(data.train_augmented, np.array([k]), np.arange(100))[0, 5]
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_a_run_on_a_disk_benchmark_records_its_protocol(cifar_root, tmp_path):

@@ -325,8 +325,10 @@ class _Relabelled(Dataset):
     def __getitem__(self, i):
         if isinstance(i, tuple):
             i, seed = i
-            with torch.random.fork_rng(devices=[]):  # the process's own stream is left as it was
-                torch.manual_seed(seed)
+            # the process's own streams are left as they were: only the CPU generator, which the
+            # transforms draw from, is forked and seeded (torch.manual_seed would reseed CUDA's too)
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(seed)
                 image, label = self.subset[i]
         else:
             image, label = self.subset[i]
