@@ -918,6 +918,22 @@ def test_vqprompt_forward_uses_the_quantised_prompt_and_backward_reaches_the_con
     assert codebook.item() > 0
 
 
+def test_vqprompt_quantisation_of_near_ties_does_not_depend_on_the_batch():
+    """Mixes near the midpoint of two pool entries far from the origin (prompts have a common
+    offset): each gets its float64-nearest entry, in a batch of 40 as alone."""
+    from promptcl.methods.vqprompt import quantise
+
+    g = torch.Generator().manual_seed(0)
+    pool = 100 * torch.randn(64, generator=g, dtype=torch.float64) + 0.1 * torch.randn(10, 64, generator=g,
+                                                                                      dtype=torch.float64)
+    t = 0.5 + 1e-3 * torch.randn(40, 1, generator=g, dtype=torch.float64)
+    mixes = pool[0] + t * (pool[1] - pool[0]) + 1e-4 * torch.randn(40, 64, generator=g, dtype=torch.float64)
+    truth = pool[torch.cdist(mixes, pool).argmin(1)].float()
+    mixes, pool = mixes.float(), pool.float()
+    assert torch.equal(quantise(mixes, pool), truth)
+    assert torch.equal(torch.cat([quantise(m[None], pool) for m in mixes]), truth)
+
+
 def test_vqprompt_codebook_loss_by_hand_with_a_temperature():
     """alpha = softmax(q . normalize(K) / tau), p = sum alpha P, Q its nearest pool entry: the
     codebook loss is (codebook_weight + commitment_weight) x mse(p, Q), summed over the layers."""

@@ -64,8 +64,12 @@ SMALL = dataclasses.replace(PAPER, prompt_layers=(0, 1, 2), prompt_length=2, poo
 
 def quantise(continuous: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
     """The pool entry nearest (squared L2 over the whole prompt) to each continuous prompt.
-    ``continuous`` ``[B, ...]``, ``pool`` ``[N, ...]`` -> ``[B, ...]``."""
-    nearest = torch.cdist(continuous.flatten(1), pool.flatten(1)).argmin(dim=1)
+    ``continuous`` ``[B, ...]``, ``pool`` ``[N, ...]`` -> ``[B, ...]``. Each distance is summed
+    from its own differences: cdist's default switches to ``|x|^2 + |y|^2 - 2 x.y`` past 25 rows,
+    whose cancellation flips near ties (a mix of pool entries lies between them), so the entry a
+    prompt got depended on how many others shared its batch."""
+    nearest = torch.cdist(continuous.flatten(1), pool.flatten(1), compute_mode="donot_use_mm_for_euclid_dist")
+    nearest = nearest.argmin(dim=1)
     return pool[nearest]
 
 
