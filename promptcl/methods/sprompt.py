@@ -97,7 +97,10 @@ class SPrompt(PromptMethod):
         query = F.normalize(self.frozen_features(images), dim=1)
         seen = self.centroids[:int(self.seen_tasks)]  # [T, K, D]
         p = 1 if self.config.centroid_distance == "l1" else 2
-        distance = torch.cdist(query, seen.flatten(0, 1), p=p).reshape(len(query), *seen.shape[:2])
+        # (direct differences: past 25 rows cdist's L2 default uses a matmul form whose rounding
+        # depends on the batch, see vqprompt.quantise)
+        distance = torch.cdist(query, seen.flatten(0, 1), p=p, compute_mode="donot_use_mm_for_euclid_dist")
+        distance = distance.reshape(len(query), *seen.shape[:2])
         return distance.min(dim=2).values.argmin(dim=1)
 
     def task_logits(self, images: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
