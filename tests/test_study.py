@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.ray
@@ -259,8 +260,24 @@ def test_asha_stops_trials_at_task_boundaries_and_ranks_them_below_finished_ones
     stopped = sorted(line.split()[2:4] for line in out.splitlines() if "stopped   by the scheduler" in line)
     assert stopped == sorted([r.info.run_name.removeprefix("trial_"), "stopped"] for r in killed)
     assert "Report:" not in out
-    # what the searcher saw: a stopped trial's best score is below every finished trial's
     trials = ExperimentAnalysis(str(tmp_path / "ray_results" / "smope_topk_smoke")).trial_dataframes
+    # ASHA decided on the held-out images: replaying its rule (stop below the median of the trials
+    # already recorded at a rung; one trial at a time, in order) on their scores gives its decisions
+    stopped_at = {r.data.tags["trial_id"]: int(r.data.tags.get("stopped_at_task", 0)) for r in children}
+    started = {r.data.tags["trial_id"]: r.info.start_time for r in children}
+    recorded = {1: [], 2: [], 4: []}
+    for df in sorted(trials.values(), key=lambda df: started[df["trial_id"].iloc[0]]):
+        rows = df.set_index("task")
+        assert rows["search_score"].tolist() == pytest.approx(
+            [t - 1 + a / 100 for t, a in rows["validation_average_accuracy"].items()])
+        for rung, earlier in recorded.items():
+            score = rows["search_score"][rung]
+            stops = bool(earlier) and score < np.nanpercentile(earlier, 50)
+            earlier.append(score)
+            assert stops == (stopped_at[df["trial_id"].iloc[0]] == rung)
+            if stops:
+                break
+    # what the searcher saw: a stopped trial's best score is below every finished trial's
     final_scores = [df["search_score"].iloc[-1] for df in trials.values() if df["task"].iloc[-1] == 5]
     stopped_scores = [df["search_score"].max() for df in trials.values() if df["task"].iloc[-1] < 5]
     assert len(stopped_scores) == len(killed) and max(stopped_scores) < min(final_scores)

@@ -644,9 +644,10 @@ def _make_tuner(spec: StudySpec, run_spec: RunSpec, num_tasks: int, uri: str, ex
         tuner = tune.Tuner.restore(spec.experiment_path(), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False)
     else:
-        # ASHA compares trials at the same task on the average accuracy so far; the searcher sees a
-        # score that ranks a stopped trial below every trial that got further (see task_metrics).
-        scheduler = (ASHAScheduler(time_attr="task", metric="average_accuracy", mode="max", max_t=num_tasks,
+        # ASHA compares trials at the same task on search_score: within a task it orders them as the
+        # average accuracy so far on the held-out images (the test sets' without a validation split),
+        # and the searcher ranks a stopped trial below every trial that got further (task_metrics).
+        scheduler = (ASHAScheduler(time_attr="task", metric="search_score", mode="max", max_t=num_tasks,
                                    grace_period=1, reduction_factor=2)
                      if spec.scheduler == "asha" else FIFOScheduler())
         if spec.grid is not None:  # every combination once, in order (Tune's grid search)
