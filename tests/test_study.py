@@ -140,6 +140,9 @@ def driverless_database_url() -> str:
     (["--name", "../escape"], "a study name is letters, digits"),
     (["--objectives", "task_identity_accuracy:max,trainable_params:min"],
      "smope infer(s) no task at test time, so a trial reports no task_identity_accuracy"),
+    (["--validation-fraction", "0", "--objectives", "validation_final_average_accuracy:max,trainable_params:min"],
+     "the objective(s) validation_final_average_accuracy:max read the held-out training images, which runs "
+     "without a validation split (--validation-fraction 0) do not have"),
 ])
 def test_bad_study_options_fail_before_ray_or_mlflow_start(tmp_path, capsys, monkeypatch, flags, message):
     """One line, exit 2, nothing created: no runs directory, MLflow store, Optuna database or Ray."""

@@ -357,6 +357,10 @@ def validate_study(spec: StudySpec) -> RunSpec:
         if blind:
             raise ValueError(f"{', '.join(blind)} infer(s) no task at test time, so a trial reports no "
                              "task_identity_accuracy to optimise")
+    held_out = [str(o) for o in spec.objectives if o.metric.startswith("validation_")]
+    if held_out and not spec.run_options.get("validation_fraction"):
+        raise ValueError(f"the objective(s) {', '.join(held_out)} read the held-out training images, which runs "
+                         "without a validation split (--validation-fraction 0) do not have")
     if spec.scheduler == "asha" and spec.objectives != ACCURACY:
         raise ValueError(f"ASHA compares trials on one accuracy metric per task; --asha needs the objective "
                          f"{ACCURACY[0]}, got {','.join(map(str, spec.objectives))}")
