@@ -4,6 +4,7 @@ any work starts, without creating anything."""
 from __future__ import annotations
 
 import os
+import urllib.parse
 from pathlib import Path
 from typing import Optional
 
@@ -43,6 +44,15 @@ KNOWN_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+
+
+def without_password(url: str) -> str:
+    """``url`` with its password, if it has one, shown as ``***`` (for messages)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.netloc.rsplit("@", 1)[0].split(":", 1)[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{parts.netloc.rsplit('@', 1)[1]}"))
 
 
 def sqlite_file(url: str) -> Optional[Path]:

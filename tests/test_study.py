@@ -637,16 +637,19 @@ def _smope_spec(monkeypatch, argv):
     ("no-optuna-study", [], "--resume: study 'smope_topk_smoke' at STUDY searches with the Optuna study "
      "'smope_topk_smoke', which sqlite:///RUNS/optuna.db does not hold"),
     ("corrupt", [], "the study state file STUDY/promptcl_study.json is corrupt ('{\"parent_run'): delete it"),
+    ("other-mlflow", ["--mlflow-uri", "sqlite:///RUNS/other.db"], "--resume: study 'smope_topk_smoke' at STUDY logs "
+     "to the MLflow parent run PARENT, which the tracking store sqlite:///RUNS/other.db does not hold (resume with "
+     "the --mlflow-uri or MLFLOW_TRACKING_URI it began with, or give another --name)"),
 ])
 def test_resume_refuses_a_study_it_cannot_continue_before_any_work(tmp_path, capsys, monkeypatch, case, flags,
                                                                     message):
     """Tune restores a study as it began and its searcher opens the Optuna study it began with: a
-    changed spec, a lost Optuna study or a broken state file is one line, exit 2, before Ray, MLflow
-    or the parent run; a state file of an older version (no spec) is not checked."""
+    changed spec, a lost Optuna study or MLflow parent run or a broken state file is one line, exit 2,
+    before Ray or any new MLflow run; a state file of an older version (no spec) is not checked."""
     import optuna
     import smope_topk
 
-    from promptcl.study import tuner
+    from promptcl.study import tracking, tuner
 
     def no_ray(*args, **kwargs):
         raise AssertionError("the study started Ray")
@@ -657,21 +660,24 @@ def test_resume_refuses_a_study_it_cannot_continue_before_any_work(tmp_path, cap
     spec = _smope_spec(monkeypatch, argv)
     Path(spec.experiment_path()).mkdir(parents=True)
     (Path(spec.experiment_path()) / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
-    tuner._write_study_state(spec, {"parent_run_id": "p", "spec": tuner.spec_identity(spec)})
+    uri = spec.resolved_tracking_uri()
+    parent = tracking.start_run(uri, tracking.ensure_experiment(uri, spec.name), "study")
+    tuner._write_study_state(spec, {"parent_run_id": parent, "spec": tuner.spec_identity(spec)})
     if case != "no-optuna-study":
         optuna.create_study(study_name=spec.name, storage=spec.resolved_optuna_storage())
     if case == "corrupt":  # what an older version's in-place write could leave
         (Path(spec.experiment_path()) / "promptcl_study.json").write_text('{"parent_run')
     before = sorted(p.name for p in runs.iterdir())
     capsys.readouterr()
+    flags = [f.replace("RUNS", str(runs)) for f in flags]
     assert smope_topk.main([*argv, *flags]) == 2
     err = capsys.readouterr().err.strip()
-    expected = message.replace("STUDY", spec.experiment_path()).replace("RUNS", str(runs))
+    expected = message.replace("STUDY", spec.experiment_path()).replace("RUNS", str(runs)).replace("PARENT", parent)
     assert err.startswith(f"smope_topk: error: {expected}") and len(err.splitlines()) == 1, err
-    assert sorted(p.name for p in runs.iterdir()) == before  # no MLflow store, no Optuna database
+    assert sorted(p.name for p in runs.iterdir()) == before  # no other MLflow store, no Optuna database
 
     if case == "changed":  # an older version's state file: resumed as it is
-        tuner._write_study_state(spec, {"parent_run_id": "p"})
+        tuner._write_study_state(spec, {"parent_run_id": parent})
         changed = _smope_spec(monkeypatch, [*argv, *flags])
         tuner.validate_study(changed)
 

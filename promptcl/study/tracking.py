@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from promptcl.storage import check_database_url, make_sqlite_parent, sqlite_file
+from promptcl.storage import check_database_url, make_sqlite_parent, sqlite_file, without_password
 
 PARENT_TAG = "mlflow.parentRunId"
 # A run's identity across restarts (a trial id): a restarted worker or a resumed study attaches
@@ -71,6 +71,23 @@ def client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+def holds_run(tracking_uri: str, run_id: str) -> bool:
+    """Whether the store holds run ``run_id``; a sqlite file that is not there is not created."""
+    from mlflow.exceptions import MlflowException
+
+    database = sqlite_file(tracking_uri)
+    if database is not None and not database.is_file():
+        return False
+    try:
+        client(tracking_uri).get_run(run_id)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise ValueError(f"MLflow tracking URI {without_password(tracking_uri)!r} cannot be read ({' '.join(str(err).split())[:200]})"
+                         ) from None
+    return True
 
 
 def ensure_experiment(tracking_uri: str, name: str, artifact_dir: Optional[Path] = None) -> str:

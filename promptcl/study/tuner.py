@@ -35,7 +35,8 @@ from promptcl.data import CLASS_ORDERS
 from promptcl.data.preprocessing import PROTOCOLS
 from promptcl.engine import FINAL_METRICS, RunSpec, check_local_resources, resolve_run
 from promptcl.methods import get_method
-from promptcl.storage import check_database_url, check_writable_location, make_sqlite_parent, sqlite_file
+from promptcl.storage import (check_database_url, check_writable_location, make_sqlite_parent, sqlite_file,
+                              without_password)
 from promptcl.study import tracking
 from promptcl.study.console import TrialEvents, study_console
 from promptcl.study.objectives import (ACCURACY, Objective, on_validation, parse_objectives, pareto_mask,
@@ -399,6 +400,11 @@ def check_resumable(spec: StudySpec) -> None:
                          f"{spec.name!r}, which {spec.resolved_optuna_storage()} does not hold (it must outlive the "
                          "driver: --runs-dir or --optuna-storage on storage a later job reaches); drop --resume to "
                          "start the study afresh")
+    parent, uri = stored_parent_run(spec), spec.resolved_tracking_uri()
+    if parent is not None and not tracking.holds_run(uri, parent):
+        raise ValueError(f"--resume: study {spec.name!r} at {spec.experiment_path()} logs to the MLflow parent run "
+                         f"{parent}, which the tracking store {without_password(uri)} does not hold (resume with the "
+                         "--mlflow-uri or MLFLOW_TRACKING_URI it began with, or give another --name)")
 
 
 def _optuna_study_exists(url: str, name: str) -> bool:
