@@ -243,14 +243,19 @@ def _terminate_as_exit():
 
 
 def run_spec(args):
-    """The RunSpec of parsed ``promptcl run`` arguments."""
+    """The RunSpec of parsed ``promptcl run`` arguments; its paths absolute, as Ray Train workers
+    run in directories of their own."""
     from promptcl.config import parse_overrides
     from promptcl.engine import RunSpec
 
+    def absolute(path: Optional[str]) -> Optional[str]:
+        return None if path is None else str(Path(path).resolve())
+
     return RunSpec(method=args.method, dataset=args.dataset, seed=args.seed, class_order=args.class_order,
                    backbone=args.backbone,
-                   pretrained=args.pretrained, checkpoint_file=args.checkpoint_file,
-                   data_dir=args.data_dir, split_file=args.split_file, eval_batch_size=args.eval_batch_size,
+                   pretrained=args.pretrained, checkpoint_file=absolute(args.checkpoint_file),
+                   data_dir=absolute(args.data_dir), split_file=absolute(args.split_file),
+                   eval_batch_size=args.eval_batch_size,
                    device=args.device,
                    precision=args.precision, increment=args.increment, preset=args.preset,
                    protocol=args.protocol, loader_workers=args.loader_workers,
@@ -286,6 +291,8 @@ def _run(args) -> int:
             check_local_resources(run)
         if args.feature_cache is not None:
             check_root(args.feature_cache)
+            if "://" not in args.feature_cache:
+                args.feature_cache = str(Path(args.feature_cache).resolve())
         if args.out.exists():
             raise ValueError(f"output directory {str(args.out)!r} already exists")
         if not args.out.parent.is_dir():

@@ -1,6 +1,7 @@
 """Whole CL sequences through the CLI: outputs, determinism, batch invariance, bad input."""
 
 import json
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -260,3 +261,30 @@ def test_compiled_frozen_pass_gives_the_same_run(tmp_path):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
     assert compiled["accuracy_matrix"] == plain["accuracy_matrix"]
     assert compiled["config"]["run"]["compile_backbone"] is True
+
+
+def test_run_paths_are_made_absolute_for_workers_that_run_elsewhere(tmp_path, monkeypatch):
+    """Ray Train workers run in directories of their own: the checkpoint, data and split paths of
+    ``promptcl run`` reach them absolute."""
+    from promptcl.cli import _parser, run_spec
+
+    monkeypatch.chdir(tmp_path)
+    spec = run_spec(_parser().parse_args(["run", "--method", "smope", "--dataset", "digits", "--out", "o",
+                                          "--checkpoint-file", "w.safetensors", "--data-dir", "data",
+                                          "--split-file", "../split.json"]))
+    assert (spec.checkpoint_file, spec.data_dir, spec.split_file) == (
+        str(tmp_path / "w.safetensors"), str(tmp_path / "data"), str(tmp_path.parent / "split.json"))
+
+    class Handed(Exception):
+        pass
+
+    def on_ray(spec, scaling, out, *, progress, feature_cache):  # what the Ray Train run is handed
+        raise Handed(feature_cache)
+
+    import promptcl.cli as cli
+
+    monkeypatch.setattr(cli, "_run_on_ray", on_ray)
+    with pytest.raises(Handed, match=f"^{re.escape(str(tmp_path / 'cache'))}$"):
+        cli.main(["run", "--method", "smope", "--dataset", "digits", "--out", "o", "--num-workers", "1",
+                  "--feature-cache", "cache"])
+    assert not any(tmp_path.iterdir())  # (and the run's temporary directory is gone)
