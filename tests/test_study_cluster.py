@@ -153,10 +153,12 @@ def _x_space(optuna_trial) -> None:  # (Tune pickles the searcher, and its space
     optuna_trial.suggest_float("x", 0.0, 1.0)
 
 
-def test_a_ctrl_c_leaves_the_study_to_resume_with_each_trial_once_in_optuna(local_ray, tmp_path, monkeypatch):
-    """A first Ctrl-C: Ray saves the running trial and fit() returns (reporting it TERMINATED).
-    The study is not over: its parent run ends KILLED, the Optuna trial stays RUNNING (not FAIL),
-    and ``--resume`` runs it to completion, which Optuna takes. A stand-in trainable (no CL run)."""
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_ctrl_c_leaves_the_study_to_resume_with_each_trial_once_in_optuna(local_ray, tmp_path, monkeypatch, stop):
+    """A first Ctrl-C, or a SIGTERM (a scheduler's stop): Ray saves the running trial and fit()
+    returns (reporting it TERMINATED). The study is not over: its parent run ends KILLED, the Optuna
+    trial stays RUNNING (not FAIL), and ``--resume`` runs it to completion, which Optuna takes. A
+    stand-in trainable (no CL run)."""
     import optuna
 
     from promptcl.engine import RunSpec
@@ -174,7 +176,7 @@ def test_a_ctrl_c_leaves_the_study_to_resume_with_each_trial_once_in_optuna(loca
             tune.report({"task": task, "average_accuracy": 50.0, "search_score": task - 1 + config["x"] / 100, **final})
             if second and not (tmp_path / "interrupted").exists():
                 (tmp_path / "interrupted").touch()
-                os.kill(driver, signal.SIGINT)
+                os.kill(driver, stop)
                 time.sleep(3)  # (the driver stops the loop first: the trial finishes only on resume)
 
     monkeypatch.setattr(tuner, "_trial_driver", trial)

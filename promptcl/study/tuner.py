@@ -18,8 +18,10 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -602,12 +604,11 @@ def _run_tuner(spec: StudySpec, run_spec: RunSpec, num_tasks: int, uri: str, exp
     interrupted = (f"study {spec.name!r} was interrupted; Tune saved it at {spec.experiment_path()}: "
                    "rerun the same command with --resume to continue it")
     try:
-        with _lenient_metric_check(spec.objectives != ACCURACY):
+        with _lenient_metric_check(spec.objectives != ACCURACY), _terminate_as_interrupt():
             grid = tuner.fit()
-    except (KeyboardInterrupt, SystemExit):  # a second Ctrl-C, SIGTERM (Ray's handler exits): resumable
+    except (KeyboardInterrupt, SystemExit):  # a second Ctrl-C or SIGTERM: resumable all the same
         tracking.finish(uri, parent, status="KILLED")
-        print(interrupted, file=sys.stderr)
-        raise
+        raise StudyInterrupted(interrupted) from None
     except BaseException:
         tracking.finish(uri, parent, status="FAILED")
         raise
@@ -728,6 +729,29 @@ def _fail_running_trials(study, why: str, lost: Callable[[Any], bool]) -> None:
         if lost(trial):
             study._storage.set_trial_user_attr(trial._trial_id, "lost", why)
             study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a scheduler's, ``ray job stop``'s or ``timeout``'s stop) does what Ctrl-C does: Tune
+    saves the study and stops its trials, which end as after a Ctrl-C. (Ray's own handler exits at
+    once: the driver could abort, and the running trials' MLflow runs stayed RUNNING.) A handler
+    can only be set in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):  # whatever SIGINT does now: Tune's graceful stop, then KeyboardInterrupt
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):
+            raise KeyboardInterrupt
+        handler(signal.SIGINT, frame)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
