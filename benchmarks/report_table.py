@@ -29,7 +29,7 @@ def check_arguments(*, methods: Optional[Iterable[str]] = None, seeds: Optional[
     from promptcl.core.backbone import check_backbone_name
     from promptcl.engine import check_device
     from promptcl.methods import get_method
-    from promptcl.storage import check_writable_location
+    from promptcl.storage import check_writable_file
 
     for flag, value in (at_least_one or {}).items():
         if value < 1:
@@ -51,9 +51,7 @@ def check_arguments(*, methods: Optional[Iterable[str]] = None, seeds: Optional[
             raise ValueError(f"device must be cpu or cuda[:N], got {device!r}")
         check_device(device)
     if json_path is not None:
-        if json_path.is_dir():
-            raise ValueError(f"--json {str(json_path)!r} is a directory")
-        check_writable_location(f"--json {str(json_path)!r}: its directory", json_path.parent)
+        check_writable_file("--json", json_path)
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:

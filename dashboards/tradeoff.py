@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from promptcl.storage import check_writable_file
 from promptcl.study.tracking import tracking_uri
 from promptcl.study.tradeoff import ACCURACY_KEY, load_trials, pareto_front
 
@@ -25,6 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/tradeoff.png"))
     args = p.parse_args(argv)
     try:
+        check_figure_path(args.out)
         rows = load_trials(tracking_uri(args.mlflow_uri), args.experiment, args.study_run)
     except ValueError as err:
         print(f"tradeoff: error: {err}", file=sys.stderr)
@@ -41,6 +43,16 @@ def main(argv=None) -> int:
     _plot(rows, front, args.out)
     print(f"saved {args.out}")
     return 0
+
+
+def check_figure_path(out: Path) -> None:
+    """A file matplotlib can write, named with the format it is written in."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if out.suffix.lstrip(".").lower() not in formats:
+        raise ValueError(f"--out {str(out)!r} must end in the figure's format: {', '.join('.' + f for f in formats)}")
+    check_writable_file("--out", out)
 
 
 def _plot(rows, front, out: Path) -> None:

@@ -345,6 +345,7 @@ def _run_on_ray(spec, scaling, out: Path, *, progress: bool, feature_cache: Opti
 
 
 def _reproduce(args) -> int:
+    from promptcl.storage import check_writable_file
     from promptcl.study import reproduce
 
     results_path = args.results or reproduce.DEFAULT_RESULTS
@@ -363,7 +364,8 @@ def _reproduce(args) -> int:
             print(reproduce.dry_run_script(row))
             return 0
         plan = reproduce.plan_row(row)
-        reproduce.load_results(results_path)  # an unreadable results file fails now, not after the runs
+        check_writable_file("--results", results_path)  # fails now, not after the runs
+        reproduce.load_results(results_path)
     except ValueError as err:
         return _fail(str(err))
     with _terminate_as_exit():  # a stopped row stops its running seed too

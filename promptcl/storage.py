@@ -39,6 +39,15 @@ def check_writable_location(what: str, location: str | Path) -> None:
         raise ValueError(f"{what} {text!r}: {str(existing)!r} is not writable")
 
 
+def check_writable_file(what: str, path: str | Path) -> None:
+    """Raise ValueError (one line) unless ``path`` names a file this process can write: not a
+    directory, in a directory that is, or can be made, writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a directory")
+    check_writable_location(f"{what} {str(path)!r}: its directory", path.parent)
+
+
 # pyarrow's file systems (and Ray's storage paths): taken as they are
 KNOWN_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
 

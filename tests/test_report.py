@@ -303,7 +303,7 @@ def test_final_metrics_are_logged_once_at_the_last_tasks_step(tmp_path):
     assert {a.path for a in c.list_artifacts(run)} >= {"accuracy_matrix.json", "config.json"}
 
 
-def test_every_command_finds_the_store_the_same_way(tmp_path, monkeypatch):
+def test_every_command_finds_the_store_the_same_way(tmp_path, monkeypatch, capsys):
     """The MLflow store of a study, `report` and the trade-off dashboard: the one given, else
     $MLFLOW_TRACKING_URI, else sqlite under the runs directory (the dashboard ignored the variable)."""
     from promptcl.study import tracking
@@ -335,3 +335,11 @@ def test_every_command_finds_the_store_the_same_way(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "elsewhere")  # no runs/ store here: only the variable names one
     assert tradeoff.main(["--experiment", "study", "--out", str(tmp_path / "map.png")]) == 0
     assert (tmp_path / "map.png").stat().st_size > 0
+    # an --out that would not be the file it names is refused before MLflow is read
+    capsys.readouterr()
+    for out, message in ((tmp_path / "elsewhere", "must end in the figure's format"),
+                         (tmp_path / "map.png" / "x.png", "its directory"), (tmp_path / "d.png", "is a directory")):
+        (tmp_path / "d.png").mkdir(exist_ok=True)
+        assert tradeoff.main(["--experiment", "study", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

@@ -232,6 +232,19 @@ def _write_manifest(path, *rows):
     return str(path)
 
 
+@pytest.mark.parametrize("results, message", [("out", "--results 'OUT' is a directory"),
+                                             ("out/file/r.json", "its directory 'OUT/file' exists and is not")])
+def test_a_results_path_that_cannot_be_written_fails_before_any_run(capsys, tmp_path, results, message):
+    command = f"promptcl run --method simplecil --dataset digits --seed {{seed}} --out {tmp_path}/s{{seed}}"
+    manifest = _write_manifest(tmp_path / "m.json", _row(command, published=50.0))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "file").write_text("")
+    code, out, err = _cli(capsys, "simplecil-digits-fa", "--manifest", manifest, "--results", str(tmp_path / results))
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert message.replace("OUT", str(tmp_path / "out")) in err
+    assert not (tmp_path / "s0").exists()
+
+
 def test_a_manifest_of_the_wrong_shape_is_one_line(tmp_path):
     from promptcl.study.reproduce import load_manifest
 
