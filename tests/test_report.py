@@ -46,6 +46,20 @@ def test_tidy_rows_rebuild_each_trial(rows, tmp_path):
     assert rebuilt[0]["method_state"]["tau"] == [1.0, 1.2]
 
 
+def test_trials_of_a_study_with_a_validation_split_rank_by_what_it_selected_on(rows, tmp_path):
+    """Where every trial has FA on the held-out images (the study's selection), the best trial, the
+    heatmap's, is the best by it, not by the test FA; the trial table shows it as "val FA"."""
+    held_out = {"id-a": 95.0, "id-b": 85.0, "id-c": 90.0}
+    selected = [{**row, "validation_final_average_accuracy": held_out[row["run_id"]]} for row in rows]
+    assert [t["trial"] for t in trials(selected)] == ["a", "c", "b"]
+    page = build_report(selected, tmp_path / "r", title="t").read_text()
+    assert "<th>val FA</th>" in page
+    one_missing = [{**row, "validation_final_average_accuracy": float("nan")} if row["run_id"] == "id-c" else row
+                   for row in selected]
+    assert [t["trial"] for t in trials(one_missing)] == ["b", "a", "c"]  # not comparable: by test FA
+    assert "<th>val FA</th>" not in build_report(rows, tmp_path / "plain", title="t").read_text()
+
+
 def test_report_from_parquet_renders_in_chromium_without_console_errors(rows, tmp_path):
     write_table(rows, tmp_path / "study.parquet")
     assert main(["report", "--from-parquet", str(tmp_path / "study.parquet"), "--out", str(tmp_path / "r")]) == 0
