@@ -119,6 +119,10 @@ def _check_sqlite_file(what: str, url: str, path: Path) -> None:
         raise ValueError(f"{what} {url!r}: {str(path)!r} cannot be read ({err.strerror})") from None
     if header and header != SQLITE_HEADER:
         raise ValueError(f"{what} {url!r}: {str(path)!r} is not an SQLite database")
+    # SQLite writes the file and, beside it, its journal
+    unwritable = next((p for p in (path, path.parent) if not os.access(p, os.W_OK)), None)
+    if unwritable is not None:
+        raise ValueError(f"{what} {url!r}: {str(unwritable)!r} is not writable")
 
 
 def make_sqlite_parent(url: str) -> None:

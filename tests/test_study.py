@@ -134,6 +134,8 @@ def driverless_database_url() -> str:
     (["--cpus-per-worker", "inf"], "cpus_per_worker must be a finite number > 0, got inf"),
     (["--gpus-per-worker", "2"], "gpus_per_worker needs use_gpu"),
     (["--mlflow-uri", "bogus://x"], "MLflow tracking URI 'bogus://x' names no tracking store"),
+    (["--mlflow-uri", "http://127.0.0.1:9"], "MLflow tracking URI 'http://127.0.0.1:9': the server cannot be reached "
+     "(Connection refused); start it, or give another --mlflow-uri"),
     (["--seed", "-1"], "seed must be an integer in [0, 2**32 - 1], got -1"),
     (["--search-seed", "4294967296"], "search_seed must be an integer in [0, 2**32 - 1]"),
     (["--num-samples", "0"], "num_samples and max_concurrent must be >= 1"),
@@ -170,6 +172,23 @@ def test_bad_study_options_fail_before_ray_or_mlflow_start(tmp_path, capsys, mon
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_store_sqlite_cannot_write_is_refused_before_work(tmp_path, monkeypatch):
+    """An existing SQLite store in a read-only file or directory (this suite runs as root, for which
+    every file is writable: the file system's answer is stood in for)."""
+    import os
+    import sqlite3
+
+    from promptcl.storage import check_database_url
+
+    db = tmp_path / "mlflow.db"
+    sqlite3.connect(db).execute("create table t (x)").connection.close()
+    check_database_url("MLflow tracking URI", f"sqlite:///{db}")
+    for read_only in (db, tmp_path):
+        monkeypatch.setattr(os, "access", lambda path, mode, ro=read_only: Path(path) != ro)
+        with pytest.raises(ValueError, match=f"'{read_only}' is not writable$"):
+            check_database_url("MLflow tracking URI", f"sqlite:///{db}")
 
 
 LOCAL_RAY_REFUSALS = [

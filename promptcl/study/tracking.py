@@ -47,8 +47,9 @@ def tracking_uri(given: Optional[str], runs_dir: Path = Path("runs")) -> str:
 
 def check_tracking_uri(uri: str) -> None:
     """A tracking URI MLflow has a store for (sqlite, http(s), a database URL, ...); the store itself
-    is not opened (a sqlite file would be created). A plain path or file: URI is MLflow's file store,
-    which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE is set."""
+    is not opened (a sqlite file would be created), but a tracking server must accept a connection
+    (else MLflow retries for minutes, then fails with a traceback). A plain path or file: URI is
+    MLflow's file store, which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE is set."""
     from mlflow.exceptions import MlflowException
     from mlflow.store.db.db_types import DATABASE_ENGINES
     from mlflow.tracking._tracking_service.utils import _tracking_store_registry
@@ -65,6 +66,20 @@ def check_tracking_uri(uri: str) -> None:
                          "MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///…/mlflow.db")
     if _scheme(uri) in DATABASE_ENGINES:  # MLflow's SQLAlchemy store
         check_database_url("MLflow tracking URI", uri)
+    if _scheme(uri) in ("http", "https"):
+        _check_server_reachable(uri)
+
+
+def _check_server_reachable(uri: str, timeout: float = 10.0) -> None:
+    import socket
+
+    parts = urllib.parse.urlsplit(uri)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except (OSError, ValueError) as err:
+        raise ValueError(f"MLflow tracking URI {without_password(uri)!r}: the server cannot be reached "
+                         f"({getattr(err, 'strerror', None) or err}); start it, or give another --mlflow-uri") from None
 
 
 def client(tracking_uri: str):
