@@ -266,7 +266,7 @@ def run_spec(args):
 def _run(args) -> int:
     from promptcl.core.feature_store import check_root
     from promptcl.engine import check_local_resources, resolve_run, run_sequence
-    from promptcl.storage import check_writable_location
+    from promptcl.storage import check_writable_location, default_mode
     from promptcl.study.trainer import Scaling, fault_from_env
 
     try:
@@ -308,6 +308,7 @@ def _run(args) -> int:
         tmp = None
         try:
             tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
+            tmp.chmod(default_mode(directory=True))  # what --out will be
             progress = sys.stderr.isatty() if args.progress is None else args.progress
             if scaling is None:
                 summary = run_sequence(run, tmp, progress=progress, feature_cache=args.feature_cache)

@@ -48,6 +48,14 @@ def check_writable_file(what: str, path: str | Path) -> None:
     check_writable_location(f"{what} {str(path)!r}: its directory", path.parent)
 
 
+def default_mode(*, directory: bool) -> int:
+    """The permissions ``mkdir`` or ``open`` would give a new directory or file under this process's
+    umask (``mkdtemp`` and ``mkstemp`` make theirs private, which a published output must not stay)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 # pyarrow's file systems (and Ray's storage paths): taken as they are
 KNOWN_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
 

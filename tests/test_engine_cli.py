@@ -1,6 +1,7 @@
 """Whole CL sequences through the CLI: outputs, determinism, batch invariance, bad input."""
 
 import json
+import os
 import re
 
 import numpy as np
@@ -33,6 +34,9 @@ def reference_run(tmp_path_factory):
 def test_run_writes_results_summary_and_checkpoints(reference_run):
     table = pq.read_table(reference_run / "results.parquet")
     assert table.column_names == ["train_task", "eval_task", "accuracy", "n_samples"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert reference_run.stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir makes it, not private
     assert table.num_rows == 15  # 5 tasks, lower triangle
     rows = table.to_pylist()
     assert all(r["eval_task"] <= r["train_task"] for r in rows)

@@ -1,6 +1,7 @@
 """`promptcl reproduce`: the packaged manifest of published numbers, its commands, and a real (tiny) row run."""
 
 import json
+import os
 import shlex
 from pathlib import Path
 
@@ -390,6 +391,9 @@ def test_a_row_runs_each_seed_records_the_result_and_resumes(capsys, tmp_path):
     assert code == 0 and out.splitlines()[0].endswith("-> gap") and out.splitlines()[1].endswith("-> reproduced")
     summary = json.loads((tmp_path / "r" / "s0" / "summary.json").read_text())  # written by the subprocess
     records = json.loads(results.read_text())["rows"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert results.stat().st_mode & 0o777 == 0o666 & ~umask  # as open makes it, not private
     record = records["simplecil-digits-fa"]
     measured = summary["final_average_accuracy"]
     assert record["per_seed"] == {"0": measured} and record["measured"] == measured

@@ -25,6 +25,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterable, Optional
 
+from promptcl.storage import default_mode
+
 DEFAULT_MANIFEST = Path(__file__).with_name("reproduction.json")
 DEFAULT_RESULTS = Path("runs/reproduce/results.json")
 
@@ -267,6 +269,7 @@ def write_result(path: Path, row_id: str, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, default_mode(directory=False))
         with os.fdopen(fd, "w") as f:
             json.dump({"schema": 1, "rows": results}, f, indent=1)
             f.write("\n")
