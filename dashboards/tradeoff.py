@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from promptcl.storage import check_writable_file
-from promptcl.study.tracking import tracking_uri
+from promptcl.study.tracking import default_runs_dir, tracking_uri
 from promptcl.study.tradeoff import ACCURACY_KEY, load_trials, pareto_front
 
 
@@ -22,8 +22,9 @@ def main(argv=None) -> int:
     p.add_argument("--experiment", default="smope_topk")
     p.add_argument("--study-run", default=None, metavar="RUN_ID",
                    help="the study's MLflow parent run (default: the experiment's latest)")
-    p.add_argument("--mlflow-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///runs/mlflow.db")
-    p.add_argument("--out", type=Path, default=Path("runs/tradeoff.png"))
+    p.add_argument("--mlflow-uri", default=None,
+                   help="default: $MLFLOW_TRACKING_URI, else mlflow.db in $PROMPTCL_RUNS_DIR (else runs)")
+    p.add_argument("--out", type=Path, default=default_runs_dir() / "tradeoff.png")
     args = p.parse_args(argv)
     try:
         check_figure_path(args.out)

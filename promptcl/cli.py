@@ -93,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     source = report.add_mutually_exclusive_group(required=True)
     source.add_argument("--experiment", help="MLflow experiment of the study (its finished child runs)")
     source.add_argument("--from-parquet", type=Path, metavar="FILE", help="a study.parquet written by a report")
-    report.add_argument("--mlflow-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///runs/mlflow.db")
+    report.add_argument("--mlflow-uri", default=None,
+                        help="default: $MLFLOW_TRACKING_URI, else mlflow.db in $PROMPTCL_RUNS_DIR (else runs)")
     report.add_argument("--out", type=Path, required=True, help="directory for study.parquet, PNGs, index.html")
     report.add_argument("--study-run", default=None, metavar="RUN_ID",
                         help="with --experiment: the study's MLflow parent run (default: the experiment's latest)")
@@ -118,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--json", action="store_true", help="with --list: a JSON list of the rows")
     reproduce.add_argument("--dry-run", action="store_true", help="print the row's commands (one per seed)")
     reproduce.add_argument("--manifest", type=Path, default=None, help="default: the packaged reproduction.json")
-    reproduce.add_argument("--results", type=Path, default=None, help="default: runs/reproduce/results.json")
+    reproduce.add_argument("--results", type=Path, default=None, help="default: $PROMPTCL_RUNS_DIR (else runs)/reproduce/results.json")
     return parser
 
 
@@ -349,7 +350,7 @@ def _reproduce(args) -> int:
     from promptcl.storage import check_writable_file
     from promptcl.study import reproduce
 
-    results_path = args.results or reproduce.DEFAULT_RESULTS
+    results_path = args.results or reproduce.default_results()
     try:
         rows = reproduce.load_manifest(args.manifest or reproduce.DEFAULT_MANIFEST)
         if args.list:

@@ -319,7 +319,7 @@ def test_final_metrics_are_logged_once_at_the_last_tasks_step(tmp_path):
 
 def test_every_command_finds_the_store_the_same_way(tmp_path, monkeypatch, capsys):
     """The MLflow store of a study, `report` and the trade-off dashboard: the one given, else
-    $MLFLOW_TRACKING_URI, else sqlite under the runs directory (the dashboard ignored the variable)."""
+    $MLFLOW_TRACKING_URI, else sqlite under the runs directory, $PROMPTCL_RUNS_DIR's by default."""
     from promptcl.study import tracking
 
     store = tracking.default_tracking_uri(tmp_path / "store")
@@ -349,6 +349,11 @@ def test_every_command_finds_the_store_the_same_way(tmp_path, monkeypatch, capsy
     monkeypatch.chdir(tmp_path / "elsewhere")  # no runs/ store here: only the variable names one
     assert tradeoff.main(["--experiment", "study", "--out", str(tmp_path / "map.png")]) == 0
     assert (tmp_path / "map.png").stat().st_size > 0
+    # the study's runs directory named by $PROMPTCL_RUNS_DIR alone
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("PROMPTCL_RUNS_DIR", str(tmp_path / "store"))
+    assert tracking.tracking_uri(None) == store
+    assert tradeoff.main(["--experiment", "study", "--out", str(tmp_path / "again.png")]) == 0
     # an --out that would not be the file it names is refused before MLflow is read
     capsys.readouterr()
     for out, message in ((tmp_path / "elsewhere", "must end in the figure's format"),

@@ -28,7 +28,6 @@ from typing import Iterable, Optional
 from promptcl.storage import default_mode
 
 DEFAULT_MANIFEST = Path(__file__).with_name("reproduction.json")
-DEFAULT_RESULTS = Path("runs/reproduce/results.json")
 
 REPRODUCED, GAP, NOT_RUN = "reproduced", "gap", "not run"
 # summary.json key of each metric a row can name
@@ -178,7 +177,7 @@ def same_run_rows(rows: list[dict], row: dict) -> list[dict]:
     return [r for r in rows if r["command"] == row["command"] and r["id"] != row["id"]]
 
 
-def run_row(row: dict, plan: list[tuple[int, list[str], Path]], results_path: Path = DEFAULT_RESULTS,
+def run_row(row: dict, plan: list[tuple[int, list[str], Path]], results_path: Path,
             same_run: Iterable[dict] = ()) -> list[tuple[dict, dict]]:
     """Run each seed whose output has no summary.json yet (so an interrupted row resumes), then
     record the per-seed metric, their mean and the status in the results file, for the row and for
@@ -250,7 +249,14 @@ def _version(package: str) -> Optional[str]:
         return None
 
 
-def load_results(path: Path = DEFAULT_RESULTS) -> dict[str, dict]:
+def default_results() -> Path:
+    """The results file under the runs directory ($PROMPTCL_RUNS_DIR, else ./runs)."""
+    from promptcl.study.tracking import default_runs_dir
+
+    return default_runs_dir() / "reproduce" / "results.json"
+
+
+def load_results(path: Path) -> dict[str, dict]:
     """Recorded results by row id; none yet is an empty dict."""
     path = Path(path)
     if not path.is_file():

@@ -25,15 +25,22 @@ RUN_KEY_TAG = "promptcl.run_key"
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
+def default_runs_dir() -> Path:
+    """Where studies and the commands that read them keep their stores unless told: $PROMPTCL_RUNS_DIR,
+    else ``runs`` in the current directory."""
+    return Path(os.environ.get("PROMPTCL_RUNS_DIR") or "runs")
+
+
 def default_tracking_uri(runs_dir: Path) -> str:
     return f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
 
 
-def tracking_uri(given: Optional[str], runs_dir: Path = Path("runs")) -> str:
+def tracking_uri(given: Optional[str], runs_dir: Optional[Path] = None) -> str:
     """The MLflow store a command uses: the one given, else $MLFLOW_TRACKING_URI, else the sqlite
-    store under ``runs_dir`` (every study, report and dashboard resolves it the same way); a
-    relative SQLite file is taken from the current directory and made absolute."""
-    uri = given or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(runs_dir)
+    store under ``runs_dir`` (default :func:`default_runs_dir`; every study, report and dashboard
+    resolves it the same way); a relative SQLite file is taken from the current directory and made
+    absolute."""
+    uri = given or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(runs_dir or default_runs_dir())
     try:
         database = sqlite_file(uri)
     except ValueError:  # a malformed URL: check_tracking_uri says so

@@ -869,7 +869,7 @@ def study_parser(description: str, *, name: str, num_samples: int, objectives: t
                    help="seeded (default): shuffled by the run seed; natural: the dataset's own order; "
                         "seeded-except-0: natural at seed 0 (as promptcl run)")
     p.add_argument("--search-seed", type=int, default=0)
-    p.add_argument("--runs-dir", type=Path, default=Path(os.environ.get("PROMPTCL_RUNS_DIR", "runs")))
+    p.add_argument("--runs-dir", type=Path, default=tracking.default_runs_dir())
     p.add_argument("--mlflow-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite in --runs-dir")
     p.add_argument("--storage-path", default=None, help="Ray results; shared storage on a cluster")
     p.add_argument("--progress", action="store_true", help="per-epoch progress bars in worker logs")
