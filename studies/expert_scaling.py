@@ -11,8 +11,8 @@ workers or GPUs) and is logged to MLflow with its cost
 Two modes:
   default   Optuna TPE over the define-by-run space (--num-samples trials, default 24).
   --grid    a small full grid, evaluated first as the searcher's baseline points (--num-samples
-            defaults to the grid's size; more samples continue with TPE, fewer run the grid's
-            head, which interleaves the methods, cheapest settings first).
+            defaults to the grid's size, to 2 with --smoke; more samples continue with TPE, fewer
+            run the grid's head, which interleaves the methods, cheapest settings first).
 
 Printed at the end: the best trials and the best trial of each method, each with its accuracy
 (FA, CA, FM), trainable parameters and test FLOPs per image. The whole map (every finished trial,
@@ -132,7 +132,7 @@ def grid_points(dataset: str) -> tuple[dict[str, Any], ...]:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = study_parser(__doc__, name="expert_scaling", num_samples=24, objectives=ACCURACY_AND_COST)
     parser.add_argument("--grid", action="store_true",
-                        help="evaluate the full grid first (default --num-samples: the grid's size)")
+                        help="evaluate the full grid first (default --num-samples: the grid's size; 2 with --smoke)")
     args = parser.parse_args(argv)
     try:
         space = make_search_space(study_dataset(args), smoke=args.smoke)

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         for path in paths:
             tracking.client(spec.resolved_tracking_uri()).log_artifact(parent, str(path))
     print(f"\n{spec.dataset}: {len(rows)} runs, seeds {list(seeds)}\n" + format_method_table(table))
-    print(f"\nTable:  {paths[1]}")
+    print(f"\nTable:  {paths[1].resolve()}")
     print_study_paths(spec, report=spec.report and bool(rows))
     return 0 if len(rows) == len(methods) * len(seeds) else 1
 
