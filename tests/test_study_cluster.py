@@ -196,3 +196,30 @@ def test_a_ctrl_c_leaves_the_study_to_resume_with_each_trial_once_in_optuna(loca
     assert len(rows) == 2
     assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "COMPLETE"]
     assert client.get_run(tuner.stored_parent_run(spec)).info.status == "FINISHED"
+
+
+def test_a_search_whose_trial_failed_exits_1_saying_so(local_ray, tmp_path, monkeypatch, capsys):
+    """A search goes on past a failed trial, prints its tables, and exits 1 with a line naming the
+    failures and the log (its MLflow run ends FAILED). A stand-in trainable (no CL run)."""
+    from promptcl.study import tracking, tuner
+
+    def trial(config, *, context):  # the first trial crashes after its first task
+        from ray import tune
+
+        first = not (tmp_path / "first_ran").exists()
+        (tmp_path / "first_ran").touch()
+        for task in (1, 2):
+            final = {"final_average_accuracy": 60.0, "cumulative_average_accuracy": 70.0, "forgetting": 5.0,
+                     "trainable_params": 10.0, "test_flops_per_image": 1e6} if task == 2 else {}
+            tune.report({"task": task, "average_accuracy": 50.0, "search_score": task - 1 + config["x"] / 100, **final})
+            if first:
+                raise RuntimeError("a crash in the trial")
+
+    monkeypatch.setattr(tuner, "_trial_driver", trial)
+    spec = tuner.StudySpec(name="s", method="smope", dataset="digits", search_space=_x_space, num_samples=2,
+                           max_concurrent=1, runs_dir=tmp_path, feature_cache=False, report=False)
+    assert tuner.run_study_script(spec, table_params=["x"], best_by="x", prog="study") == 1
+    err = capsys.readouterr().err
+    assert f"study: 1 of 2 trials failed; their errors are in {spec.log_path()}" in err
+    parent = tracking.client(spec.resolved_tracking_uri()).get_run(tuner.stored_parent_run(spec))
+    assert parent.info.status == "FAILED"

@@ -627,6 +627,14 @@ def _run_tuner(spec: StudySpec, run_spec: RunSpec, num_tasks: int, uri: str, exp
     return rows
 
 
+def _errored_trials(spec: StudySpec) -> int:
+    """Trials of the study's saved Tune state that ended in an error."""
+    from ray.tune import ExperimentAnalysis
+    from ray.tune.experiment import Trial
+
+    return sum(t.status == Trial.ERROR for t in ExperimentAnalysis(spec.experiment_path()).trials)
+
+
 def _unfinished_trials(spec: StudySpec) -> int:
     """Trials the study's saved Tune state has not finished (or not yet asked for): what --resume
     would run. fit() returns after a first Ctrl-C too, having saved its running trials as RUNNING
@@ -989,7 +997,11 @@ def run_study_script(spec: StudySpec, *, table_params: list[str], best_by: str, 
     print(f"\nOptuna: study {spec.name!r} in {spec.resolved_optuna_storage()}; "
           f"browse it with: optuna-dashboard {spec.resolved_optuna_storage()}")
     print_study_paths(spec, report=spec.report and bool(rows))
-    return 0 if rows else 1
+    errored = _errored_trials(spec)
+    if errored:  # (the study's MLflow run ended FAILED)
+        print(f"{prog}: {errored} of {spec.num_trials()} trials failed; their errors are in {spec.log_path()}",
+              file=sys.stderr)
+    return 0 if rows and not errored else 1
 
 
 def print_study_paths(spec: StudySpec, *, report: bool) -> None:
