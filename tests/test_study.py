@@ -653,6 +653,8 @@ def _smope_spec(monkeypatch, argv):
      "--resume: study 'smope_topk_smoke' at STUDY began with num_samples=3, objectives=['final_average_accuracy:max']; "
      "this command gives num_samples=5, objectives=['final_average_accuracy:max', 'trainable_params:min'] (a restored "
      "study keeps its settings: rerun it with them, or give another --name)"),
+    ("changed", ["--trial-runner", "train", "--max-failures", "2"], "--resume: study 'smope_topk_smoke' at STUDY "
+     "began with max_failures=0, trial_runner='inline'; this command gives max_failures=2, trial_runner='train'"),
     ("no-optuna-study", [], "--resume: study 'smope_topk_smoke' at STUDY searches with the Optuna study "
      "'smope_topk_smoke', which sqlite:///RUNS/optuna.db does not hold"),
     ("corrupt", [], "the study state file STUDY/promptcl_study.json is corrupt ('{\"parent_run'): delete it"),

@@ -230,6 +230,8 @@ def spec_identity(spec: StudySpec) -> dict[str, Any]:
         "max_concurrent": spec.max_concurrent, "methods": spec.methods(), "dataset": spec.dataset,
         "seed": spec.seed, "precision": spec.precision, "fixed_overrides": spec.fixed_overrides,
         "per_method_overrides": spec.per_method_overrides, "workers_per_trial": spec.scaling.num_workers,
+        # a restored Tune keeps its FailureConfig, and a trial's checkpoints are its runner's
+        "trial_runner": "inline" if spec.inline_trials() else "train", "max_failures": spec.scaling.max_failures,
         **{k: spec.run_options.get(k) for k in ("backbone", "protocol", "class_order", "validation_fraction")},
         # the restored searcher opens the database it was pickled with (a password is not kept)
         "optuna_storage": (None if spec.grid is not None
@@ -389,9 +391,9 @@ def check_resumable(spec: StudySpec) -> None:
     if not tune.Tuner.can_restore(spec.experiment_path()):
         return  # nothing saved yet: a new study starts
     stored = (read_study_state(spec) or {}).get("spec")
-    if stored is not None:  # (state files of older versions have no spec: not checked)
+    if stored is not None:  # (state files of older versions have no spec, or fewer keys: those not checked)
         given = spec_identity(spec)
-        changed = [k for k in sorted(set(stored) | set(given)) if stored.get(k) != given.get(k)]
+        changed = [k for k in sorted(stored) if stored[k] != given.get(k)]
         if changed:
             raise ValueError(f"--resume: study {spec.name!r} at {spec.experiment_path()} began with "
                              + ", ".join(f"{k}={stored.get(k)!r}" for k in changed) + "; this command gives "
