@@ -558,14 +558,17 @@ def run_sequence(
             on_task_end(TaskReport(t, T, matrices["accuracy"][: t + 1, : t + 1].copy(), ckpt, cost, validation))
 
     acc = matrices["accuracy"]
+    # un-prompted backbone passes, per image: made by this run, and read from the feature store
+    # (each rank passed its shard: summed over the ranks)
+    frozen = all_reduce_sum(torch.tensor([(store.computed if store is not None else 0) + method.frozen_images_computed,
+                                          store.reused if store is not None else 0], dtype=torch.float64,
+                                         device=device))
     summary = {
         **metrics.summarize(acc),
         **cost,
         "wall_seconds": time.perf_counter() - started,
         "num_workers": world()[1],
-        # un-prompted backbone passes, per image: made by this run, and read from the feature store
-        "frozen_images_computed": (store.computed if store is not None else 0) + method.frozen_images_computed,
-        "frozen_images_reused": store.reused if store is not None else 0,
+        "frozen_images_computed": int(frozen[0]), "frozen_images_reused": int(frozen[1]),
         "accuracy_matrix": acc.tolist(),
         "method_state": method.report_state(),
         "class_order": scenario.class_order,

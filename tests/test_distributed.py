@@ -137,6 +137,9 @@ def test_statistics_based_methods_on_two_ranks_match_one_process(tmp_path):
         assert ranks[0]["accuracy_matrix"] == ranks[1]["accuracy_matrix"]
         # the training work is summed over the ranks' shards: the whole run's, on every rank
         assert ranks[0]["training_work"] == ranks[1]["training_work"] == single["training_work"]
+        # and so are the un-prompted passes (each rank passed its shard; OVOR makes none)
+        assert ranks[0]["frozen_images_computed"] == ranks[1]["frozen_images_computed"] \
+            == single["frozen_images_computed"] > (-1 if method == "ovor" else 0)
         if method == "simplecil":
             assert ranks[0]["accuracy_matrix"] == single["accuracy_matrix"]
         elif method == "ovor":  # gradients summed in another order: within ~3 of the 360 test images

@@ -488,7 +488,30 @@ def test_compat_switch_is_tagged_as_an_unfair_protocol():
         with pytest.raises(ValueError, match="run it on one worker"):
             Scaling(num_workers=2).check(run)
         Scaling(num_workers=1).check(run)
-    Scaling(num_workers=2).check(fair)
+    Scaling(num_workers=2).check(dataclasses.replace(fair, config=dataclasses.replace(fair.config, reg=0.0)))
+
+
+@pytest.mark.parametrize("method", ["hide", "norga"])
+def test_workers_must_not_change_the_contrastive_groups(method):
+    """Each worker computes the contrastive term over its own share of the batch (as HiDe-Prompt's
+    scripts do per GPU): several workers run the one-process objective only when the term is per
+    group of a size that divides a share (then each worker's groups are random groups of the batch
+    of that size, as in one process); the whole-batch term (the default) is refused before any work."""
+    from promptcl.study.trainer import Scaling
+
+    def run(**overrides):
+        return resolve_run(RunSpec(method=method, dataset="digits", overrides={k: str(v) for k, v in overrides.items()}))
+
+    with pytest.raises(ValueError, match=r"^the contrastive term over the whole batch \(contrastive_group=0\) would "
+                                         r"be over each of the 2 workers' shares of 16 images; set contrastive_group "
+                                         r"to a divisor of 16"):
+        Scaling(num_workers=2).check(run())
+    with pytest.raises(ValueError, match=r"per group of contrastive_group=12 would be over each of the 2 workers"):
+        Scaling(num_workers=2).check(run(contrastive_group=12))
+    for fine in (run(contrastive_group=16), run(contrastive_group=8), run(reg=0.0)):
+        Scaling(num_workers=2).check(fine)
+    Scaling(num_workers=1).check(run())
+    Scaling(num_workers=4).check(run(contrastive_group=8))
 
 
 def test_compat_unmasked_test_logits_lets_unseen_classes_win():

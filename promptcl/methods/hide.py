@@ -82,6 +82,20 @@ class HiDeConfig:
         protocol (no ``unfair_protocol`` tag, no refusal on several workers)."""
         return () if self.compat_reference_gather else ("batchwise_prompt",)
 
+    def shard_conflict(self, num_workers: int) -> Optional[str]:
+        """Why ``num_workers`` data-parallel workers would not train this objective, if not. Each
+        worker computes the contrastive term over its own share of the batch (as HiDe-Prompt's
+        scripts do per GPU), so the term must be per group of a size that divides a share: then a
+        worker's groups are random groups of the batch of that size, as in one process."""
+        share = self.batch_size // num_workers
+        if num_workers == 1 or self.reg == 0 or (self.contrastive_group and share % self.contrastive_group == 0):
+            return None
+        given = ("over the whole batch (contrastive_group=0)" if not self.contrastive_group
+                 else f"per group of contrastive_group={self.contrastive_group}")
+        return (f"the contrastive term {given} would be over each of the {num_workers} workers' shares of "
+                f"{share} images; set contrastive_group to a divisor of {share} (HiDe-Prompt's scripts group per "
+                "GPU) or reg=0")
+
     def __post_init__(self) -> None:
         require_layers("prompt_layers", self.prompt_layers)
         require(self.prompt_length >= 1, f"prompt_length must be >= 1, got {self.prompt_length}")

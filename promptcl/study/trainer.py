@@ -52,6 +52,9 @@ class Scaling:
         if self.num_workers > 1 and batch_dependent:
             raise ValueError(f"{' and '.join(batch_dependent)}: a sample's prompts or loss depend on its whole batch, "
                              f"which {self.num_workers} workers would split into shards; run it on one worker")
+        conflict = getattr(run.config, "shard_conflict", lambda workers: None)(self.num_workers)
+        if conflict:
+            raise ValueError(conflict)
         for what, amount in (("cpus_per_worker", self.cpus_per_worker), ("gpus_per_worker", self.gpus_per_worker)):
             if amount is not None and not (math.isfinite(amount) and amount > 0):
                 raise ValueError(f"{what} must be a finite number > 0, got {amount}")
