@@ -417,11 +417,30 @@ def test_a_row_runs_each_seed_records_the_result_and_resumes(capsys, tmp_path):
     assert entry["status"] == "reproduced" and entry["measured"] == measured
 
 
-def test_a_failing_seed_leaves_the_row_not_run(capsys, tmp_path):
-    command = f"promptcl run --method simplecil --dataset digits --seed {{seed}} --out {tmp_path}/s{{seed}}"
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the device is missing only without CUDA")
+def test_a_row_on_a_device_this_machine_lacks_fails_before_any_run(capsys, tmp_path):
+    command = f"promptcl run --method simplecil --dataset digits --seed {{seed}} --out {tmp_path}/s{{seed}} --device cuda"
     manifest = _write_manifest(tmp_path / "m.json", _row(command, published=50.0))
-    (tmp_path / "s0").mkdir()  # a stale output without summary.json: `promptcl run` refuses to overwrite it
+    code, out, err = _cli(capsys, "simplecil-digits-fa", "--manifest", manifest, "--results", str(tmp_path / "r.json"))
+    assert code == 2 and out == "" and "seed 0: device 'cuda'" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+
+def test_a_failing_seed_leaves_the_row_not_run(capsys, tmp_path):
+    # the second seed's output is stale (no summary.json; `promptcl run` would refuse to overwrite
+    # it): refused before the first seed runs, and nothing is recorded
+    stale = f"promptcl run --method simplecil --dataset digits --seed {{seed}} --out {tmp_path}/stale/s{{seed}}"
+    manifest = _write_manifest(tmp_path / "m.json", _row(stale, published=50.0, seeds=(0, 1)))
+    (tmp_path / "stale" / "s1").mkdir(parents=True)
     results = tmp_path / "results.json"
+    code, out, err = _cli(capsys, "simplecil-digits-fa", "--manifest", manifest, "--results", str(results))
+    assert code == 2 and out == "" and f"seed 1: {tmp_path}/stale/s1 exists and holds no finished run" in err
+    assert not results.exists() and not (tmp_path / "stale" / "s0").exists()
+    # a seed whose command fails when it runs (a file where its feature store goes)
+    (tmp_path / "file").write_text("")
+    command = (f"promptcl run --method simplecil --dataset digits --seed {{seed}} --out {tmp_path}/s{{seed}} "
+               f"--feature-cache {tmp_path}/file")
+    manifest = _write_manifest(tmp_path / "m.json", _row(command, published=50.0))
     code, out, _ = _cli(capsys, "simplecil-digits-fa", "--manifest", manifest, "--results", str(results))
     assert code == 1 and "not run" in out
     record = json.loads(results.read_text())["rows"]["simplecil-digits-fa"]

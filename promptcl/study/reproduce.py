@@ -143,7 +143,7 @@ def plan_row(row: dict) -> list[tuple[int, list[str], Path]]:
     does (method, preset, the benchmark's files, the backbone and its checkpoint file), so a row
     fails in seconds, not after hours of another seed."""
     from promptcl.cli import run_spec
-    from promptcl.engine import resolve_run, same_configuration
+    from promptcl.engine import check_local_resources, resolve_run, same_configuration
 
     plan = []
     for seed, command in zip(row["seeds"], seed_commands(row)):
@@ -161,6 +161,7 @@ def plan_row(row: dict) -> list[tuple[int, list[str], Path]]:
             raise ValueError(f"row {row['id']!r}: data directory {args.data_dir!r} does not exist")
         try:
             resolved = resolve_run(run_spec(args))
+            check_local_resources(resolved)  # (the device, the backbone's weights)
         except ValueError as err:
             raise ValueError(f"row {row['id']!r}, seed {seed}: {err}") from None
         summary = Path(args.out) / "summary.json"
@@ -168,6 +169,9 @@ def plan_row(row: dict) -> list[tuple[int, list[str], Path]]:
             if not same_configuration(json.loads(summary.read_text()).get("config") or {}, resolved):
                 raise ValueError(f"row {row['id']!r}: {summary} holds a run of another configuration than the "
                                  "row's command; remove its directory to rerun that seed")
+        elif Path(args.out).exists():  # `promptcl run` would refuse it, after the seeds before it
+            raise ValueError(f"row {row['id']!r}, seed {seed}: {args.out} exists and holds no finished run "
+                             "(no summary.json); remove it to run that seed")
         plan.append((seed, argv, Path(args.out)))
     return plan
 
