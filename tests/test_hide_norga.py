@@ -500,7 +500,8 @@ def test_workers_must_not_change_the_contrastive_groups(method):
     from promptcl.study.trainer import Scaling
 
     def run(**overrides):
-        return resolve_run(RunSpec(method=method, dataset="digits", overrides={k: str(v) for k, v in overrides.items()}))
+        overrides = {k: str(v) for k, v in overrides.items()}
+        return resolve_run(RunSpec(method=method, dataset="digits", overrides=overrides))
 
     with pytest.raises(ValueError, match=r"^the contrastive term over the whole batch \(contrastive_group=0\) would "
                                          r"be over each of the 2 workers' shares of 16 images; set contrastive_group "

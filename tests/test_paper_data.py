@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import json
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -532,6 +533,14 @@ def test_corrupt_files_are_named_before_any_work(cifar_root, five_root, tmp_path
         (bad / "cifar-100-python" / f).write_bytes((root / "cifar-100-python" / f).read_bytes())
     (bad / "cifar-100-python" / "train").write_bytes(b"\x80\x02garbage")
     with pytest.raises(ValueError, match="cifar-100-python/train' is not a valid CIFAR batch file"):
+        resolve_run(RunSpec(method="simplecil", dataset="cifar100", data_dir=bad))
+    # a test file of no images: named, not numpy's message
+    (bad / "cifar-100-python" / "train").write_bytes((root / "cifar-100-python" / "train").read_bytes())
+    test = pickle.loads((root / "cifar-100-python" / "test").read_bytes())
+    empty = {**test, "data": test["data"][:0], "fine_labels": []}
+    (bad / "cifar-100-python" / "test").write_bytes(pickle.dumps(empty, protocol=2))
+    with pytest.raises(ValueError, match=r"cifar-100-python' is not a valid CIFAR-100 folder \(its test file holds no "
+                                         r"images\)"):
         resolve_run(RunSpec(method="simplecil", dataset="cifar100", data_dir=bad))
     idx = tmp_path / "idx"
     write_idx(idx, np.zeros((3, 4), np.uint8))

@@ -419,7 +419,8 @@ def test_a_row_runs_each_seed_records_the_result_and_resumes(capsys, tmp_path):
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the device is missing only without CUDA")
 def test_a_row_on_a_device_this_machine_lacks_fails_before_any_run(capsys, tmp_path):
-    command = f"promptcl run --method simplecil --dataset digits --seed {{seed}} --out {tmp_path}/s{{seed}} --device cuda"
+    command = (f"promptcl run --method simplecil --dataset digits --seed {{seed}} --out {tmp_path}/s{{seed}} "
+               "--device cuda")
     manifest = _write_manifest(tmp_path / "m.json", _row(command, published=50.0))
     code, out, err = _cli(capsys, "simplecil-digits-fa", "--manifest", manifest, "--results", str(tmp_path / "r.json"))
     assert code == 2 and out == "" and "seed 0: device 'cuda'" in err and err.count("\n") == 1

@@ -101,9 +101,11 @@ def _read_cifar(root: Path, folder: str, train_files: Sequence[str], label_key: 
     parts = [read_cifar_batch(root / folder / f, label_key) for f in train_files]
     train = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
     test = read_cifar_batch(root / folder / ("test" if folder.startswith("cifar-100") else "test_batch"), label_key)
-    for path, (_, labels) in ((root / folder, train), (root / folder, test)):
+    for split, (_, labels) in (("training", train), ("test", test)):
+        if not len(labels):
+            raise _damaged(root / folder, f"CIFAR-{num_classes} folder", f"its {split} file holds no images")
         if labels.min() < 0 or labels.max() >= num_classes:
-            raise _damaged(path, f"CIFAR-{num_classes} folder", f"labels outside 0..{num_classes - 1}")
+            raise _damaged(root / folder, f"CIFAR-{num_classes} folder", f"labels outside 0..{num_classes - 1}")
     return train, test
 
 
