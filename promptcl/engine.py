@@ -154,7 +154,8 @@ def resolve_run(spec: RunSpec) -> ResolvedRun:
     if spec.loader_workers is not None and spec.loader_workers < 0:
         raise ValueError(f"loader_workers must be >= 0, got {spec.loader_workers}")
     if spec.checkpoint_file is not None and not Path(spec.checkpoint_file).is_file():
-        raise ValueError(f"checkpoint file {spec.checkpoint_file!r} does not exist")
+        state = "is not a file" if Path(spec.checkpoint_file).exists() else "does not exist"
+        raise ValueError(f"checkpoint file {spec.checkpoint_file!r} {state}")
     if spec.eval_batch_size < 1:
         raise ValueError(f"eval_batch_size must be >= 1, got {spec.eval_batch_size}")
     if spec.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", spec.device):

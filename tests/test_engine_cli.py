@@ -115,6 +115,7 @@ def test_eval_batch_size_does_not_change_any_accuracy(reference_run, tmp_path):
     (["--set", "prompt_layers=0,9"], "exceed the backbone's 4 blocks"),
     (["--dataset", "cifar100"], "needs --data-dir"),
     (["--checkpoint-file", "/nonexistent/w.pt"], "does not exist"),
+    (["--checkpoint-file", "/"], "checkpoint file '/' is not a file"),
     (["--seed", "-1"], "seed must be in [0, 2**32 - 1], got -1"),
     (["--seed", "4294967296"], "seed must be in [0, 2**32 - 1]"),
     (["--set", "lr=inf"], "lr must be finite, got 'inf'"),
