@@ -266,6 +266,7 @@ def run_spec(args):
 
 def _run(args) -> int:
     from promptcl.core.feature_store import check_root
+    from promptcl.data.benchmarks import EmptyTaskError
     from promptcl.engine import check_local_resources, resolve_run, run_sequence
     from promptcl.storage import check_writable_location, default_mode
     from promptcl.study.trainer import Scaling, fault_from_env
@@ -305,21 +306,24 @@ def _run(args) -> int:
     args.out = args.out.absolute()  # Ray's storage paths must be absolute
 
     # Work in a sibling temporary directory; only a finished run appears under --out.
-    with _terminate_as_exit():
-        tmp = None
-        try:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
-            tmp.chmod(default_mode(directory=True))  # what --out will be
-            progress = sys.stderr.isatty() if args.progress is None else args.progress
-            if scaling is None:
-                summary = run_sequence(run, tmp, progress=progress, feature_cache=args.feature_cache)
-            else:
-                summary = _run_on_ray(spec, scaling, tmp, progress=progress, feature_cache=args.feature_cache)
-            os.replace(tmp, args.out)
-        except BaseException:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    try:
+        with _terminate_as_exit():
+            tmp = None
+            try:
+                tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
+                tmp.chmod(default_mode(directory=True))  # what --out will be
+                progress = sys.stderr.isatty() if args.progress is None else args.progress
+                if scaling is None:
+                    summary = run_sequence(run, tmp, progress=progress, feature_cache=args.feature_cache)
+                else:
+                    summary = _run_on_ray(spec, scaling, tmp, progress=progress, feature_cache=args.feature_cache)
+                os.replace(tmp, args.out)
+            except BaseException:
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    except EmptyTaskError as err:  # found as the run sets up, when the data are read
+        return _fail(f"{err}: the data hold only some of {spec.dataset}'s classes")
     print(f"FA {summary['final_average_accuracy']:.2f}  CA {summary['cumulative_average_accuracy']:.2f}  "
           f"FM {summary['forgetting']:.2f}  trainable {summary['trainable_params']:,}  "
           f"test GFLOPs/img {summary['test_flops_per_image'] / 1e9:.4f}"

@@ -525,7 +525,7 @@ def test_every_disk_benchmark_rejects_a_missing_or_empty_root_in_one_line(name, 
         resolve_run(RunSpec(method="simplecil", dataset=name))
 
 
-def test_corrupt_files_are_named_before_any_work(cifar_root, five_root, tmp_path):
+def test_corrupt_files_are_named_before_any_work(cifar_root, five_root, tmp_path, capsys):
     root, _ = cifar_root
     bad = tmp_path / "cifar"
     (bad / "cifar-100-python").mkdir(parents=True)
@@ -542,6 +542,16 @@ def test_corrupt_files_are_named_before_any_work(cifar_root, five_root, tmp_path
     with pytest.raises(ValueError, match=r"cifar-100-python' is not a valid CIFAR-100 folder \(its test file holds no "
                                          r"images\)"):
         resolve_run(RunSpec(method="simplecil", dataset="cifar100", data_dir=bad))
+    # test images of the first 10 classes only: the run finds it as it sets up, and says so in one line
+    kept = [i for i, label in enumerate(test["fine_labels"]) if label < 10]
+    part = {**test, "data": test["data"][kept], "fine_labels": [test["fine_labels"][i] for i in kept]}
+    (bad / "cifar-100-python" / "test").write_bytes(pickle.dumps(part, protocol=2))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["run", "--method", "simplecil", "--dataset", "cifar100", "--data-dir", str(bad), "--backbone",
+                 "vit_tiny_patch16_224", "--random-init", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "has no test images: the data hold only some of cifar100's classes" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
     idx = tmp_path / "idx"
     write_idx(idx, np.zeros((3, 4), np.uint8))
     idx.write_bytes(idx.read_bytes()[:-2])  # truncated

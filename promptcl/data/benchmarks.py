@@ -355,6 +355,10 @@ class AugmentationSeeds(Sampler[tuple[int, int]]):
         return len(self.sampler)
 
 
+class EmptyTaskError(ValueError):
+    """A task of the scenario has no images of a split: data that hold only some of its classes."""
+
+
 class ClassIncremental:
     """Class-incremental tasks over a dataset: ``class_order`` (or ``seed``) and ``increments``.
 
@@ -410,7 +414,7 @@ class ClassIncremental:
             counts = np.bincount(self.position[np.asarray(labels, dtype=np.int64)], minlength=C)
             for task in range(self.num_tasks):
                 if not counts[self.task_classes(task)].sum():  # an empty test set would score 0 %, silently
-                    raise ValueError(f"task {task} (classes {sorted(order[p] for p in self.task_classes(task))}) "
+                    raise EmptyTaskError(f"task {task} (classes {sorted(order[p] for p in self.task_classes(task))}) "
                                      f"has no {split} images")
 
     @property
