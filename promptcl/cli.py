@@ -119,7 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--json", action="store_true", help="with --list: a JSON list of the rows")
     reproduce.add_argument("--dry-run", action="store_true", help="print the row's commands (one per seed)")
     reproduce.add_argument("--manifest", type=Path, default=None, help="default: the packaged reproduction.json")
-    reproduce.add_argument("--results", type=Path, default=None, help="default: $PROMPTCL_RUNS_DIR (else runs)/reproduce/results.json")
+    reproduce.add_argument("--results", type=Path, default=None,
+                           help="default: $PROMPTCL_RUNS_DIR (else runs)/reproduce/results.json")
     return parser
 
 
