@@ -107,8 +107,8 @@ def holds_run(tracking_uri: str, run_id: str) -> bool:
     except MlflowException as err:
         if err.error_code == "RESOURCE_DOES_NOT_EXIST":
             return False
-        raise ValueError(f"MLflow tracking URI {without_password(tracking_uri)!r} cannot be read ({' '.join(str(err).split())[:200]})"
-                         ) from None
+        detail = " ".join(str(err).split())[:200]
+        raise ValueError(f"MLflow tracking URI {without_password(tracking_uri)!r} cannot be read ({detail})") from None
     return True
 
 
