@@ -142,6 +142,8 @@ def driverless_database_url() -> str:
     (["--name", "../escape"], "a study name is letters, digits"),
     (["--objectives", "task_identity_accuracy:max,trainable_params:min"],
      "smope infer(s) no task at test time, so a trial reports no task_identity_accuracy"),
+    (["--set", "top_k=2"], "--set top_k: the study searches it"),
+    (["--set", "warp=9"], "unknown setting(s) warp"),
     (["--validation-fraction", "0", "--objectives", "validation_final_average_accuracy:max,trainable_params:min"],
      "the objective(s) validation_final_average_accuracy:max read the held-out training images, which runs "
      "without a validation split (--validation-fraction 0) do not have"),
@@ -724,3 +726,21 @@ def test_a_search_over_methods_validates_every_method_it_searches(tmp_path):
     with pytest.raises(ValueError, match="^smope infer"):  # its SMoPE trials report no task identity
         validate_study(spec(hide_or_smope, "hide"))
     assert not (tmp_path / "r").exists()
+
+
+def test_set_gives_every_trial_a_method_setting(tmp_path, monkeypatch):
+    """`--set KEY=VALUE` (as promptcl run's) is a fixed setting of every trial, checked with the
+    method: e.g. the contrastive groups NoRGa needs to run on two workers per trial."""
+    import norga_gate
+
+    from promptcl.study import tuner
+
+    seen = {}
+    monkeypatch.setattr(norga_gate, "run_study_script", lambda spec, **kwargs: seen.update(spec=spec) or 0)
+    argv = ["--smoke", "--runs-dir", str(tmp_path / "r"), "--workers-per-trial", "2"]
+    norga_gate.main(argv)
+    with pytest.raises(ValueError, match="contrastive term over the whole batch"):
+        tuner.validate_study(seen["spec"])
+    norga_gate.main([*argv, "--set", "contrastive_group=16"])
+    assert seen["spec"].fixed_overrides["contrastive_group"] == "16" and seen["spec"].fixed_overrides["epochs"] == 2
+    assert tuner.validate_study(seen["spec"]).overrides["contrastive_group"] == "16"

@@ -30,6 +30,7 @@ from typing import Any, Callable, Literal, Optional
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
+from promptcl.config import parse_overrides
 from promptcl.core.backbone import LOCAL_BACKBONES
 from promptcl.core.feature_store import check_root
 from promptcl.core.pretrain import local_checkpoint
@@ -369,6 +370,12 @@ def validate_study(spec: StudySpec) -> RunSpec:
     if spec.scheduler == "asha" and spec.objectives != ACCURACY:
         raise ValueError(f"ASHA compares trials on one accuracy metric per task; --asha needs the objective "
                          f"{ACCURACY[0]}, got {','.join(map(str, spec.objectives))}")
+    if spec.search_space is not None:  # a searched setting would override the fixed one in every trial
+        searched = {entry[1] for suggested, constants in space_branches(spec.search_space) for entry in suggested}
+        searched |= {key for _, constants in space_branches(spec.search_space) for key in (constants or {})}
+        clash = sorted(searched & set(spec.fixed_overrides))
+        if clash:
+            raise ValueError(f"--set {', '.join(clash)}: the study searches {'it' if len(clash) == 1 else 'them'}")
     for method in spec.methods():  # every method of a comparison, with its own overrides
         resolved = resolve_run(RunSpec(method=method, dataset=spec.dataset, seed=spec.seed, precision=spec.precision,
                                        **spec.run_options, overrides=spec.overrides_for(method)))
@@ -859,7 +866,15 @@ def study_parser(description: str, *, name: str, num_samples: int, objectives: t
         except ValueError as err:
             raise argparse.ArgumentTypeError(str(err)) from None
 
+    def setting_arg(text: str) -> tuple[str, str]:
+        try:
+            return next(iter(parse_overrides([text]).items()))
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--set", dest="settings", type=setting_arg, action="append", default=[], metavar="KEY=VALUE",
+                   help="a method setting every trial runs with (not one the study searches), as promptcl run's")
     p.add_argument("--dataset", default=None,
                    help=f"default: {DEFAULT_STUDY_DATASET} (the offline benchmark), {SMOKE_DATASET} with --smoke")
     p.add_argument("--num-samples", type=int, default=None, help=f"trials (default {num_samples}; 2 with --smoke)")
@@ -956,7 +971,7 @@ def spec_from_args(args, *, method: str, search_space: SearchSpace, smoke_overri
         num_samples=(args.num_samples if args.num_samples is not None
                      else 2 if args.smoke else args.default_num_samples),
         max_concurrent=args.max_concurrent, seed=args.seed, search_seed=args.search_seed,
-        fixed_overrides=smoke_overrides if args.smoke else {}, runs_dir=args.runs_dir,
+        fixed_overrides={**(smoke_overrides if args.smoke else {}), **dict(args.settings)}, runs_dir=args.runs_dir,
         tracking_uri=args.mlflow_uri, storage_path=args.storage_path,
         scaling=Scaling(num_workers=args.workers_per_trial, use_gpu=args.use_gpu,
                         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
