@@ -371,8 +371,8 @@ def validate_study(spec: StudySpec) -> RunSpec:
         raise ValueError(f"ASHA compares trials on one accuracy metric per task; --asha needs the objective "
                          f"{ACCURACY[0]}, got {','.join(map(str, spec.objectives))}")
     if spec.search_space is not None:  # a searched setting would override the fixed one in every trial
-        searched = {entry[1] for suggested, constants in space_branches(spec.search_space) for entry in suggested}
-        searched |= {key for _, constants in space_branches(spec.search_space) for key in (constants or {})}
+        searched = {name for suggested, constants in space_branches(spec.search_space)
+                    for name in [entry[1] for entry in suggested] + list(constants or {})}
         clash = sorted(searched & set(spec.fixed_overrides))
         if clash:
             raise ValueError(f"--set {', '.join(clash)}: the study searches {'it' if len(clash) == 1 else 'them'}")
