@@ -57,7 +57,8 @@ class ShardedBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         n, b = len(self.batches.sampler), self.batches.batch_size
         full, last = divmod(n, b)
-        return full + (1 if last > self.rank and not self.batches.drop_last else 0)
+        # a batch smaller than the world leaves ranks b, b+1, ... with empty shares of every batch
+        return (full if self.rank < b else 0) + (1 if last > self.rank and not self.batches.drop_last else 0)
 
     def global_steps(self) -> int:
         return len(self.batches)

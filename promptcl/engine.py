@@ -331,11 +331,12 @@ def evaluate(method: PromptMethod, loader, device, task_index: int, precision: s
         if "task" in details:
             has_task = True
             task_hits += int((details["task"].cpu() == task_index).sum())
-    counts = all_reduce_sum(torch.tensor([correct, total, task_hits], dtype=torch.int64, device=device))
-    correct, total, task_hits = counts.tolist()
+    # has_task is summed too: a rank whose shard held no test batch cannot tell whether the method infers tasks
+    counts = all_reduce_sum(torch.tensor([correct, total, task_hits, has_task], dtype=torch.int64, device=device))
+    correct, total, task_hits, ranks_with_task = counts.tolist()
     if not total:
         raise ValueError(f"task {task_index} has no test images to evaluate")
-    return Evaluation(100.0 * correct / total, total, 100.0 * task_hits / total if has_task else None)
+    return Evaluation(100.0 * correct / total, total, 100.0 * task_hits / total if ranks_with_task else None)
 
 
 # Task checkpoints hold tensors, numbers, strings, lists and dicts only, so they load with

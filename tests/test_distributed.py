@@ -26,6 +26,10 @@ def test_sharded_batches_are_the_global_batches_split_across_ranks():
     tail = SequentialSampler(range(17))
     assert [len(ShardedBatchSampler(tail, 8, r, 3)) for r in range(3)] == [3, 2, 2]
     assert [len(list(ShardedBatchSampler(tail, 8, r, 3))) for r in range(3)] == [3, 2, 2]
+    # a batch of 2 on 3 ranks (an evaluation batch smaller than the world): rank 2 never gets a share
+    short = SequentialSampler(range(5))
+    assert [len(list(ShardedBatchSampler(short, 2, r, 3))) for r in range(3)] == [3, 2, 0]
+    assert [len(ShardedBatchSampler(short, 2, r, 3)) for r in range(3)] == [3, 2, 0]
 
 
 def test_batch_size_must_divide_across_workers():
@@ -147,3 +151,40 @@ def test_statistics_based_methods_on_two_ranks_match_one_process(tmp_path):
         else:
             assert ranks[0]["task_identity_matrix"] == single["task_identity_matrix"]
             assert abs(ranks[0]["final_average_accuracy"] - single["final_average_accuracy"]) < 2
+
+
+def _empty_shard_worker(rank: int, world: int, init: str, out: str) -> None:
+    """Rank 1 holds no batch of the task (a task smaller than the world, or an evaluation batch
+    smaller than it): it must still join the reductions and agree with rank 0."""
+    from promptcl.core.backbone import build_backbone
+    from promptcl.data.benchmarks import load_dataset
+    from promptcl.engine import evaluate
+    from promptcl.methods import get_method
+    from promptcl.methods.base import TaskInfo
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    cls = get_method("dualprompt")
+    method = cls(cls.PRESETS["small"], backbone=build_backbone("vit_digits", pretrained=True),
+                 num_classes=10, num_tasks=5)
+    method.begin_task(TaskInfo(0, range(0, 2), 5))
+    test = load_dataset("digits").test
+    batch = (torch.stack([test[i][0] for i in range(6)]), torch.tensor([test[i][1] for i in range(6)]))
+    mine = [batch] if rank == 0 else []
+    features, labels = method.collect_features(method.frozen_features, mine, prompted=False)
+    stats = ClassGaussians(10, method.embed_dim)
+    stats.fit(features, labels)
+    evaluation = evaluate(method, mine, torch.device("cpu"), 0)
+    torch.save({"features": features, "mean": stats.mean, "evaluation": evaluation}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_a_rank_with_an_empty_shard_joins_the_reductions(tmp_path):
+    out = str(tmp_path / "result")
+    mp.spawn(_empty_shard_worker, args=(2, f"file://{tmp_path}/pg", out), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+    assert ranks[0]["features"].shape == (6, 64) and ranks[1]["features"].shape == (0, 64)
+    assert torch.equal(ranks[0]["mean"], ranks[1]["mean"]) and ranks[0]["mean"].abs().sum() > 0
+    # the task-identity score is reported on every rank, the one without a test batch included
+    assert ranks[0]["evaluation"] == ranks[1]["evaluation"]
+    assert ranks[0]["evaluation"].task_identity is not None and ranks[0]["evaluation"].n_samples == 6

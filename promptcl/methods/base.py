@@ -300,6 +300,8 @@ class PromptMethod(nn.Module):
                 self.end_of_task_pass_images["prompted"] += len(y)
         # frozen passes made by encode itself (the features, or a prompted pass's query)
         self.end_of_task_pass_images["frozen"] += self.frozen_images_requested - frozen_before
+        if not feats:  # this rank's shard of a task smaller than the world: it still joins the reductions
+            return torch.empty(0, self.embed_dim, device=device), torch.empty(0, dtype=torch.long, device=device)
         return torch.cat(feats), torch.cat(labels)
 
     def device(self) -> torch.device:
