@@ -89,30 +89,6 @@ def test_a_study_whose_driver_is_killed_resumes_with_every_trial_once(local_ray,
     assert optuna.trial.TrialState.RUNNING not in states
 
 
-def test_trials_run_on_a_worker_node_that_joins_mid_study(tmp_path):
-    """A head that holds one trial; a second node joins once the study runs; the trial that waited
-    for room runs there (MLflow's ray_node_id tags), and the study completes."""
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 1, "object_store_memory": 128 * 2**20,
-                                      "include_dashboard": False})
-    try:
-        # 1 CPU: two trial drivers (0.01 each) and one 0.9-CPU Train worker; the second worker must wait
-        study = _study(cluster.address, tmp_path, "--num-samples", "2", "--max-concurrent", "2",
-                       "--cpus-per-worker", "0.9", "--trial-runner", "train")
-        _wait_for(lambda: _runs_started(tmp_path) >= 1 or study.poll() is not None, 300, "a first trial")
-        joined = cluster.add_node(num_cpus=1, object_store_memory=128 * 2**20)
-        assert study.wait(600) == 0
-        _, runs = _runs(tmp_path)
-        children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-        assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
-        nodes = {r.data.tags["ray_node_id"] for r in children}
-        assert joined.node_id in nodes and cluster.head_node.node_id in nodes
-    finally:
-        cluster.shutdown()
-
-
 def _runs_started(tmp_path: Path) -> int:
     try:
         _, runs = _runs(tmp_path)
@@ -121,28 +97,31 @@ def _runs_started(tmp_path: Path) -> int:
     return sum("mlflow.parentRunId" in r.data.tags for r in runs)
 
 
-def test_trials_wait_for_a_node_that_offers_the_driver_resource(tmp_path):
-    """``--driver-resource`` that no node offers yet: the console says so, no trial starts, and once a
-    node that offers it joins, the study runs there and completes."""
+def test_trials_wait_for_a_node_with_the_driver_resource_and_spread_over_the_nodes(tmp_path):
+    """``--driver-resource`` that no node offers yet: the console says so and no trial starts. A
+    node that offers it joins mid-study: it takes both trial drivers, and as each node has room for
+    one 0.9-CPU Train worker only, the two trials train one on the new node and one on the head
+    (MLflow's ray_node_id tags); the study completes."""
     from ray.cluster_utils import Cluster
 
-    # the head could hold the whole trial (driver and one 1-CPU Train worker) but for the resource
     cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 2, "object_store_memory": 128 * 2**20,
+                      head_node_args={"num_cpus": 1, "object_store_memory": 128 * 2**20,
                                       "include_dashboard": False})
     study = None
     try:
-        study = _study(cluster.address, tmp_path, "--num-samples", "1", "--driver-resource", "promptcl_driver")
+        study = _study(cluster.address, tmp_path, "--num-samples", "2", "--max-concurrent", "2",
+                       "--cpus-per-worker", "0.9", "--driver-resource", "promptcl_driver")
         console = next(tmp_path.glob("driver-*.log"))
         _wait_for(lambda: "no node offers the resource 'promptcl_driver'" in console.read_text()
                   or study.poll() is not None, 300, "the console line")
-        time.sleep(20)  # time enough for a trial to start and open its MLflow run, were its driver placed
+        time.sleep(10)  # time enough for a trial to start and open its MLflow run, were its driver placed
         assert study.poll() is None and _runs_started(tmp_path) == 0
-        cluster.add_node(num_cpus=1, resources={"promptcl_driver": 10}, object_store_memory=128 * 2**20)
+        joined = cluster.add_node(num_cpus=1, resources={"promptcl_driver": 10}, object_store_memory=128 * 2**20)
         assert study.wait(600) == 0, console.read_text()[-3000:]
         _, runs = _runs(tmp_path)
         children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-        assert len(children) == 1 and children[0].info.status == "FINISHED"
+        assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+        assert {r.data.tags["ray_node_id"] for r in children} == {joined.node_id, cluster.head_node.node_id}
     finally:
         if study is not None and study.poll() is None:
             study.kill()
