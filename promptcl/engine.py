@@ -613,14 +613,15 @@ def _feature_store(root: str, run: ResolvedRun, method: PromptMethod, device: to
 
     compiled = {"compiled": True} if run.spec.compile_backbone else {}  # compiled features differ in the last bits
     # another GPU model or TF32 setting gives other last bits; so can another matmul precision anywhere
-    gpu = ({"gpu": torch.cuda.get_device_name(device),
-            "tf32": [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]}
-           if device.type == "cuda" else {})
+    # and on a CPU, the instruction set its kernels dispatch to (nodes of a cluster may differ)
+    hardware = ({"gpu": torch.cuda.get_device_name(device),
+                 "tf32": [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]}
+                if device.type == "cuda" else {"cpu_capability": torch.backends.cpu.get_cpu_capability()})
     return FeatureStore(root, {"backbone": run.backbone, "weights": weights_digest(method.backbone),
                                "precision": run.spec.precision, "device": device.type,
                                "matmul_precision": torch.get_float32_matmul_precision(),
                                "torch": torch.__version__.split("+")[0], "timm": timm.__version__,
-                               "code": _frozen_pass_code_digest(), **gpu, **compiled})
+                               "code": _frozen_pass_code_digest(), **hardware, **compiled})
 
 
 @functools.cache

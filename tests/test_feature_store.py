@@ -205,3 +205,17 @@ def test_a_runs_store_fingerprint_holds_what_changes_the_features(tmp_path):
         assert store()[1].dir != fp32.dir
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def test_a_cpu_with_another_instruction_set_opens_another_store(tmp_path, monkeypatch):
+    """AVX2 and AVX-512 kernels round differently: a cluster node of another CPU kind must not
+    serve its features to this one."""
+    from promptcl.engine import _feature_store, build_method
+
+    run = resolve_run(RunSpec(method="simplecil", dataset="digits"))
+    method = build_method(run, num_classes=10, num_tasks=5, device=torch.device("cpu"))
+    here = _feature_store(str(tmp_path), run, method, torch.device("cpu"))
+    assert here.fingerprint["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    other = "AVX512" if here.fingerprint["cpu_capability"] != "AVX512" else "AVX2"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other)
+    assert _feature_store(str(tmp_path), run, method, torch.device("cpu")).dir != here.dir

@@ -5,9 +5,10 @@ backbone over the same images: the query pass of query-based selection, HiDe/NoR
 features, SimpleCIL's prototypes. A :class:`FeatureStore` computes each once. Entries are keyed by
 the exact bytes (and shape and dtype) of each input image, so any preprocessing, dataset or split is
 part of the key by construction, and by a fingerprint of everything else that determines a feature
-(the engine's: backbone name, a digest of its weights, precision, device and matmul settings,
-torch and timm versions, a digest of the frozen pass's source; and this format's version): one directory per fingerprint under the store's root (a local path or any URI pyarrow
-reaches, e.g. the study's storage path on a cluster).
+(the engine's: backbone name, a digest of its weights, precision, device (GPU model or CPU
+instruction set) and matmul settings, torch and timm versions, a digest of the frozen pass's source;
+and this format's version): one directory per fingerprint under the store's root (a local path or
+any URI pyarrow reaches, e.g. the study's storage path on a cluster).
 
 Files are Arrow IPC segments: a run appends what it computed as a new segment, written under a
 temporary name and moved into place, so concurrent trials never write the same file and readers
