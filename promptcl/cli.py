@@ -335,13 +335,18 @@ def _run(args) -> int:
 
 def _run_on_ray(spec, scaling, out: Path, *, progress: bool, feature_cache: Optional[str]) -> dict:
     """The run on Ray Train workers; the reported checkpoints become ``out``'s files."""
-    from promptcl.study.tuner import ensure_ray
+    from ray.train import WorkerGroupError
+
     from promptcl.study.trainer import fault_from_env, make_trainer
+    from promptcl.study.tuner import ensure_ray
 
     ensure_ray()
     storage = out / "ray_storage"
-    result = make_trainer(spec, scaling, name="run", storage_path=str(storage), progress=progress,
-                          fault=fault_from_env(), feature_cache=feature_cache).fit()
+    try:
+        result = make_trainer(spec, scaling, name="run", storage_path=str(storage), progress=progress,
+                              fault=fault_from_env(), feature_cache=feature_cache).fit()
+    except WorkerGroupError as err:  # data short of some classes: the one line the in-process run gives
+        raise _data_error(err) or err
     (out / "checkpoints").mkdir()
     for checkpoint, _metrics in result.best_checkpoints:
         with checkpoint.as_directory() as d:
@@ -349,6 +354,18 @@ def _run_on_ray(spec, scaling, out: Path, *, progress: bool, feature_cache: Opti
                 shutil.copy2(f, out / ("checkpoints" if f.name.startswith("task_") else "") / f.name)
     shutil.rmtree(storage)
     return json.loads((out / "summary.json").read_text())
+
+
+def _data_error(err) -> Optional[Exception]:
+    """The EmptyTaskError a worker raised as it read the data, when that is why its group failed
+    (Ray keeps a worker's exception inside a wrapper that carries its traceback)."""
+    from promptcl.data.benchmarks import EmptyTaskError
+
+    for failure in err.worker_failures.values():
+        cause = getattr(failure, "_base_exc", failure)
+        if isinstance(cause, EmptyTaskError):
+            return cause
+    return None
 
 
 def _reproduce(args) -> int:

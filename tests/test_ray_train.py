@@ -158,3 +158,25 @@ def test_a_worker_that_does_not_see_the_run_locations_fails_at_its_start(tmp_pat
     with pytest.raises(RuntimeError, match=r"storage 'local:.*/ray_results/study' is not visible on node .*, where "
                                            r"this worker runs: put --storage-path .* or --out .* every node mounts"):
         check_node_sees_locations(storage)
+
+
+def test_data_short_of_some_classes_fail_a_worker_run_in_one_line(local_ray, cifar100_files, tmp_path, capsys):
+    """A CIFAR-100 test file with the first 10 classes only: the workers find it as they set up;
+    the command says so in one line (not Ray's wrapped traceback) and leaves nothing."""
+    import pickle
+
+    root, _ = cifar100_files
+    part = tmp_path / "cifar" / "cifar-100-python"
+    part.mkdir(parents=True)
+    for name in ("train", "meta"):
+        (part / name).write_bytes((root / "cifar-100-python" / name).read_bytes())
+    test = pickle.loads((root / "cifar-100-python" / "test").read_bytes())
+    kept = [i for i, label in enumerate(test["fine_labels"]) if label < 10]
+    (part / "test").write_bytes(pickle.dumps(
+        {**test, "data": test["data"][kept], "fine_labels": [test["fine_labels"][i] for i in kept]}, protocol=2))
+    assert main(["run", "--method", "simplecil", "--dataset", "cifar100", "--data-dir", str(part.parent),
+                 "--backbone", "vit_tiny_patch16_224", "--random-init", "--out", str(tmp_path / "run"),
+                 "--num-workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "has no test images: the data hold only some of cifar100's classes" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar"]
