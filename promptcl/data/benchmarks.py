@@ -245,7 +245,8 @@ def letters(per_class: tuple[int, int] = (400, 100)) -> tuple[np.ndarray, np.nda
                                                              np.ndarray]:
     """notMNIST-style letters A-J rendered from matplotlib's fonts, ``per_class`` (train, test)
     images each a seeded random affine and stroke variation of one rendering; the test images come
-    from fonts never used for training. Returns ink, labels, train and test indices, font per image."""
+    from fonts never used for training (other styles of their families are: a held-out style, not
+    a held-out typeface). Returns ink, labels, train and test indices, font per image."""
     from promptcl.data import glyphs
 
     fonts = glyphs.letter_fonts()
