@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--from-parquet", type=Path, metavar="FILE", help="a study.parquet written by a report")
     report.add_argument("--mlflow-uri", default=None,
                         help="default: $MLFLOW_TRACKING_URI, else mlflow.db in $PROMPTCL_RUNS_DIR (else runs)")
-    report.add_argument("--out", type=Path, required=True, help="directory for study.parquet, PNGs, index.html")
+    report.add_argument("--out", required=True, help="local directory for study.parquet, PNGs, index.html")
     report.add_argument("--study-run", default=None, metavar="RUN_ID",
                         help="with --experiment: the study's MLflow parent run (default: the experiment's latest)")
     report.add_argument("--no-log", action="store_true", help="do not log the report to the study's parent run")
@@ -210,18 +210,25 @@ def _report(args) -> int:
     from promptcl.study.report import report_from_mlflow, report_from_table
     from promptcl.study.tracking import tracking_uri
 
+    from mlflow.exceptions import MlflowException
+
     try:
+        if "://" in args.out:  # (the report reaches MLflow's artifact store through --mlflow-uri)
+            raise ValueError(f"--out {args.out!r}: the report is written to a local directory, not a URI")
         check_writable_location("--out", args.out)
-        if args.experiment:
+        out = Path(args.out)
+        if args.experiment is not None:
+            if not args.experiment.strip():
+                raise ValueError("--experiment names no MLflow experiment")
             uri = tracking_uri(args.mlflow_uri)
-            page = report_from_mlflow(uri, args.experiment, args.out, log_to_parent=not args.no_log,
+            page = report_from_mlflow(uri, args.experiment, out, log_to_parent=not args.no_log,
                                       parent_run_id=args.study_run)
         elif args.study_run:
             return _fail("--study-run selects a study run of --experiment; a Parquet table is one study already")
         else:
-            page = report_from_table(args.from_parquet, args.out)
-    except ValueError as err:
-        return _fail(str(err))
+            page = report_from_table(args.from_parquet, out)
+    except (ValueError, OSError, MlflowException) as err:  # (a failed write or upload leaves --out as it was)
+        return _fail(" ".join(str(err).split()))
     print(f"report: {page}")
     return 0
 

@@ -1,6 +1,7 @@
 """The study report from a tidy table: export rows, trials rebuilt, figures, HTML in Chromium."""
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -220,10 +221,12 @@ def test_every_table_of_the_report_sorts_by_its_own_columns_in_chromium(rows, tm
                                          "gates": ["b"]}
 
 
-def test_bad_report_input_is_one_line_and_writes_nothing(rows, tmp_path, capsys):
+def test_bad_report_input_is_one_line_and_writes_nothing(rows, tmp_path, capsys, monkeypatch):
     from promptcl.study import tracking
 
+    monkeypatch.chdir(tmp_path)  # a URI --out taken for a path would make s3:/... here
     write_table(rows, tmp_path / "study.parquet")
+    (tmp_path / "taken" / "index.html").mkdir(parents=True)
     (tmp_path / "file").write_text("a file")
     pq.write_table(pq.read_table(tmp_path / "study.parquet").drop(["run_id"]), tmp_path / "other.parquet")
     store = tracking.default_tracking_uri(tmp_path / "mlruns")
@@ -248,6 +251,12 @@ def test_bad_report_input_is_one_line_and_writes_nothing(rows, tmp_path, capsys)
          "is a file store, which MLflow refuses unless MLFLOW_ALLOW_FILE_STORE=true"),
         (["--experiment", "study", "--mlflow-uri", empty_uri, "--out", str(tmp_path / "out")],
          "has no finished trials to report"),
+        (["--experiment", "", "--mlflow-uri", empty_uri, "--out", str(tmp_path / "out")],
+         "--experiment names no MLflow experiment"),
+        (["--from-parquet", str(tmp_path / "study.parquet"), "--out", "s3://bucket/report"],
+         "the report is written to a local directory, not a URI"),
+        (["--from-parquet", str(tmp_path / "study.parquet"), "--out", str(tmp_path / "taken")],
+         "its index.html exists and is not a file"),
     ]
     capsys.readouterr()  # MLflow's set-up lines
     for argv, message in cases:
@@ -256,6 +265,38 @@ def test_bad_report_input_is_one_line_and_writes_nothing(rows, tmp_path, capsys)
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
         assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # no store, table or page made
+
+
+def test_a_report_replaces_its_own_files_only_and_logs_only_them(tmp_path, capsys):
+    """``--out`` may hold other files, even the MLflow store itself: they stay and are not uploaded
+    (the whole folder once was, recursing into the store's artifacts). A figure of an earlier report
+    this study has no data for is removed; a failed upload leaves ``--out`` as it was."""
+    from promptcl.study import tracking
+
+    uri = tracking.default_tracking_uri(tmp_path)
+    experiment_id = tracking.ensure_experiment(uri, "study", tmp_path / "mlartifacts")
+    parent = _study_run(uri, experiment_id, "study", [("l2p", "digits", 90.0, 906, "true")])
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "expert_usage.png").write_bytes(b"an earlier SMoPE study's figure")
+    assert main(["report", "--experiment", "study", "--mlflow-uri", uri, "--out", str(tmp_path)]) == 0
+    report_files = {"index.html", "study.parquet", "tradeoff.png", "forgetting.png", "task_curves.png",
+                    "accuracy_matrix.png"}
+    assert {a.path for a in tracking.client(uri).list_artifacts(parent, "report")} == {
+        f"report/{name}" for name in report_files}
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "expert_usage.png").exists()
+    assert report_files <= {p.name for p in tmp_path.iterdir()}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{tmp_path.name}.")]  # no stage left
+
+    # an upload that fails (a file where the run's report/ artifacts go): one line, --out untouched
+    artifacts = Path(tracking.client(uri).get_run(parent).info.artifact_uri.removeprefix("file://"))
+    shutil.rmtree(artifacts / "report")
+    (artifacts / "report").write_text("in the way")
+    (tmp_path / "index.html").write_text("the page before")
+    capsys.readouterr()
+    assert main(["report", "--experiment", "study", "--mlflow-uri", uri, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and (tmp_path / "index.html").read_text() == "the page before"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{tmp_path.name}.")]
 
 
 def test_finished_trials_are_the_finished_children_with_a_final_accuracy(tmp_path):

@@ -14,9 +14,11 @@ import base64
 import html
 import json
 import math
+import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -128,19 +130,31 @@ def _held_out(trial: dict[str, Any]) -> bool:
     return not math.isnan(trial.get(SELECTED_ON, math.nan))
 
 
-def build_report(rows: list[dict[str, Any]], out_dir: Path, *, title: str) -> Path:
-    """Figures (PNG) and ``index.html`` (figures embedded, a sortable trial table) in ``out_dir``."""
+FIGURES = ("tradeoff.png", "forgetting.png", "task_curves.png", "accuracy_matrix.png", "expert_usage.png")
+TABLE = "study.parquet"
+
+
+def build_report(rows: list[dict[str, Any]], out_dir: Path, *, title: str, with_table: bool = False,
+                 upload: Optional[Callable[[Path], None]] = None) -> Path:
+    """Figures (PNG) and ``index.html`` (figures embedded, a sortable trial table) in ``out_dir``,
+    with ``study.parquet`` if ``with_table``. They are written in a temporary sibling directory
+    (``upload`` gets it, holding the report's files only) and then moved in: a failure leaves
+    ``out_dir`` as it was, other files in it stay, and a figure of an earlier report that this one
+    has no data for (e.g. SMoPE's expert usage) is removed."""
     import matplotlib
 
     matplotlib.use("Agg")
     items = trials(rows)
     if not items:
         raise ValueError("the study has no finished trials to report")
+    owned = ("index.html", *FIGURES, *((TABLE,) if with_table else ()))
+    for name in owned:
+        if (out_dir / name).exists() and not (out_dir / name).is_file():
+            raise ValueError(f"--out {str(out_dir)!r}: its {name} exists and is not a file")
     if all(t["pareto"] in ("true", "false") for t in items):  # the front the study searched for
         front, front_label = [t["pareto"] == "true" for t in items], "Pareto front of the study's objectives"
     else:
         front, front_label = pareto_mask(items, ACCURACY_AND_COST), "Pareto front (FA, params, FLOPs)"
-    out_dir.mkdir(parents=True, exist_ok=True)
     figures = {
         "tradeoff.png": tradeoff_figure(items, front, front_label),
         "forgetting.png": _forgetting_figure(items),
@@ -150,13 +164,28 @@ def build_report(rows: list[dict[str, Any]], out_dir: Path, *, title: str) -> Pa
     smope = next((t for t in items if "expert_usage" in t["method_state"]), None)
     if smope is not None:
         figures["expert_usage.png"] = _usage_figure(smope)
-    for name, fig in figures.items():
-        fig.savefig(out_dir / name, dpi=110)
-    page = _html(title, items, front, front_label, out_dir, list(figures))
-    (out_dir / "index.html").write_text(page)
     import matplotlib.pyplot as plt
 
-    plt.close("all")
+    # the stage lies beside out_dir (in its nearest existing ancestor), so the files move in by rename
+    ancestor = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=ancestor))
+    try:
+        for name, fig in figures.items():
+            fig.savefig(stage / name, dpi=110)
+        (stage / "index.html").write_text(_html(title, items, front, front_label, stage, list(figures)))
+        if with_table:
+            write_table(rows, stage / TABLE)
+        if upload is not None:
+            upload(stage)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in owned:
+            if not (stage / name).exists():
+                (out_dir / name).unlink(missing_ok=True)
+        for f in stage.iterdir():
+            os.replace(f, out_dir / f.name)
+    finally:
+        plt.close("all")
+        shutil.rmtree(stage, ignore_errors=True)
     return out_dir / "index.html"
 
 
@@ -312,9 +341,9 @@ document.querySelectorAll('th').forEach(th => th.addEventListener('click', () =>
 """
 
 
-def _html(title: str, items, front, front_label: str, out_dir: Path, figures: list[str]) -> str:
+def _html(title: str, items, front, front_label: str, figure_dir: Path, figures: list[str]) -> str:
     def image(name: str) -> str:
-        data = base64.b64encode((out_dir / name).read_bytes()).decode()
+        data = base64.b64encode((figure_dir / name).read_bytes()).decode()
         return f'<figure><img alt="{name}" src="data:image/png;base64,{data}"><figcaption>{name}</figcaption></figure>'
 
     columns = [("trial", lambda t: t["trial"], str), ("method", lambda t: t["method"], str),
@@ -385,11 +414,12 @@ def report_from_mlflow(tracking_uri: str, experiment: str, out_dir: Path, *,
     if not rows:  # before anything is written
         raise ValueError(f"study run {parent_run_id} of {experiment!r} has no finished trials to report"
                          + (" (the latest; --study-run RUN_ID picks another)" if latest else ""))
-    write_table(rows, out_dir / "study.parquet")
-    page = build_report(rows, out_dir, title=f"Study {experiment}")
-    if log_to_parent:
-        client(tracking_uri).log_artifacts(parent_run_id, str(out_dir), "report")
-    return page
+
+    def upload(stage: Path) -> None:  # the report's own files only, never the rest of out_dir
+        client(tracking_uri).log_artifacts(parent_run_id, str(stage), "report")
+
+    return build_report(rows, out_dir, title=f"Study {experiment}", with_table=True,
+                        upload=upload if log_to_parent else None)
 
 
 def report_from_table(path: Path, out_dir: Path, *, title: Optional[str] = None) -> Path:
