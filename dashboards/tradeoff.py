@@ -4,6 +4,8 @@
 
 Prints the trials with their Pareto status and saves the report's trade-off figure (FA against
 trainable parameters, test FLOPs per image and, for runs that report it, training FLOPs per run).
+The front is the report's: the one the study searched for (its ``pareto`` tags) where every trial
+has one, else that of test FA, parameters and test FLOPs.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from promptcl.storage import check_writable_file
 from promptcl.study.tracking import default_runs_dir, tracking_uri
-from promptcl.study.tradeoff import ACCURACY_KEY, load_trials, pareto_front
+from promptcl.study.tradeoff import ACCURACY_KEY, load_trials, study_front
 
 
 def main(argv=None) -> int:
@@ -35,13 +37,14 @@ def main(argv=None) -> int:
     if not rows:
         print(f"tradeoff: error: no finished trials in {args.experiment!r}", file=sys.stderr)
         return 2
-    front = pareto_front(rows)
+    front, label = study_front(rows)
+    print(label)
     print("pareto | FA | trainable params | test MFLOPs/img | top_k | num_experts | run")
     for row, on_front in sorted(zip(rows, front), key=lambda rf: -rf[0][ACCURACY_KEY]):
         print(f"{'*' if on_front else ' '} | {row[ACCURACY_KEY]:.2f} | {int(row['trainable_params']):,} | "
               f"{row['test_flops_per_image'] / 1e6:.3f} | {row.get('top_k', '-')} | {row.get('num_experts', '-')} | "
               f"{row['run_id'][:8]}")
-    _plot(rows, front, args.out)
+    _plot(rows, front, label, args.out)
     print(f"saved {args.out}")
     return 0
 
@@ -56,14 +59,14 @@ def check_figure_path(out: Path) -> None:
     check_writable_file("--out", out)
 
 
-def _plot(rows, front, out: Path) -> None:
+def _plot(rows, front, label: str, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     from promptcl.study.report import tradeoff_figure
 
     # a run's flattened method_config params are its config (what the front's labels name)
-    fig = tradeoff_figure([{**row, "config": row} for row in rows], front, "Pareto front (FA, params, test FLOPs)")
+    fig = tradeoff_figure([{**row, "config": row} for row in rows], front, label)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
 

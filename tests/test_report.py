@@ -395,6 +395,14 @@ def test_every_command_finds_the_store_the_same_way(tmp_path, monkeypatch, capsy
     monkeypatch.setenv("PROMPTCL_RUNS_DIR", str(tmp_path / "store"))
     assert tracking.tracking_uri(None) == store
     assert tradeoff.main(["--experiment", "study", "--out", str(tmp_path / "again.png")]) == 0
+    # the dashboard stars the front the study tagged (on its objectives), as the report does
+    tagged = _study_run(store, experiment_id, "study", [("l2p", "digits", 85.0, 3500, "false"),
+                                                       ("l2p", "digits", 83.0, 4000, "true")])
+    capsys.readouterr()
+    assert tradeoff.main(["--experiment", "study", "--study-run", tagged, "--out", str(tmp_path / "t.png")]) == 0
+    out = capsys.readouterr().out
+    assert "Pareto front of the study's objectives" in out
+    assert "* | 83.00 | 4,000" in out and "  | 85.00 | 3,500" in out
     # an --out that would not be the file it names is refused before MLflow is read
     capsys.readouterr()
     for out, message in ((tmp_path / "elsewhere", "must end in the figure's format"),

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from promptcl.study.objectives import ACCURACY_AND_COST, pareto_mask
+from promptcl.study.tradeoff import study_front
 
 TRIAL_METRICS = ("final_average_accuracy", "cumulative_average_accuracy", "forgetting", "backward_transfer",
                  "trainable_params", "train_flops_per_image", "test_flops_per_image", "backbone_flops_per_image")
@@ -151,10 +151,7 @@ def build_report(rows: list[dict[str, Any]], out_dir: Path, *, title: str, with_
     for name in owned:
         if (out_dir / name).exists() and not (out_dir / name).is_file():
             raise ValueError(f"--out {str(out_dir)!r}: its {name} exists and is not a file")
-    if all(t["pareto"] in ("true", "false") for t in items):  # the front the study searched for
-        front, front_label = [t["pareto"] == "true" for t in items], "Pareto front of the study's objectives"
-    else:
-        front, front_label = pareto_mask(items, ACCURACY_AND_COST), "Pareto front (FA, params, FLOPs)"
+    front, front_label = study_front(items)
     figures = {
         "tradeoff.png": tradeoff_figure(items, front, front_label),
         "forgetting.png": _forgetting_figure(items),

@@ -22,14 +22,23 @@ def pareto_front(rows: Sequence[dict[str, Any]], cost_keys: Sequence[str] = COST
     return pareto_mask(rows, objectives)
 
 
+def study_front(rows: Sequence[dict[str, Any]]) -> tuple[list[bool], str]:
+    """(for each row whether it is on the front, the front's label): the front the study searched for
+    (its trials' ``pareto`` tags, on its objectives, e.g. held-out FA) when every trial has one, else
+    the front of test FA, trainable parameters and test FLOPs."""
+    if rows and all(row.get("pareto") in ("true", "false") for row in rows):
+        return [row["pareto"] == "true" for row in rows], "Pareto front of the study's objectives"
+    return pareto_front(rows), "Pareto front (FA, params, test FLOPs)"
+
+
 def load_trials(tracking_uri: str, experiment: str, parent_run_id: Optional[str] = None) -> list[dict[str, Any]]:
     """One row per finished trial of one study run (``parent_run_id``, by default the experiment's
-    latest): its method config and final metrics."""
+    latest): its method config, final metrics and ``pareto`` tag."""
     from promptcl.study.tracking import finished_trials
 
     rows = []
     for run in finished_trials(tracking_uri, experiment, parent_run_id)[1]:
         params = {k.split("/", 1)[1]: v for k, v in run.data.params.items() if k.startswith("method_config/")}
         rows.append({"run_id": run.info.run_id, "method": run.data.tags.get("method", ""), **params,
-                     **run.data.metrics})
+                     **run.data.metrics, "pareto": run.data.tags.get("pareto", "")})
     return rows
