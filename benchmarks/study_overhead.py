@@ -8,7 +8,8 @@ otherwise, whose short trials show a trial's fixed cost at its largest) once per
 this one process on one local Ray instance started beforehand (so neither pays Ray's start-up),
 and prints for each: the study's wall time, the CL compute of its trials (each run's own
 ``wall_seconds``: data, backbone, training, evaluation), the ideal wall time (that compute ÷ the
-concurrency), their ratio, and the fixed cost per trial ((wall × concurrency − compute) ÷ trials).
+concurrency the trials can use, and at least the longest trial), their ratio, and the fixed cost per
+trial ((wall − ideal) × concurrency ÷ trials).
 """
 
 from __future__ import annotations
@@ -40,11 +41,20 @@ def measure(runner: str, args) -> dict:
         start = time.perf_counter()
         rows = run_study(spec)
         wall = time.perf_counter() - start
-    compute = sum(r["wall_seconds"] for r in rows)
-    ideal = compute / args.max_concurrent
-    return {"runner": runner, "trials": len(rows), "wall_s": wall, "trial_compute_s": compute, "ideal_s": ideal,
-            "wall_over_ideal": wall / ideal,
-            "fixed_cost_per_trial_s": (wall * args.max_concurrent - compute) / max(1, len(rows))}
+    return {"runner": runner, "wall_s": wall, **ideal_schedule([r["wall_seconds"] for r in rows], args.max_concurrent,
+                                                                wall)}
+
+
+def ideal_schedule(trial_seconds: list[float], max_concurrent: int, wall: float) -> dict:
+    """The ideal wall time of trials that take ``trial_seconds`` of compute, at most ``max_concurrent``
+    at a time: their compute over the concurrency they can use (no more than there are trials), and
+    never below the longest trial; and the fixed cost per trial that the measured ``wall`` implies."""
+    concurrency = max(1, min(max_concurrent, len(trial_seconds)))
+    compute = sum(trial_seconds)
+    ideal = max(compute / concurrency, max(trial_seconds, default=0.0))
+    return {"trials": len(trial_seconds), "concurrency": concurrency, "trial_compute_s": compute, "ideal_s": ideal,
+            "wall_over_ideal": wall / ideal, "fixed_cost_per_trial_s": (wall - ideal) * concurrency
+            / max(1, len(trial_seconds))}
 
 
 def main(argv=None) -> dict:

@@ -140,6 +140,20 @@ def test_study_overhead_benchmark_reports_wall_against_ideal(local_ray, tmp_path
     assert row["wall_s"] > row["trial_compute_s"] > 0 and row["wall_over_ideal"] > 1
 
 
+def test_the_ideal_wall_time_is_the_concurrency_the_trials_can_use_and_at_least_the_longest_trial():
+    from study_overhead import ideal_schedule
+
+    # one trial of 10 s, up to 2 at a time: the ideal is 10 s, not 5; 12 s of wall is 2 s of fixed cost
+    assert ideal_schedule([10.0], 2, 12.0) == {"trials": 1, "concurrency": 1, "trial_compute_s": 10.0,
+                                               "ideal_s": 10.0, "wall_over_ideal": 1.2, "fixed_cost_per_trial_s": 2.0}
+    # three trials, 2 at a time: 4 + 4 + 10 s cannot finish before the 10-s one; 18 ÷ 2 = 9 is not reachable
+    three = ideal_schedule([4.0, 4.0, 10.0], 2, 13.0)
+    assert three["ideal_s"] == 10.0 and three["fixed_cost_per_trial_s"] == 2.0
+    # many short trials: compute ÷ concurrency ((wall × concurrency − compute) ÷ trials, as before)
+    even = ideal_schedule([5.0] * 12, 2, 40.0)
+    assert even["ideal_s"] == 30.0 and even["fixed_cost_per_trial_s"] == (40.0 * 2 - 60.0) / 12
+
+
 def test_compiled_backbone_benchmark_compares_compiled_and_eager(tmp_path, capsys):
     import compiled_backbone
 
