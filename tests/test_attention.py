@@ -246,6 +246,9 @@ def test_auto_is_the_merged_path_on_the_cpu_and_an_unknown_choice_is_refused():
     # no flash kernel for float64, nor a merge with dropout: the fused path
     assert node(dtype=torch.float64) == node("merged", dtype=torch.float64) == node("fused", dtype=torch.float64)
     assert node(dropout_p=0.1) != "_MergedPrefixAttentionBackward"
+    # what the benchmark asks to mark a merged row that ran fused
+    assert attention.merged_has_kernel(torch.device("cpu"), torch.float32)
+    assert not attention.merged_has_kernel(torch.device("cpu"), torch.float64)
     strided = v.transpose(-2, -1).contiguous().transpose(-2, -1)  # head vectors not contiguous: no kernel
     with prefix_attention_impl("merged"):
         out = prefix_attention(q, k, strided, prefix)

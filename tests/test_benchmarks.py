@@ -20,8 +20,11 @@ def test_prompted_step_times_every_method_and_every_path_where_they_differ(tmp_p
     # SMoPE's token-shared logits differ between the paths; HiDe's linear prefix is one SDPA
     assert paths == [("smope", "eager"), ("smope", "fused"), ("smope", "merged"), ("hide", "sdpa"),
                      ("simplecil", "sdpa")]
-    hide = report["rows"][3]
+    hide, times = report["rows"][3], report["times_ms"]
     assert hide["passes"] == 2 and hide["per_pass_ratio"] == hide["forward_ratio"] / 2
+    # each ratio divides the right pair of timings (the method's on its path, the plain pass's)
+    assert hide["forward_ratio"] == pytest.approx(times["hide auto forward"] / times["plain forward"])
+    assert report["rows"][1]["step_ratio"] == pytest.approx(times["smope fused step"] / times["plain step"])
     assert report["rows"][4]["step_ratio"] is None  # SimpleCIL does not train
     assert all(r["forward_ratio"] > 0 for r in report["rows"])
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("simplecil | sdpa | 1 |")
@@ -37,12 +40,17 @@ def test_prompted_step_bf16_columns_compare_fp32_eager_with_each_path_in_bf16(tm
 
     report = prompted_step.main(["--backbone", "vit_digits", "--batch", "4", "--repeats", "1", "--methods", "smope",
                                  "simplecil", "--bf16", "--device", "cpu"])
+    times = report["times_ms"]
     for smope in report["rows"][1:3]:
         assert smope["method"] == "smope" and smope["path"] in ("fused", "merged")
-        assert smope["bf16_step_speedup"] > 0 and smope["bf16_forward_speedup"] > 0
-        # bf16 prompted ÷ bf16 plain: per pass is the forward ratio over the method's passes
-        assert smope["bf16_forward_ratio"] > 0 and smope["bf16_step_ratio"] > 0
-        assert smope["bf16_per_pass_ratio"] == smope["bf16_forward_ratio"]  # one pass
+        # the speed-up: fp32 eager over this path in bf16
+        bf16 = f"smope {smope['path']} bf16"
+        assert smope["bf16_step_speedup"] == pytest.approx(times["smope eager step"] / times[f"{bf16} step"])
+        assert smope["bf16_forward_speedup"] == pytest.approx(times["smope eager forward"] / times[f"{bf16} forward"])
+        # bf16 prompted ÷ bf16 plain: per pass is the forward ratio over the method's passes (one)
+        assert smope["bf16_forward_ratio"] == pytest.approx(times[f"{bf16} forward"] / times["plain bf16 forward"])
+        assert smope["bf16_step_ratio"] == pytest.approx(times[f"{bf16} step"] / times["plain bf16 step"])
+        assert smope["bf16_per_pass_ratio"] == smope["bf16_forward_ratio"]
     assert "bf16_step_speedup" not in report["rows"][0]  # the eager row is the fp32 reference
     assert report["rows"][3]["bf16_step_speedup"] is None  # SimpleCIL does not train
     assert report["rows"][3]["bf16_step_ratio"] is None and report["plain_bf16_step_ms"] > 0
@@ -161,7 +169,9 @@ def test_compiled_backbone_benchmark_compares_compiled_and_eager(tmp_path, capsy
     report = compiled_backbone.main(["--backbone", "vit_digits", "--batch", "4", "--repeats", "1",
                                      "--json", str(out)])
     assert json.loads(out.read_text()) == report
-    assert report["ratio"] > 0 and report["compile_seconds"] > 0
+    assert report["ratio"] == pytest.approx(report["compiled_ms"] / report["eager_ms"])
+    # the compiled variant was compiled: its first call took far longer than an eager pass
+    assert report["compile_seconds"] * 1e3 > 10 * report["eager_ms"]
     assert report["max_abs_difference"] < 1e-4  # the same features
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("vit_digits | cpu | fp32 | 4 |")
 

@@ -178,6 +178,13 @@ class _FlashKernel:
             grad_out, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, False, rng_state, unused, scale=scale)
 
 
+def merged_has_kernel(device: torch.device, dtype: torch.dtype, head_dim: int = 64) -> bool:
+    """Whether the ``merged`` path has its flash kernel for heads of ``head_dim`` in ``dtype`` on
+    ``device``; without one it runs ``fused`` (e.g. fp32 on CUDA)."""
+    q = torch.zeros(1, 1, 1, head_dim, device=device, dtype=dtype)
+    return _flash_kernel(q, q, q, 0.0) is not None
+
+
 def _flash_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> Optional[_FlashKernel]:
     """The flash kernel for these queries, keys and values (one dtype and device, rows of
     contiguous head vectors), if there is one (no dropout: the merge would need its mask)."""
