@@ -231,7 +231,7 @@ def _no_cpu_anywhere(cr):  # the autoscaler could not size the group
 
 
 def _unquoted_custom_resources(cr):  # KubeRay wants the JSON wrapped in an extra pair of quotes
-    cr["spec"]["headGroupSpec"]["rayStartParams"]["resources"] = '{"promptcl_driver": 0.5}'
+    cr["spec"]["headGroupSpec"]["rayStartParams"]["resources"] = '{"promptcl_driver": 100}'
 
 
 @pytest.mark.parametrize("name", [RAYCLUSTER, RAYJOB])
@@ -245,6 +245,14 @@ def test_kuberay_derivation_rejects_broken_crs(name, broken, error):
     broken(cr)
     with pytest.raises(error):
         derive(cr)
+
+
+@pytest.mark.parametrize("name", [RAYCLUSTER, RAYJOB])
+def test_the_head_declares_its_driver_resource_the_way_kuberay_reads_it(name):
+    """The manifests' quoted JSON derives to 100 units on the head, so the unquoted case above (the
+    same 100 units) fails for the quoting alone."""
+    config = derive(kuberay_crs()[name])
+    assert config["available_node_types"][config["head_node_type"]]["resources"][DRIVER_RESOURCE] == 100
 
 
 def test_rayjob_cr_is_built_from_the_jobs_own_metadata():
