@@ -32,8 +32,9 @@ def measure(runner: str, args) -> dict:
     from promptcl.study.tuner import run_study, spec_from_args, study_parser
 
     with tempfile.TemporaryDirectory() as runs:
-        flags = ["--runs-dir", runs, "--dataset", args.dataset, "--num-samples", str(args.num_samples),
-                 "--max-concurrent", str(args.max_concurrent), "--trial-runner", runner, "--no-report",
+        # its own MLflow store too: never the user's $MLFLOW_TRACKING_URI
+        flags = ["--runs-dir", runs, "--mlflow-uri", f"sqlite:///{runs}/mlflow.db", "--dataset", args.dataset,
+                 "--num-samples", str(args.num_samples), "--max-concurrent", str(args.max_concurrent), "--trial-runner", runner, "--no-report",
                  "--name", f"overhead_{runner}", *(["--smoke"] if args.smoke else [])]
         parsed = study_parser("", name="overhead", num_samples=args.num_samples).parse_args(flags)
         spec = spec_from_args(parsed, method="smope", search_space=smope_topk.search_space,
