@@ -34,8 +34,9 @@ def measure(runner: str, args) -> dict:
     with tempfile.TemporaryDirectory() as runs:
         # its own MLflow store too: never the user's $MLFLOW_TRACKING_URI
         flags = ["--runs-dir", runs, "--mlflow-uri", f"sqlite:///{runs}/mlflow.db", "--dataset", args.dataset,
-                 "--num-samples", str(args.num_samples), "--max-concurrent", str(args.max_concurrent), "--trial-runner", runner, "--no-report",
-                 "--name", f"overhead_{runner}", *(["--smoke"] if args.smoke else [])]
+                 "--num-samples", str(args.num_samples), "--max-concurrent", str(args.max_concurrent),
+                 "--trial-runner", runner, "--no-report", "--name", f"overhead_{runner}",
+                 *(["--smoke"] if args.smoke else [])]
         parsed = study_parser("", name="overhead", num_samples=args.num_samples).parse_args(flags)
         spec = spec_from_args(parsed, method="smope", search_space=smope_topk.search_space,
                               smoke_overrides={"epochs": 2, "ca_epochs": 5})
