@@ -206,11 +206,11 @@ def _probe(args) -> int:
 
 
 def _report(args) -> int:
+    from mlflow.exceptions import MlflowException
+
     from promptcl.storage import check_writable_location
     from promptcl.study.report import report_from_mlflow, report_from_table
     from promptcl.study.tracking import tracking_uri
-
-    from mlflow.exceptions import MlflowException
 
     try:
         if "://" in args.out:  # (the report reaches MLflow's artifact store through --mlflow-uri)
