@@ -257,9 +257,15 @@ def test_auto_is_the_merged_path_on_the_cpu_and_an_unknown_choice_is_refused():
     assert type(out.grad_fn).__name__ != "_MergedPrefixAttentionBackward"
 
 
-def test_merged_path_without_token_gradients_still_trains_the_prefix():
+def test_merged_path_without_token_gradients_still_trains_the_prefix(monkeypatch):
     """In the first prompted layer of a frozen backbone only the prefix needs gradients: the kernel's
     backward is skipped and the prefix gradients are the eager path's."""
+    from promptcl.core import attention
+
+    def no_kernel_backward(*args, **kwargs):
+        raise AssertionError("the kernel's backward ran, though no token input needs a gradient")
+
+    monkeypatch.setattr(attention._FlashKernel, "backward", no_kernel_backward)
     q, k, v = qkv()
     grads = {}
     for impl in ("eager", "merged"):
@@ -267,6 +273,8 @@ def test_merged_path_without_token_gradients_still_trains_the_prefix():
         values = torch.randn(B, H, 3, D, generator=torch.Generator().manual_seed(2)).requires_grad_()
         with prefix_attention_impl(impl):
             out = prefix_attention(q, k, v, Prefix(values=values, logits=logits))
+        if impl == "merged":
+            assert type(out.grad_fn).__name__ == "_MergedPrefixAttentionBackward"
         grads[impl] = torch.autograd.grad(out.square().sum(), [logits, values])
     for merged, eager in zip(grads["merged"], grads["eager"]):
         torch.testing.assert_close(merged, eager, atol=1e-5, rtol=1e-5)

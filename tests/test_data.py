@@ -127,8 +127,10 @@ def test_batch_order_does_not_depend_on_the_loader_worker_count(digits):
     def epochs(loader, n=3):
         return [[y.tolist() for _, y in loader] for _ in range(n)]
 
-    seeded = {w: epochs(ClassIncremental(digits, increments=2, seed=0, num_workers=w).train_loader(
-        1, batch_size=16, seed=7)) for w in (0, 2)}
+    loaders = {w: ClassIncremental(digits, increments=2, seed=0, num_workers=w).train_loader(1, batch_size=16, seed=7)
+               for w in (0, 2)}
+    assert loaders[2].num_workers == 2 and loaders[2].persistent_workers  # (the count is honoured)
+    seeded = {w: epochs(loader) for w, loader in loaders.items()}
     assert seeded[0] == seeded[2]
     assert seeded[0][0] != seeded[0][1]  # a new order every epoch
     task = ClassIncremental(digits, increments=2, seed=0).train_dataset(1, augmented=True)

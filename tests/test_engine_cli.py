@@ -92,13 +92,34 @@ def test_an_empty_test_set_is_an_error_not_zero_accuracy():
         evaluate(method, [], torch.device("cpu"), 3)
 
 
+def test_a_runs_cost_is_that_of_its_own_config_not_its_presets(tmp_path):
+    """A setting that changes the cost (SMoPE's expert count) shows in the summary's cost."""
+    overrides = {"epochs": 1, "ca_epochs": 1, "num_experts": 4, "top_k": 1}
+    run = resolve_run(RunSpec(method="smope", dataset="digits", overrides=overrides))
+    summary = run_sequence(run, tmp_path / "run")
+    own = measure_cost(run.method_cls, run.config, run.backbone, 10, (1, 8, 8), num_tasks=5)
+    preset = measure_cost(run.method_cls, run.method_cls.PRESETS["small"], run.backbone, 10, (1, 8, 8), num_tasks=5)
+    for key in ("trainable_params", "test_flops_per_image", "train_flops_per_image"):
+        assert summary[key] == own[key] != preset[key], key
+
+
 def test_same_seed_gives_identical_results(reference_run, tmp_path):
     assert run_cli(tmp_path / "b") == 0
     assert pq.read_table(tmp_path / "b" / "results.parquet").equals(pq.read_table(reference_run / "results.parquet"))
 
 
-def test_eval_batch_size_does_not_change_any_accuracy(reference_run, tmp_path):
+def test_eval_batch_size_does_not_change_any_accuracy(reference_run, tmp_path, monkeypatch):
+    import promptcl.engine as engine
+
+    evaluate, batch_sizes = engine.evaluate, set()
+
+    def recording(method, loader, *args, **kwargs):  # the flag must reach every evaluation
+        batch_sizes.update(len(labels) for _, labels in loader)
+        return evaluate(method, loader, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate", recording)
     assert run_cli(tmp_path / "c", "--eval-batch-size", "1") == 0
+    assert batch_sizes == {1}
     a = pq.read_table(tmp_path / "c" / "results.parquet").to_pylist()
     b = pq.read_table(reference_run / "results.parquet").to_pylist()
     assert a == b

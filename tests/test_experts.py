@@ -280,7 +280,9 @@ def test_sparse_training_routes_with_the_adaptive_noise(monkeypatch):
     """The sparse phase's forward hands every prompted layer its frequent-expert flags (noisy
     routing); the dense warm-up routes no top-k at all."""
     m = smope()
-    m.experts.frequent[:, :, 0] = True
+    for layer in range(m.experts.frequent.shape[0]):  # other flags in each layer: each must get its own
+        m.experts.frequent[layer, :, layer % m.experts.frequent.shape[2]] = True
+    assert not torch.equal(m.experts.frequent[0], m.experts.frequent[1])
     task = TaskInfo(0, range(0, 2), 5)
     warmup, sparse = m.phases(task)
     received = []

@@ -536,12 +536,12 @@ def test_coda_old_components_do_not_change_after_their_task(tmp_path, monkeypatc
     run = resolve_run(RunSpec(method="coda", dataset="digits", pretrained=False,
                               overrides={"epochs": 1, "ortho_weight": 0.1}))
     names = ("components", "keys", "attention")
-    started, ended = [], []
+    by_instance, ended = {}, []  # (the engine's cost measurement begins a task on a CODA of its own)
     begin_task = get_method("coda").begin_task
 
     def begin_and_keep(self, task):
         begin_task(self, task)
-        started.append({k: getattr(self, k).detach().clone() for k in names})
+        by_instance.setdefault(id(self), []).append({k: getattr(self, k).detach().clone() for k in names})
 
     def keep(report):
         state = torch.load(report.checkpoint, weights_only=True)["state"]
@@ -549,6 +549,7 @@ def test_coda_old_components_do_not_change_after_their_task(tmp_path, monkeypatc
 
     monkeypatch.setattr(get_method("coda"), "begin_task", begin_and_keep)
     run_sequence(run, tmp_path, on_task_end=keep)
+    (started,) = [begins for begins in by_instance.values() if len(begins) == 5]  # the run's own method
     per_task = 20 // 5
     for t in range(5):
         own = slice(t * per_task, (t + 1) * per_task)
@@ -1041,15 +1042,24 @@ def test_query_methods_cost_two_passes_and_one_prompt_methods_one(capsys):
         assert costs[name]["test_passes"] == passes
 
 
-@pytest.mark.parametrize("name,setting", [("l2p", "top_k=11"), ("coda", "pool_size=7"), ("ovor", "id_threshold=0"),
-                                          ("vqprompt", "temperature=0"), ("dualprompt", "e_layers="),
-                                          ("l2p", "token_layout=sideways"), ("sprompt++", "e_layers=0,0"),
-                                          ("smope", "prompt_layers=-1,0"), ("dualprompt", "schedule=weekly"),
-                                          ("dualprompt", "head_init=xavier")])
-def test_bad_settings_fail_before_any_work(name, setting, capsys):
-    assert main(["run", "--method", name, "--dataset", "digits", "--out", "unused", "--set", setting]) == 2
+@pytest.mark.parametrize("name,setting,message", [
+    ("l2p", "top_k=11", "top_k=11 must be between 1 and pool_size=10"),
+    ("coda", "pool_size=7", "pool_size 7 must be a multiple of the 5 tasks"),
+    ("ovor", "id_threshold=0", "id_threshold 0.0 must be below ood_threshold -3.0"),
+    ("vqprompt", "temperature=0", "temperature must be > 0, got 0.0"),
+    ("dualprompt", "e_layers=", "e_layers must be distinct non-negative block indices, got ()"),
+    ("l2p", "token_layout=sideways", "invalid value 'sideways' for token_layout"),
+    ("sprompt++", "e_layers=0,0", "e_layers must be distinct non-negative block indices, got (0, 0)"),
+    ("smope", "prompt_layers=-1,0", "prompt_layers must be distinct non-negative block indices, got (-1, 0)"),
+    ("dualprompt", "schedule=weekly", "invalid value 'weekly' for schedule"),
+    ("dualprompt", "head_init=xavier", "invalid value 'xavier' for head_init"),
+])
+def test_bad_settings_fail_before_any_work(name, setting, message, capsys, tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", "--method", name, "--dataset", "digits", "--out", str(out), "--set", setting]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and setting.split("=")[0] in err
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- every method end to end ----------------------------------------------------------------

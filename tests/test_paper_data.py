@@ -561,11 +561,12 @@ def test_corrupt_files_are_named_before_any_work(cifar_root, five_root, tmp_path
 
 def test_cli_exits_2_with_one_line_and_writes_nothing(tmp_path):
     out = tmp_path / "run"
-    for extra in ([], ["--data-dir", str(tmp_path)]):
+    for extra, message in (([], "dataset 'cub200' needs --data-dir"),
+                           (["--data-dir", str(tmp_path)], f"cub200 files not found under '{tmp_path}'")):
         proc = subprocess.run([sys.executable, "-m", "promptcl.cli", "run", "--method", "hide", "--dataset",
                                "cub200", "--out", str(out), *extra], capture_output=True, text=True)
         assert proc.returncode == 2, proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1 and "cub200" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
         assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
@@ -634,10 +635,12 @@ def test_hide_reference_pipeline_matches_the_reference_transforms():
 # --- loaders: workers, seeding, augmentation kept out of statistics ----------------------------
 def test_seeded_workers_give_the_same_augmented_batches_and_statistics_see_none(cifar_root):
     root, _ = cifar_root
-    data = load_dataset("cifar100", root, CODA)
+    # HiDe's CIFAR pipeline: its brightness jitter shows on the fixture's solid-colour images (CODA's
+    # crop and flip alone leave them bit-identical, so no check below could see an augmentation)
+    data = load_dataset("cifar100", root, HIDE)
 
     def scenario(workers):
-        return ClassIncremental(data, increments=10, seed=0, num_workers=workers, drop_last=CODA.drop_last)
+        return ClassIncremental(data, increments=10, seed=0, num_workers=workers, drop_last=True)
 
     first = [x for x, _ in scenario(2).train_loader(0, batch_size=8, seed=3)]
     again = [x for x, _ in scenario(2).train_loader(0, batch_size=8, seed=3)]
@@ -651,11 +654,10 @@ def test_seeded_workers_give_the_same_augmented_batches_and_statistics_see_none(
     plain = torch.stack([data.train[i][0] for i in first_task])
     torch.testing.assert_close(torch.cat(statistics), plain)  # the test-time pipeline, no augmentation
     # an augmented statistics-order loader (HiDe's stage A) draws new augmentations on every pass
-    # (HiDe's CIFAR pipeline: its brightness jitter shows on these solid-colour images)
-    jittered = ClassIncremental(load_dataset("cifar100", root, HIDE), increments=10, seed=0, num_workers=2)
-    augmented = jittered.train_loader(0, batch_size=8, seed=3, shuffle=False, augmented=True)
+    augmented = scenario(2).train_loader(0, batch_size=8, seed=3, shuffle=False, augmented=True)
     passes = [torch.cat([x for x, _ in augmented]) for _ in range(2)]
     assert passes[0].shape == plain.shape and not torch.equal(passes[0], passes[1])
+    assert not torch.equal(passes[0], plain)  # (so the statistics check above could see an augmentation)
 
 
 def test_augmentations_do_not_depend_on_the_rank_or_loader_worker_that_reads_an_image(cifar_root, monkeypatch):

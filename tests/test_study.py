@@ -169,11 +169,11 @@ def test_bad_study_options_fail_before_ray_or_mlflow_start(tmp_path, capsys, mon
     for name, value in names.items():
         message = message.replace(name, value)
     runs = ["--runs-dir", str(tmp_path / "r")] if "--runs-dir" not in flags else []
-    before = sorted(p.name for p in tmp_path.iterdir())
+    before = sorted(str(p) for p in tmp_path.rglob("*"))  # (inside STORAGE too)
     assert smope_topk.main(["--smoke", *runs, *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
 def test_a_store_sqlite_cannot_write_is_refused_before_work(tmp_path, monkeypatch):
