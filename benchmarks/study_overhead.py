@@ -43,8 +43,8 @@ def measure(runner: str, args) -> dict:
         start = time.perf_counter()
         rows = run_study(spec)
         wall = time.perf_counter() - start
-    return {"runner": runner, "wall_s": wall, **ideal_schedule([r["wall_seconds"] for r in rows], args.max_concurrent,
-                                                                wall)}
+    trial_seconds = [r["wall_seconds"] for r in rows]
+    return {"runner": runner, "wall_s": wall, **ideal_schedule(trial_seconds, args.max_concurrent, wall)}
 
 
 def ideal_schedule(trial_seconds: list[float], max_concurrent: int, wall: float) -> dict:
@@ -54,9 +54,9 @@ def ideal_schedule(trial_seconds: list[float], max_concurrent: int, wall: float)
     concurrency = max(1, min(max_concurrent, len(trial_seconds)))
     compute = sum(trial_seconds)
     ideal = max(compute / concurrency, max(trial_seconds, default=0.0))
+    fixed_per_trial = (wall - ideal) * concurrency / max(1, len(trial_seconds))
     return {"trials": len(trial_seconds), "concurrency": concurrency, "trial_compute_s": compute, "ideal_s": ideal,
-            "wall_over_ideal": wall / ideal, "fixed_cost_per_trial_s": (wall - ideal) * concurrency
-            / max(1, len(trial_seconds))}
+            "wall_over_ideal": wall / ideal, "fixed_cost_per_trial_s": fixed_per_trial}
 
 
 def main(argv=None) -> dict:
